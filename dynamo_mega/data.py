@@ -1,0 +1,142 @@
+"""Prompt datasets: records {id, prompt, answer} from the synthetic task or from jsonl/json/parquet files,
+with stable unique prompt ids, and a resumable epoch sampler.
+
+Ids matter: DynaMO keeps statistics per prompt id, so an id that silently defaults to a row number or collides
+with another prompt misattributes history (a defect of the paper's reference code). Missing or duplicate ids
+are therefore an error naming the rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynamo_mega.config import DataConfig
+from dynamo_mega.tasks import arithmetic
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    prompt: str  # text given to the tokenizer (already rendered for this task)
+    answer: str  # ground truth compared by the reward
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        return rows
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON array of objects")
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _answer_text(value) -> str:
+    if isinstance(value, list):  # e.g. OlympiadBench final_answer: a one-element list
+        value = value[0] if value else ""
+    if isinstance(value, float) and value.is_integer():  # e.g. AMC23 stores 27.0
+        value = int(value)
+    return "" if value is None else str(value).strip()
+
+
+def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str) -> list[Prompt]:
+    """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text."""
+    prompts, missing = [], []
+    for row_no, row in enumerate(rows):
+        if prompt_key not in row or answer_key not in row:
+            raise ValueError(f"{source} row {row_no}: missing field {prompt_key!r} or {answer_key!r} (set data.prompt_key / data.answer_key)")
+        answer = _answer_text(row[answer_key])
+        if not answer:
+            raise ValueError(f"{source} row {row_no}: empty answer in field {answer_key!r}; drop the row or fix the data")
+        if id_key is None:
+            pid = "sha1-" + hashlib.sha1(str(row[prompt_key]).encode()).hexdigest()[:16]
+        elif row.get(id_key) in (None, ""):
+            missing.append(row_no)
+            continue
+        else:
+            pid = str(row[id_key])
+        prompts.append(Prompt(pid, str(row[prompt_key]), answer))
+    if missing:
+        raise ValueError(
+            f"{source}: rows {missing[:10]}{'...' if len(missing) > 10 else ''} have no {id_key!r}; "
+            "give every row a unique id or set data.id_key=null to hash the prompt text"
+        )
+    check_unique_ids([p.id for p in prompts], source)
+    return prompts
+
+
+def check_unique_ids(ids: list[str], source: str) -> None:
+    seen: dict[str, int] = {}
+    for row_no, pid in enumerate(ids):
+        if pid in seen:
+            raise ValueError(f"{source}: duplicate prompt id {pid!r} in rows {seen[pid]} and {row_no}; prompt ids must be unique")
+        seen[pid] = row_no
+
+
+def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, eval) prompts for the configured source."""
+    if cfg.source == "synthetic_arithmetic":
+        train, held_out = arithmetic.make_splits(
+            cfg.num_train, cfg.num_eval, num_operands=cfg.num_operands, operand_max=cfg.operand_max, seed=cfg.seed
+        )
+        keys = dict(prompt_key="prompt", answer_key="answer", id_key="id")
+        return (records_to_prompts(train, source="synthetic train", **keys),
+                records_to_prompts(held_out, source="synthetic eval", **keys))
+    keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key)
+    train = records_to_prompts(_read_rows(Path(cfg.train_path)), source=cfg.train_path, **keys)
+    held_out = records_to_prompts(_read_rows(Path(cfg.eval_path)), source=cfg.eval_path, **keys) if cfg.eval_path else []
+    return train, held_out
+
+
+class EpochSampler:
+    """Draws batches of prompts without replacement, reshuffling each epoch; the cursor is checkpointable.
+
+    The permutation of epoch e depends only on (seed, e), so a resumed run draws exactly the same prompts.
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        if num_items == 0:
+            raise ValueError("the training set is empty")
+        self.num_items, self.seed = num_items, seed
+        self.epoch, self.position = 0, 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < batch_size:
+            perm = self._perm()
+            take = min(batch_size - len(out), self.num_items - self.position)
+            out.extend(int(i) for i in perm[self.position : self.position + take])
+            self.position += take
+            if self.position == self.num_items:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_items"] != self.num_items:
+            raise ValueError(f"checkpoint sampler saw {state['num_items']} prompts but the dataset has {self.num_items}; resume with the same data")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

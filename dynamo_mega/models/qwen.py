@@ -1,0 +1,204 @@
+"""Qwen2 / Qwen2.5 / Qwen3 (dense) on megatron-core: architecture and the HF <-> Megatron tensor mapping.
+
+Megatron layout facts used here (TP size t, query groups g, heads h, head dim d, q heads per group q = h/g):
+- linear_qkv.weight is [g * (q + 2) * d, hidden]: for each query group, its q query heads, then its key head,
+  then its value head. TP shards whole groups, so rank r holds groups [r*g/t, (r+1)*g/t) contiguously.
+- linear_fc1.weight is [2 * ffn / t, hidden] per rank: the rank's slice of gate_proj stacked over its slice of
+  up_proj (SwiGLU), so the full tensor is NOT simply [gate; up] after concatenating ranks.
+- the word embedding and output layer are split over the vocabulary (dim 0), padded to a multiple of
+  make_vocab_size_divisible_by * t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dynamo_mega.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class QwenArch:
+    """The architecture facts both sides agree on (HF config.json <-> Megatron TransformerConfig)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_layernorm: bool
+    head_dim: int
+    model_type: str = "qwen2"
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+def arch_from_model_config(m: ModelConfig) -> QwenArch:
+    if m.hf_config is not None:
+        return arch_from_hf_config(m.hf_config)
+    return QwenArch(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings,
+        qkv_bias=m.qkv_bias, qk_layernorm=m.qk_layernorm, head_dim=m.hidden_size // m.num_attention_heads,
+        model_type="qwen3" if m.qk_layernorm else "qwen2",
+    )
+
+
+def arch_from_hf_config(path: str | Path) -> QwenArch:
+    """Read a Qwen2/Qwen3 config.json (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model.hf_config: {path} not found; point it at a Hugging Face config.json or its folder")
+    c = json.loads(path.read_text())
+    model_type = c.get("model_type")
+    if model_type not in ("qwen2", "qwen3"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; dynamo_mega handles qwen2 and qwen3 dense models")
+    rope = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    heads = c["num_attention_heads"]
+    return QwenArch(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+        num_attention_heads=heads, num_query_groups=c.get("num_key_value_heads", heads),
+        ffn_hidden_size=c["intermediate_size"], max_position_embeddings=c.get("max_position_embeddings", 32768),
+        rope_theta=float(rope), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=c.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type == "qwen3", head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        model_type=model_type,
+    )
+
+
+def hf_config_dict(arch: QwenArch, torch_dtype: str = "float32", eos_token_id: int | None = None) -> dict:
+    """A transformers/vLLM-loadable config.json for `arch`."""
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM" if arch.model_type == "qwen3" else "Qwen2ForCausalLM"],
+        "model_type": arch.model_type, "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size, "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.head_dim, "hidden_act": "silu", "max_position_embeddings": arch.max_position_embeddings,
+        "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta},
+        "tie_word_embeddings": arch.tie_word_embeddings, "torch_dtype": torch_dtype, "dtype": torch_dtype,
+        "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True,
+    }
+    if eos_token_id is not None:
+        cfg["eos_token_id"] = eos_token_id
+    return cfg
+
+
+def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.dtype, init_std: float = 0.02):
+    """Megatron TransformerConfig for `arch` (dropout off: RL recomputes log-probs and needs determinism)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, ffn_hidden_size=arch.ffn_hidden_size, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, init_method_std=init_std,
+        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=True,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, sequence_parallel=False,
+    )
+
+
+def layer_spec(arch: QwenArch, use_te: bool = False):
+    """Local (pure megatron-core) layer spec on CPU; Transformer Engine's on GPU when installed."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
+    """Rows of the vocab-parallel embedding: a multiple of divisible_by * tp.
+
+    Padded rows would be live softmax entries the rollout engine does not have, so the default pads only as
+    much as TP needs (Qwen's 151,936 = 2^7 * 1187 needs none up to TP=128)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _split_qkv(qkv: torch.Tensor, arch: QwenArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped [g*(q+2)*d, ...] -> q [h*d, ...], k [g*d, ...], v [g*d, ...]; works for weight and bias."""
+    g, q, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
+    grouped = qkv.reshape(g, q + 2, d, *qkv.shape[1:])
+    rest = qkv.shape[1:]
+    return (grouped[:, :q].reshape(g * q * d, *rest), grouped[:, q].reshape(g * d, *rest),
+            grouped[:, q + 1].reshape(g * d, *rest))
+
+
+def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenArch) -> torch.Tensor:
+    g, qh, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
+    rest = q.shape[1:]
+    grouped = torch.cat([q.reshape(g, qh, d, *rest), k.reshape(g, 1, d, *rest), v.reshape(g, 1, d, *rest)], dim=1)
+    return grouped.reshape(g * (qh + 2) * d, *rest)
+
+
+def _split_fc1(fc1: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 gathered from `tp` ranks, each [gate_r; up_r] -> (gate, up) in HF order."""
+    shards = fc1.chunk(tp, dim=0)
+    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+    return torch.cat(gates, dim=0), torch.cat(ups, dim=0)
+
+
+def _merge_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int) -> torch.Tensor:
+    return torch.cat([torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))], dim=0)
+
+
+_LAYER_SIMPLE = {  # megatron suffix -> HF suffix (same layout)
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def megatron_to_hf(full: dict[str, torch.Tensor], arch: QwenArch, tp: int) -> dict[str, torch.Tensor]:
+    """Megatron names -> HF Qwen names. `full` holds TP shards concatenated in rank order along their
+    partition dim (so fc1 still has the per-rank [gate; up] interleave, undone here). Padded vocab rows are
+    trimmed; with tied embeddings no lm_head.weight is emitted."""
+    hf: dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        if name == "embedding.word_embeddings.weight":
+            hf["model.embed_tokens.weight"] = tensor[: arch.vocab_size]
+        elif name == "output_layer.weight":
+            if not arch.tie_word_embeddings:
+                hf["lm_head.weight"] = tensor[: arch.vocab_size]
+        elif name == "decoder.final_layernorm.weight":
+            hf["model.norm.weight"] = tensor
+        elif name.startswith("decoder.layers."):
+            idx, suffix = name[len("decoder.layers."):].split(".", 1)
+            prefix = f"model.layers.{idx}."
+            if suffix in _LAYER_SIMPLE:
+                hf[prefix + _LAYER_SIMPLE[suffix]] = tensor
+            elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                kind = suffix.rsplit(".", 1)[1]
+                for proj, t in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, arch)):
+                    hf[f"{prefix}self_attn.{proj}.{kind}"] = t
+            elif suffix == "mlp.linear_fc1.weight":
+                gate, up = _split_fc1(tensor, tp)
+                hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"] = gate, up
+            elif not suffix.endswith("_extra_state"):
+                raise KeyError(f"no HF mapping for megatron tensor {name}")
+        elif not name.endswith("_extra_state"):
+            raise KeyError(f"no HF mapping for megatron tensor {name}")
+    return {k: v.contiguous() for k, v in hf.items()}

@@ -1,0 +1,1 @@
+"""RL math for DynaMO: rollout allocation, prompt statistics, advantages, losses (pure functions)."""

@@ -1,0 +1,1 @@
+"""Rollout engines behind one protocol (see dynamo_mega/rl/rollout.py)."""

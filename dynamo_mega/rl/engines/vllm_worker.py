@@ -1,0 +1,33 @@
+"""Methods added to every vLLM worker (vLLM's `worker_extension_cls`), called with `collective_rpc`.
+
+Runs inside vLLM's worker processes: keep imports light and never import the trainer's Megatron code here.
+"""
+
+from __future__ import annotations
+
+
+class PolicyWeightsExtension:
+    """Weight loading for RL: vLLM's in-place reload, plus the tied-embedding fix-up it lacks.
+
+    vLLM's layer-wise reload re-materialises each layer's parameters; a tied `lm_head` (Qwen2.5-0.5B/1.5B,
+    Qwen3-0.6B, the tiny CPU model) has no tensor of its own in the checkpoint, so the reload puts its OLD
+    tensor back and the tie silently breaks: sampling then uses stale output weights. Re-tying after every
+    reload restores the invariant lm_head.weight is embed_tokens.weight (tests/test_vllm_engine.py checks it).
+    """
+
+    def load_policy_weights(self, weights_path: str, version: int) -> int:
+        runner = self.model_runner
+        runner.reload_weights(weights_path=weights_path)
+        model = runner.get_model()
+        config = runner.model_config.hf_config
+        if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+            head = model.lm_head
+            head.weight = model.model.embed_tokens.weight
+            # On CPU the head multiplies with a kernel prepacked from its weight at load time
+            # (`cpu_linear`): prepack again from the re-tied weight.
+            head.quant_method.process_weights_after_loading(head)
+        self.policy_version = version
+        return version
+
+    def get_policy_version(self) -> int:
+        return getattr(self, "policy_version", 0)

@@ -1,0 +1,77 @@
+"""Synthetic verifiable arithmetic: prompts like ``3+7-2=`` whose answer is written ``\\boxed{8}``.
+
+The task is small enough that a 0.8M-parameter Qwen2-shaped model learns it on two CPU cores, and its answers
+go through the same math-verify reward as the real benchmarks. It comes with a character-level tokenizer built
+locally with `tokenizers` and saved in Hugging Face format, so vLLM, the trainer and the evaluator all agree on
+token ids without any download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+PAD, EOS = "<pad>", "<eos>"
+BOXED = "\\boxed{"
+# Order fixes the ids: specials first so pad=0, eos=1 whatever characters are added later.
+VOCAB = [PAD, EOS, *"0123456789", "+", "-", "=", BOXED, "}"]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with `\\boxed{` as one token (ids in `VOCAB` order)."""
+    core = Tokenizer(models.WordLevel({tok: i for i, tok in enumerate(VOCAB)}, unk_token=PAD))
+    # Split into `\boxed{` or any single character, keeping every piece as its own token.
+    core.pre_tokenizer = pre_tokenizers.Split(pattern=_boxed_or_char_regex(), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=PAD)
+
+
+def _boxed_or_char_regex():
+    from tokenizers import Regex
+
+    return Regex(r"\\boxed\{|.")
+
+
+def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    tok = build_tokenizer()
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def all_problems(num_operands: int, operand_max: int) -> list[tuple[str, int]]:
+    """Every expression `a op b op c ...` with operands in [0, operand_max] and ops in {+, -}, with its value."""
+    problems = []
+    for operands in itertools.product(range(operand_max + 1), repeat=num_operands):
+        for ops in itertools.product("+-", repeat=num_operands - 1):
+            text = str(operands[0]) + "".join(o + str(v) for o, v in zip(ops, operands[1:]))
+            problems.append((text, eval(text)))  # noqa: S307 - text is built above from digits and +/- only
+    return problems
+
+
+def make_splits(num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable)."""
+    if num_operands < 2:
+        raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")
+    problems = all_problems(num_operands, operand_max)
+    if num_train + num_eval > len(problems):
+        raise ValueError(
+            f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {len(problems)} distinct problems with "
+            f"{num_operands} operands in [0, {operand_max}]; lower them or raise data.operand_max / data.num_operands"
+        )
+    random.Random(seed).shuffle(problems)
+
+    def record(text: str, value: int) -> dict:
+        return {"id": "arith-" + hashlib.sha1(text.encode()).hexdigest()[:12], "prompt": text + "=", "answer": str(value)}
+
+    chosen = [record(t, v) for t, v in problems[: num_train + num_eval]]
+    return chosen[:num_train], chosen[num_train:]
+
+
+def solution_text(answer: str) -> str:
+    """The response a perfect policy writes (used by the supervised warm-up)."""
+    return f"{BOXED}{answer}}}"
