@@ -8,11 +8,12 @@ Methods, forward + backward, side by side in one run:
             -vocab_parallel_cross_entropy;
   ours      dynamo_mega.parallel.logprobs.vocab_parallel_logprobs_entropy.
 
-Memory: every measurement runs in a fresh process (TP=2: two fresh spawned ranks). After the
-logits exist, the kernel's peak-RSS counter is reset (/proc/self/clear_refs "5"), one fwd+bwd runs,
-and extra = VmHWM - VmRSS(before) - bytes(grad of the logits): the peak beyond the logits and their
+Memory: every measurement runs in fresh processes (one per rank). After the logits exist, the
+kernel's peak-RSS counter is reset (/proc/self/clear_refs "5"), one fwd+bwd runs, and
+extra = VmHWM - VmRSS(before) - bytes(grad of the logits): the peak beyond the logits and their
 gradient, which every method must hold. Big tensors are mmap'd by glibc, so RSS follows them
-exactly. TP=2 reports the larger rank. Time: the second (warm) fwd+bwd, wall clock; TP=2 the slower rank.
+exactly. TP=2 reports the larger rank. Time: wall clock of a fwd+bwd (min over --reps runs; each run
+allocates afresh, there is no allocator cache on CPU), the slower rank at TP=2.
 
     python bench/logprobs.py            # writes bench/results/logprobs.{json,md}
     python bench/logprobs.py --quick    # T=256, smoke test of the script itself
@@ -27,13 +28,11 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
@@ -91,7 +90,9 @@ def _run_ours(x, targets, g, group, chunk):
 METHODS = {"naive": _run_naive, "megatron": _run_megatron, "ours": _run_ours}
 
 
-def _rank_main(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
+def _rank_main(job: dict, rank: int, port: int) -> dict:
+    """One rank of one measurement, in a fresh process: peak extra memory and fwd+bwd time."""
+    world = job["tp"]
     torch.set_num_threads(max(1, 2 // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     if job["method"] == "megatron":
@@ -99,49 +100,59 @@ def _rank_main(rank: int, world: int, port: int, job: dict, out_dir: str) -> Non
     else:
         import dynamo_mega.parallel.logprobs  # noqa: F401
     dtype = getattr(torch, job["dtype"])
-    v_local = job["V"] // world
     gen = torch.Generator().manual_seed(rank)
-    x = torch.empty(job["T"], v_local, dtype=dtype).uniform_(-8.0, 8.0, generator=gen).requires_grad_()
+    x = torch.empty(job["T"], job["V"] // world, dtype=dtype).uniform_(-8.0, 8.0, generator=gen)
+    x.requires_grad_()
     targets = torch.randint(0, job["V"], (job["T"],), generator=gen)
     g = torch.randn(job["T"], generator=gen)
-    run = METHODS[job["method"]]
+    dist.barrier()
     _reset_peak_rss()
     before = _status("VmRSS")
-    t0 = time.perf_counter()
-    run(x, targets, g, dist.group.WORLD, job["chunk"])
-    cold = time.perf_counter() - t0
-    extra = _status("VmHWM") - before - x.grad.numel() * x.grad.element_size()
-    x.grad = None
-    dist.barrier()
-    t0 = time.perf_counter()
-    run(x, targets, g, dist.group.WORLD, job["chunk"])
-    warm = time.perf_counter() - t0
-    result = {"extra_bytes": extra, "time_s": warm, "cold_s": cold}
-    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    times = []
+    for _ in range(job["reps"]):
+        x.grad = None
+        t0 = time.perf_counter()
+        METHODS[job["method"]](x, targets, g, dist.group.WORLD, job["chunk"])
+        times.append(time.perf_counter() - t0)
+        if len(times) == 1:  # the first run's peak; later runs only add timing samples
+            extra = _status("VmHWM") - before - x.grad.numel() * x.grad.element_size()
     dist.destroy_process_group()
+    return {"extra_bytes": extra, "time_s": min(times)}
 
 
-def _job_main(job: dict) -> dict:
-    """Run one measurement on job['tp'] fresh ranks; the worst rank's numbers."""
+def _launch(job: dict) -> dict:
+    """Run one measurement on job['tp'] fresh processes (one per rank); the worst rank's numbers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(job["tp"], port, job, out_dir), nprocs=job["tp"], join=True)
-        ranks = [json.loads(Path(out_dir, f"{r}.json").read_text()) for r in range(job["tp"])]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--job", json.dumps(job), "--rank", str(rank), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(job["tp"])
+    ]
+    ranks = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"job {job} failed:\n{err[-3000:]}")
+        ranks.append(json.loads(out.strip().splitlines()[-1]))
     return {key: max(r[key] for r in ranks) for key in ranks[0]}
 
 
-def _jobs(T: int, V: int, default_chunk: int, sweep: list[int]) -> list[dict]:
-    jobs = []
+def _jobs(T: int, V: int, default_chunk: int, sweep: list[int], reps: int) -> list[dict]:
+    jobs, base = [], {"T": T, "V": V, "reps": reps}
     for dtype in ("bfloat16", "float32"):
         for tp in (1, 2):
             for method in ("naive", "megatron", "ours"):
                 if method == "naive" and tp > 1:
                     continue
-                jobs.append(dict(method=method, dtype=dtype, tp=tp, T=T, V=V, chunk=default_chunk))
+                jobs.append({**base, "method": method, "dtype": dtype, "tp": tp, "chunk": default_chunk})
     for chunk in sweep:
-        jobs.append(dict(method="ours", dtype="bfloat16", tp=1, T=T, V=V, chunk=chunk, sweep=True))
+        jobs.append({**base, "method": "ours", "dtype": "bfloat16", "tp": 1, "chunk": chunk, "sweep": True})
     return jobs
 
 
@@ -149,16 +160,15 @@ def _run_all(jobs: list[dict]) -> list[dict]:
     rows = []
     for job in jobs:
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"job {job} failed:\n{proc.stderr[-3000:]}")
-        row = {**job, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        row = {**job, **_launch(job), "wall_s": 0.0}
         row["wall_s"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.3f}" if b and b > 0 else "-"
 
 
 def _fmt_table(rows: list[dict]) -> list[str]:
@@ -171,13 +181,12 @@ def _fmt_table(rows: list[dict]) -> list[str]:
     megatron = {(r["dtype"], r["tp"]): r for r in main if r["method"] == "megatron"}
     for r in main:
         nv, mg = naive.get(r["dtype"]), megatron[(r["dtype"], r["tp"])]
-        ratio = lambda a, b: f"{a / b:.3f}" if b and b > 0 else "-"  # noqa: E731
         lines.append(
             f"| {r['dtype']} | {r['tp']} | {r['method']}"
             + (f" (chunk {r['chunk']})" if r["method"] == "ours" else "")
-            + f" | {r['extra_bytes'] / GIB:.3f} | {ratio(r['extra_bytes'], nv['extra_bytes'])}"
-            + f" | {ratio(r['extra_bytes'], mg['extra_bytes'])} | {r['time_s']:.2f}"
-            + f" | {ratio(r['time_s'], nv['time_s'])} |"
+            + f" | {r['extra_bytes'] / GIB:.3f} | {_ratio(r['extra_bytes'], nv['extra_bytes'])}"
+            + f" | {_ratio(r['extra_bytes'], mg['extra_bytes'])} | {r['time_s']:.2f}"
+            + f" | {_ratio(r['time_s'], nv['time_s'])} |"
         )
     return lines
 
@@ -186,16 +195,23 @@ def _write(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "logprobs.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     T, V = meta["T"], meta["V"]
-    sweep = sorted((r for r in rows if r.get("sweep") or (r["method"] == "ours" and r["dtype"] == "bfloat16"
-                    and r["tp"] == 1)), key=lambda r: r["chunk"])
+    sweep = sorted(
+        (
+            r
+            for r in rows
+            if r.get("sweep") or (r["method"] == "ours" and r["dtype"] == "bfloat16" and r["tp"] == 1)
+        ),
+        key=lambda r: r["chunk"],
+    )
     lines = [
         f"# Fused vocab-parallel log-prob + entropy: T={T}, V={V}, fwd+bwd",
         "",
         f"Machine: {meta['machine']}. torch {meta['torch']}. Total run {meta['total_s']:.0f} s.",
         "Extra memory = peak RSS beyond the logits and their gradient (kernel VmHWM after a reset via",
-        "/proc/self/clear_refs, fresh process per measurement, worst rank). Time = warm wall clock, slowest rank;",
+        "/proc/self/clear_refs, fresh process per measurement, worst rank). Time = wall clock, slowest rank;",
         "the machine's 2 cores were shared with other jobs, so times carry noise of ~10-30%. Naive at TP=2 is",
-        "not run: it needs the full [T, V] on every rank (an all-gather), over this machine's RAM twice.",
+        "not run: it needs the full [T, V] on every rank (an all-gather), over this machine's RAM twice; the",
+        "TP=2 rows' 'x naive' compare with TP=1 naive, a lower bound on what naive-with-all-gather costs a rank.",
         "",
         *_fmt_table(rows),
         "",
@@ -222,18 +238,23 @@ def _write(rows: list[dict], meta: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=1, help="timed runs per measurement (min is kept)")
     parser.add_argument("--quick", action="store_true", help="T=256: check the script, not the numbers")
     parser.add_argument("--chunk", type=int, default=1024, help="chunk size of the main table")
     parser.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048], help="extra chunk sizes")
     args = parser.parse_args()
     if args.job:
-        print(json.dumps(_job_main(json.loads(args.job))))
+        print(json.dumps(_rank_main(json.loads(args.job), args.rank, args.port)))
         return
     T, V = (256, 151936) if args.quick else (4096, 151936)
     t0 = time.perf_counter()
-    rows = _run_all(_jobs(T, V, args.chunk, args.sweep))
+    rows = _run_all(_jobs(T, V, args.chunk, args.sweep, args.reps))
     meta = {
         "T": T,
         "V": V,

@@ -91,6 +91,19 @@ class AlgoConfig:
 
 
 @dataclass
+class ModulationConfig:
+    """DynaMO token-level advantage modulation (ALGORITHM.md section 2)."""
+
+    enabled: bool = True
+    scope: str = "global"  # global (min/max over the whole step and DP) | microbatch (the reference)
+    variant: str = "centred"  # centred (paper) | legacy (older reference variant)
+    mu_max: float = 1.2  # compensation ceiling for confident positive-advantage tokens
+    lambda_min: float = 0.6  # stabilisation floor
+    gamma: float = 50.0  # sigmoid sharpness
+    tau: float = 0.99  # sigmoid midpoint on the normalised entropy change
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -133,6 +146,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    modulation: ModulationConfig = field(default_factory=ModulationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -209,6 +223,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     a = cfg.algo
     _require(0 <= a.eps_low < 1 and a.eps_high >= 0, "algo.eps_low must be in [0, 1) and algo.eps_high >= 0")
     _require(a.dual_clip_c > 1, f"algo.dual_clip_c={a.dual_clip_c} must be > 1")
+    mod = cfg.modulation
+    _require(mod.scope in ("global", "microbatch"), f"modulation.scope={mod.scope!r}: use global or microbatch")
+    _require(mod.variant in ("centred", "legacy"), f"modulation.variant={mod.variant!r}: use centred or legacy")
+    _require(mod.mu_max >= 1 and 0 <= mod.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
     _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")

@@ -7,8 +7,9 @@ logp_t = log softmax(z)_target (with gradient, for the loss) and H_t = -sum_v p_
 
 Why a custom autograd Function: the naive path (log_softmax, then p * log p) keeps several fp32
 copies of [T, V] alive for backward, i.e. gigabytes at Qwen's V = 151,936. Here:
-- tokens are processed in chunks of `chunk_size`; inside a chunk the math is fp32 and at most two
-  fp32 [chunk, V_local] work buffers exist (reused across chunks);
+- tokens are processed in chunks of `chunk_size`; inside a chunk the math is fp32, in place in ONE
+  fp32 [chunk, V_local] work buffer reused across chunks (fp32 logits: none in backward, which
+  works in the gradient's own rows; a second buffer only when the entropy carries a gradient);
 - forward keeps only per-token scalars (log-partition and entropy) for backward, which recomputes
   the softmax chunk by chunk;
 - each rank reduces its shard to per-token partials relative to its LOCAL max, so the whole pass
@@ -54,27 +55,25 @@ def _local_targets(targets_N: Tensor, vocab_start: int, v_local: int) -> tuple[T
 
 def _forward_partials(logits_NV, targets_N, vocab_start, temperature, chunk_size) -> Tensor:
     """Per-token partials of this shard, [4, N] fp32: local max m, sum exp(z-m),
-    sum exp(z-m) (z-m), and the target logit z_t (0 where another shard owns the target)."""
+    sum exp(z-m) (z-m), and the target logit z_t (0 where another shard owns the target).
+    One fp32 [chunk, V_local] work buffer, every step in place."""
     n_tokens, v_local = logits_NV.shape
     partials_4N = torch.empty(4, n_tokens, dtype=_FP32, device=logits_NV.device)
-    rows = min(chunk_size, n_tokens)
-    z_buf = torch.empty(rows, v_local, dtype=_FP32, device=logits_NV.device)
-    e_buf = torch.empty_like(z_buf)
+    work = torch.empty(min(chunk_size, n_tokens), v_local, dtype=_FP32, device=logits_NV.device)
     local_N, owned_N = _local_targets(targets_N, vocab_start, v_local)
     inv_t = 1.0 / temperature
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         # fp32 copy into the work buffer (a fresh buffer, so fp32 logits are never modified).
-        raw = z_buf[: end - start].copy_(logits_NV[start:end])
+        raw = work[: end - start].copy_(logits_NV[start:end])
         max_c = raw.amax(dim=-1) * inv_t
         z_t = raw.gather(1, local_N[start:end, None]).squeeze(1) * inv_t
-        z = _shifted_scaled(raw, -max_c, inv_t)  # z - max, with z = logits / temperature
-        e = torch.exp(z, out=e_buf[: end - start])
+        e = _shifted_scaled(raw, -max_c, inv_t).exp_()  # e = exp(z - max), z = logits / temperature
         partials_4N[0, start:end] = max_c
         partials_4N[1, start:end] = e.sum(dim=-1)
-        # z is not needed after this: e * z goes into its buffer (no third [chunk, V] temporary;
-        # bmm would avoid the extra pass but is single-threaded per row on CPU).
-        partials_4N[2, start:end] = z.mul_(e).sum(dim=-1)
+        # sum e (z - max) = sum e log e: z is gone from the buffer, log e recovers it to fp32
+        # rounding, so no second [chunk, V] buffer is needed. xlogy(0, 0) = 0 for underflowed e.
+        partials_4N[2, start:end] = e.xlogy_(e).sum(dim=-1)
         partials_4N[3, start:end] = torch.where(owned_N[start:end], z_t, 0.0)
     return partials_4N
 
@@ -100,37 +99,55 @@ def _combine_partials(partials_4N: Tensor, tp_group, tp_size: int) -> tuple[Tens
     return log_z_N, entropy_N, target_z_N
 
 
+def _chunk_grad(log_p: Tensor, spare: Tensor | None, g_logp: Tensor | None, g_ent: Tensor | None, ent):
+    """d loss / dz without the one-hot part, in place in the log p buffer [c, V_local].
+
+    g_logp, g_ent, ent: [c] (grads already divided by the temperature). With only log p needed:
+    -g_logp p. With the entropy term, -p (g_ent (log p + H) + g_logp), which needs p and log p at
+    once: p goes into `spare`.
+    """
+    if g_ent is None:
+        return log_p.exp_().mul_(-g_logp[:, None])
+    p = torch.exp(log_p, out=spare)
+    offset = g_ent * ent if g_logp is None else g_ent * ent + g_logp
+    return log_p.mul_(-g_ent[:, None]).sub_(offset[:, None]).mul_(p)
+
+
 def _backward_chunks(ctx, grad_logp_N: Tensor | None, grad_ent_N: Tensor | None) -> Tensor:
-    """d loss / d logits [N, V_local] in the logits' dtype, recomputing softmax per chunk."""
+    """d loss / d logits [N, V_local] in the logits' dtype, recomputing softmax per chunk.
+
+    Work memory: fp32 logits use their own gradient rows as the buffer (nothing extra); other
+    dtypes one fp32 [chunk, V_local] buffer; the entropy gradient needs one more."""
     logits_NV, targets_N, log_z_N, entropy_N = ctx.saved_tensors
     n_tokens, v_local = logits_NV.shape
     inv_t = 1.0 / ctx.temperature
     grad_NV = torch.empty_like(logits_NV)
-    rows = min(ctx.chunk_size, n_tokens)
-    z_buf = torch.empty(rows, v_local, dtype=_FP32, device=logits_NV.device)
-    p_buf = torch.empty_like(z_buf)
+    rows, device = min(ctx.chunk_size, n_tokens), logits_NV.device
+    in_place = logits_NV.dtype == _FP32
+    work = None if in_place else torch.empty(rows, v_local, dtype=_FP32, device=device)
+    spare = None if grad_ent_N is None else torch.empty(rows, v_local, dtype=_FP32, device=device)
     local_N, owned_N = _local_targets(targets_N, ctx.vocab_start, v_local)
     # Fold 1/temperature into the upstream grads once instead of a pass over [chunk, V].
     g_logp_N = None if grad_logp_N is None else grad_logp_N.to(_FP32) * inv_t
     g_ent_N = None if grad_ent_N is None else grad_ent_N.to(_FP32) * inv_t
     for start in range(0, n_tokens, ctx.chunk_size):
         end = min(start + ctx.chunk_size, n_tokens)
-        raw = z_buf[: end - start].copy_(logits_NV[start:end])
-        log_p = _shifted_scaled(raw, -log_z_N[start:end], inv_t)
-        p = torch.exp(log_p, out=p_buf[: end - start])
-        if g_ent_N is not None:
-            # dH/dz = -p (log p + H), computed in place in the log p buffer.
-            grad_c = log_p.add_(entropy_N[start:end, None]).mul_(p).mul_(-g_ent_N[start:end, None])
-            if g_logp_N is not None:
-                grad_c.addcmul_(p, g_logp_N[start:end, None], value=-1.0)
-        else:
-            grad_c = p.mul_(-g_logp_N[start:end, None])
+        c = end - start
+        buf = grad_NV[start:end] if in_place else work[:c]
+        log_p = _shifted_scaled(buf.copy_(logits_NV[start:end]), -log_z_N[start:end], inv_t)
+        grad_c = _chunk_grad(
+            log_p,
+            None if spare is None else spare[:c],
+            None if g_logp_N is None else g_logp_N[start:end],
+            None if g_ent_N is None else g_ent_N[start:end],
+            entropy_N[start:end],
+        )
         if g_logp_N is not None:
             # The one-hot part of d logp/dz, only on the shard that owns the target.
-            rows_c = torch.arange(end - start, device=grad_c.device)
             add_c = torch.where(owned_N[start:end], g_logp_N[start:end], 0.0)
-            grad_c.index_put_((rows_c, local_N[start:end]), add_c, accumulate=True)
-        grad_NV[start:end].copy_(grad_c)
+            grad_c.index_put_((torch.arange(c, device=device), local_N[start:end]), add_c, accumulate=True)
+        if not in_place:
+            grad_NV[start:end].copy_(grad_c)
     return grad_NV
 
 
@@ -178,7 +195,8 @@ def vocab_parallel_logprobs_entropy(
             are allowed: their logp is -logZ, finite and meaningless; mask them in the loss.
         tp_group: the tensor-parallel process group the vocabulary is sharded over; None = no TP.
         temperature: the sampling temperature; > 0.
-        chunk_size: tokens per chunk; peak extra memory is about 2 * chunk_size * V_local * 4 bytes.
+        chunk_size: tokens per chunk; extra memory is about chunk_size * V_local * 4 bytes
+            (twice that with entropy_grad).
         entropy_grad: whether the entropy output carries a gradient (off when it only modulates).
 
     Returns:

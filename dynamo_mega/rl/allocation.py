@@ -30,7 +30,11 @@ REF_TIE_EPS = 1e-6
 def allocate(
     prompt_ids: Sequence[str], stats: PromptStats, *, budget: int, n_low: int, n_high: int, mode: str
 ) -> list[int]:
-    """n_N: rollouts per prompt, in the order of prompt_ids_N, for the given allocation `mode`."""
+    """n_N: rollouts per prompt, in the order of prompt_ids_N, for the given allocation `mode`.
+
+    `reference` reads the history snapshot that stats.refresh_priorities() takes: the training loop calls
+    it at every epoch start (before the first refresh every prompt has no priority, so epoch 1 is uniform).
+    """
     n = _check_args(prompt_ids, budget=budget, n_low=n_low, n_high=n_high)
     if mode == "uniform":
         counts_N = uniform_counts(n, budget)

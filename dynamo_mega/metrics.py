@@ -1,0 +1,83 @@
+"""Run metrics: one JSON line per record in metrics.jsonl, TensorBoard scalars, a rich progress bar, and a PNG
+plot of reward and held-out accuracy per step (`plot_run`). Only the driver rank logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, progress_total: int | None = None, progress: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self._progress = self._task = None
+        if progress and progress_total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("reward {task.fields[reward]:.3f}  held-out acc {task.fields[acc]:.3f}"),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("RL", total=progress_total, reward=0.0, acc=float("nan"))
+
+    def log(self, step: int, record: dict, *, phase: str = "train") -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in record.items()}
+        self._file.write(json.dumps({"phase": phase, "step": step, "time": time.time(), **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+        if self._progress is not None:
+            fields = {}
+            if phase == "train" and "reward_mean" in clean:
+                fields["reward"] = clean["reward_mean"]
+            if phase == "eval" and "accuracy" in clean:
+                fields["acc"] = clean["accuracy"]
+            self._progress.update(self._task, completed=step if phase == "train" else None, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Render reward (train) and held-out accuracy (eval) per step into RUN_DIR/plot.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["phase"] == "train"]
+    evals = [r for r in records if r["phase"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in train], [r.get("reward_mean", float("nan")) for r in train], label="train reward (mean)", alpha=0.8)
+    ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
+    ax.set_xlabel("RL step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{Path(run_dir).name}: reward and held-out accuracy")
+    out = Path(run_dir) / "plot.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

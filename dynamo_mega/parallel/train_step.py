@@ -1,0 +1,127 @@
+"""One optimizer step of the policy over micro-batches: log-probs, (modulated) advantages, loss, backward,
+gradient sync over DP, clipping, AdamW.
+
+Loss normalisation contract (house rule 7): each micro-batch contributes sum(token losses) / G where G is the
+valid-token count of the whole step on all DP ranks, and gradients are SUM-all-reduced over DP, so any
+micro-batch split and any DP size give the gradient of the same global token mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dynamo_mega.parallel.groups import ParallelGroups
+from dynamo_mega.parallel.logprobs import vocab_parallel_logprobs_entropy
+from dynamo_mega.parallel.policy import clip_grad_norm_, forward_logits
+from dynamo_mega.rl.loss import global_token_count, policy_loss, reduce_loss_metrics
+from dynamo_mega.rl.modulation import modulate_micro_batches
+
+
+@dataclass
+class MicroBatch:
+    """A slice of the step's samples, trimmed to its own longest sequence. All tensors [B, S]."""
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor  # per token (sequence advantage broadcast over response tokens)
+    rollout_logp: torch.Tensor
+
+
+def split_micro_batches(input_ids_NS, targets_NS, mask_NS, adv_N, rollout_logp_NS, micro_batch_size: int) -> list[MicroBatch]:
+    out = []
+    for start in range(0, input_ids_NS.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        mask = mask_NS[sl]
+        # Positions after the last response token predict nothing we train on (causal model): drop them.
+        last = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.any() else 1
+        out.append(MicroBatch(
+            input_ids=input_ids_NS[sl, :last], targets=targets_NS[sl, :last], mask=mask[:, :last],
+            advantages=adv_N[sl, None].expand(-1, last).float() * mask[:, :last], rollout_logp=rollout_logp_NS[sl, :last],
+        ))
+    return out
+
+
+def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B, S] with grad, entropy [B, S]) of each position's target under the current policy."""
+    logits = forward_logits(model, mb.input_ids)
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+    return vocab_parallel_logprobs_entropy(logits, mb.targets, tp_group, temperature=temperature)
+
+
+@torch.no_grad()
+def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
+    """Pre-update (behaviour-policy) log-probs and entropies, one no-grad pass per micro-batch."""
+    model.eval()
+    outs = [token_logprobs(model, mb, groups, temperature) for mb in micro_batches]
+    return [o[0].detach() for o in outs], [o[1].detach() for o in outs]
+
+
+def sync_and_step(model, optimizer, scheduler, groups: ParallelGroups, grad_clip: float) -> tuple[float, bool]:
+    """SUM-all-reduce grads over DP, clip, step. A non-finite gradient norm skips the update (returns False)."""
+    if groups.dp_size > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=groups.dp_group)
+    norm = clip_grad_norm_(model, grad_clip, groups)
+    ok = math.isfinite(norm)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return norm, ok
+
+
+def policy_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups, *, algo,
+                temperature: float, grad_clip: float, modulation=None) -> dict[str, float]:
+    """One PPO epoch over `micro_batches` with one optimizer step. `modulation`: a ModulationConfig or None."""
+    dp_group = groups.dp_group if groups.dp_size > 1 else None
+    old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
+    advantages = [mb.advantages for mb in micro_batches]
+    mod_metrics = {}
+    if modulation is not None and modulation.enabled:
+        advantages, mod_metrics = modulate_micro_batches(
+            advantages, old_logp, old_logp, entropy, [mb.mask for mb in micro_batches], scope=modulation.scope,
+            dp_group=dp_group, variant=modulation.variant, eps_low=algo.eps_low, eps_high=algo.eps_high,
+            mu_max=modulation.mu_max, lambda_min=modulation.lambda_min, gamma=modulation.gamma, tau=modulation.tau,
+        )
+    num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
+    model.train()
+    loss_total, metrics = 0.0, []
+    for mb, olp, ent, adv in zip(micro_batches, old_logp, entropy, advantages, strict=True):
+        logp, _ = token_logprobs(model, mb, groups, temperature)
+        loss, m = policy_loss(logp, olp, adv, mb.mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
+                              dual_clip_c=algo.dual_clip_c, num_global_tokens=max(num_tokens, 1.0), entropy=ent)
+        loss.backward()
+        loss_total += loss.item()
+        m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
+        metrics.append(m)
+    grad_norm, stepped = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
+    out = reduce_loss_metrics(metrics, dp_group)
+    out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(not stepped))
+    out["logprob_mismatch"] = out.pop("mismatch_abs", 0.0)  # mean |trainer - engine| log-prob per token
+    for key in ("comp", "stab"):
+        if f"{key}_count" in mod_metrics and mod_metrics[f"{key}_count"] > 0:
+            out[f"modulation_{key}_mean"] = float(mod_metrics[f"{key}_sum"] / mod_metrics[f"{key}_count"])
+    return out
+
+
+def supervised_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups,
+                    grad_clip: float) -> dict[str, float]:
+    """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage)."""
+    dp_group = groups.dp_group if groups.dp_size > 1 else None
+    num_tokens = max(global_token_count([mb.mask for mb in micro_batches], dp_group), 1.0)
+    model.train()
+    total = 0.0
+    for mb in micro_batches:
+        logp, _ = token_logprobs(model, mb, groups, 1.0)
+        loss = -(logp * mb.mask).sum() / num_tokens
+        loss.backward()
+        total += loss.item()
+    grad_norm, _ = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
+    return {"sft_loss": total, "grad_norm": grad_norm}

@@ -1,0 +1,38 @@
+"""Group-relative advantages with variable group sizes (ALGORITHM.md section 0).
+
+A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps), std unbiased (N-1), per prompt group i whose size n_i is
+the prompt's own rollout count. A group of one sample, or whose rewards are all equal, carries no signal
+about which response is better and gets A = 0 (the unbiased std is undefined for n=1 and 0 for ties).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards_N: torch.Tensor, group_sizes: list[int], eps: float = 1e-6) -> torch.Tensor:
+    """rewards_N: [N] rewards laid out group after group (group i has group_sizes[i] entries) -> [N] advantages."""
+    if sum(group_sizes) != rewards_N.numel():
+        raise AssertionError(f"group sizes sum to {sum(group_sizes)} but there are {rewards_N.numel()} rewards")
+    out = torch.zeros_like(rewards_N, dtype=torch.float32)
+    start = 0
+    for n in group_sizes:
+        r = rewards_N[start : start + n].float()
+        if n > 1 and not torch.all(r == r[0]):
+            out[start : start + n] = (r - r.mean()) / (r.std(unbiased=True) + eps)
+        start += n
+    return out
+
+
+def zero_signal_fraction(rewards_N: torch.Tensor, group_sizes: list[int]) -> tuple[float, float]:
+    """(fraction of groups with all-equal rewards, fraction of those that are all-correct), for metrics."""
+    start, flat, flat_high = 0, 0, 0
+    top = rewards_N.max().item() if rewards_N.numel() else 0.0
+    for n in group_sizes:
+        r = rewards_N[start : start + n]
+        if n > 0 and torch.all(r == r[0]):
+            flat += 1
+            flat_high += int(r[0].item() == top and top > 0)
+        start += n
+    groups = max(len(group_sizes), 1)
+    return flat / groups, flat_high / max(flat, 1)

@@ -1,0 +1,101 @@
+"""Rollouts: (prompt, n_i) requests -> a flat, group-ordered batch of samples with rewards.
+
+Every per-sample field (prompt id, answer, prompt tokens) is repeated with the SAME counts as the responses,
+in the same order, from the same list: the paper's reference code repeated metadata uniformly while
+responses were repeated n_i times, scoring responses against other prompts' answers (ALGORITHM.md defect 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from dynamo_mega.data import Prompt
+from dynamo_mega.rl.engines.vllm_engine import Completion
+
+
+class Generator(Protocol):
+    """What the loop needs from a rollout engine."""
+
+    version: int
+
+    def generate(self, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int, temperature: float,
+                 top_p: float = 1.0, stop_token_ids: list[int] | None = None,
+                 seed: int | None = None) -> list[list[Completion]]: ...
+
+    def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
+
+
+@dataclass
+class RolloutBatch:
+    """Samples laid out group after group; group i (prompt i) holds group_sizes[i] samples."""
+
+    prompt_ids: list[str]
+    answers: list[str]
+    prompt_tokens: list[list[int]]
+    response_tokens: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    finished: list[bool]
+    group_sizes: list[int]
+    policy_version: int
+    rewards: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.response_tokens)
+
+
+def generate_rollouts(engine: Generator, tokenizer, prompts: list[Prompt], counts: list[int], *, max_new_tokens: int,
+                      temperature: float, top_p: float, seed: int | None) -> RolloutBatch:
+    """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata."""
+    prompt_tokens = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
+    groups = engine.generate(prompt_tokens, counts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, stop_token_ids=[tokenizer.eos_token_id], seed=seed)
+    batch = RolloutBatch([], [], [], [], [], [], [], engine.version)
+    for prompt, tokens, n, completions in zip(prompts, prompt_tokens, counts, groups, strict=True):
+        if len(completions) != n:
+            raise RuntimeError(f"engine returned {len(completions)} samples for prompt {prompt.id}, expected {n}")
+        batch.group_sizes.append(n)
+        for c in completions:
+            batch.prompt_ids.append(prompt.id)
+            batch.answers.append(prompt.answer)
+            batch.prompt_tokens.append(tokens)
+            batch.response_tokens.append(c.token_ids)
+            batch.rollout_logprobs.append(c.logprobs)
+            batch.finished.append(c.finished)
+    return batch
+
+
+def response_texts(batch: RolloutBatch, tokenizer) -> list[str]:
+    return tokenizer.batch_decode(batch.response_tokens, skip_special_tokens=True)
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded training tensors. Position t holds input token t and predicts targets[t] = token t+1."""
+
+    input_ids_NS: torch.Tensor
+    targets_NS: torch.Tensor
+    loss_mask_NS: torch.Tensor  # True where targets[t] is a response token
+    rollout_logp_NS: torch.Tensor  # the engine's log-prob of targets[t] (0 off the mask)
+
+
+def to_token_batch(prompt_tokens: list[list[int]], response_tokens: list[list[int]],
+                   rollout_logprobs: list[list[float]] | None, pad_id: int) -> TokenBatch:
+    """Concatenate prompt + response per sample and pad to the longest sequence."""
+    seqs = [p + r for p, r in zip(prompt_tokens, response_tokens, strict=True)]
+    n, s = len(seqs), max(len(x) for x in seqs)
+    input_ids = torch.full((n, s), pad_id, dtype=torch.long)
+    targets = torch.full((n, s), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, s), dtype=torch.bool)
+    rollout_logp = torch.zeros((n, s), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_tokens, response_tokens)):
+        seq = torch.tensor(p + r, dtype=torch.long)
+        input_ids[i, : len(seq)] = seq
+        targets[i, : len(seq) - 1] = seq[1:]
+        first = len(p) - 1  # position whose target is the first response token
+        mask[i, first : first + len(r)] = True
+        if rollout_logprobs is not None and r:
+            rollout_logp[i, first : first + len(r)] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
+    return TokenBatch(input_ids, targets, mask, rollout_logp)
