@@ -63,15 +63,15 @@ MODES = (
     ModeSpec("uniform", "uniform"),
     ModeSpec("reference", "reference"),
     ModeSpec("optimal", "optimal"),
-    ModeSpec("optimal_decay0.9", "optimal", decay=0.9),
+    ModeSpec("optimal_decay0.95", "optimal", decay=0.95),
     ModeSpec("probing", "optimal", probe=True),
-    ModeSpec("probing_decay0.9", "optimal", decay=0.9, probe=True),
+    ModeSpec("probing_decay0.95", "optimal", decay=0.95, probe=True),
 )
 ESTIMATORS = ("reinforce_loo_prompt_mean", "grpo_prompt_mean", "grpo_token_mean")
 PRIOR_SWEEP = tuple(
     ModeSpec(f"optimal_prior{a}_decay{dec}", "optimal", prior=a, decay=dec)
-    for dec in (1.0, 0.9)
-    for a in (0.1, 0.25, 0.5, 1.0, 2.0)
+    for dec in (1.0, 0.95, 0.9)
+    for a in (0.1, 0.25, 0.5, 1.0)
 )
 
 

@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="timed runs per measurement (min is kept)")
     parser.add_argument("--quick", action="store_true", help="T=256: check the script, not the numbers")
     parser.add_argument("--chunk", type=int, default=1024, help="chunk size of the main table")
-    parser.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048], help="extra chunk sizes")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[256, 4096], help="extra chunk sizes")
     args = parser.parse_args()
     if args.job:
         print(json.dumps(_rank_main(json.loads(args.job), args.rank, args.port)))

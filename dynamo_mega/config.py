@@ -137,6 +137,7 @@ class RunConfig:
     max_minutes: float = 0.0  # stop RL after this wall time (0: no limit)
     progress: bool = True
     tensorboard: bool = True
+    log_samples: int = 8  # rollouts per step written to samples.jsonl (prompt, answer, response, reward)
 
 
 @dataclass
@@ -179,7 +180,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         if "Key" in type(exc).__name__ or "not in struct" in str(exc):
-            raise ConfigError(f"unknown config key: {_one_line(exc)} (check the spelling against dynamo_mega/config.py)") from None
+            raise ConfigError(
+                f"unknown config key: {_one_line(exc)} (check the spelling against dynamo_mega/config.py)"
+            ) from None
         raise ConfigError(f"invalid config value: {_one_line(exc)}") from None
     validate(cfg)
     return cfg
@@ -201,22 +204,37 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(tp >= 1, f"parallel.tensor_parallel={tp} must be >= 1")
     _require(p.pipeline_parallel == 1, "parallel.pipeline_parallel: only 1 is supported so far; set parallel.pipeline_parallel=1")
     if m.hf_config is None:
-        _require(m.num_attention_heads % tp == 0,
-                 f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads={m.num_attention_heads}; pick a divisor")
-        _require(m.num_query_groups % tp == 0,
-                 f"parallel.tensor_parallel={tp} does not divide model.num_query_groups={m.num_query_groups}; pick a divisor")
-        _require(m.num_attention_heads % m.num_query_groups == 0,
-                 f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
-        _require(m.hidden_size % m.num_attention_heads == 0,
-                 f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size}")
-        _require(m.ffn_hidden_size % tp == 0, f"parallel.tensor_parallel={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+        _require(
+            m.num_attention_heads % tp == 0,
+            f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads={m.num_attention_heads}; pick a divisor",
+        )
+        _require(
+            m.num_query_groups % tp == 0,
+            f"parallel.tensor_parallel={tp} does not divide model.num_query_groups={m.num_query_groups}; pick a divisor",
+        )
+        _require(
+            m.num_attention_heads % m.num_query_groups == 0,
+            f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}",
+        )
+        _require(
+            m.hidden_size % m.num_attention_heads == 0,
+            f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size}",
+        )
+        _require(
+            m.ffn_hidden_size % tp == 0,
+            f"parallel.tensor_parallel={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}",
+        )
     _require(m.params_dtype in ("float32", "bfloat16"), f"model.params_dtype={m.params_dtype!r}: use float32 or bfloat16")
-    _require(cfg.data.source in ("synthetic_arithmetic", "file"),
-             f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file")
+    _require(
+        cfg.data.source in ("synthetic_arithmetic", "file"), f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file"
+    )
     if cfg.data.source == "file":
         _require(cfg.data.train_path is not None, "data.train_path must be set when data.source=file")
     _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
-    _require(r.prompts_per_step >= 1 and r.samples_per_prompt >= 1, "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1")
+    _require(
+        r.prompts_per_step >= 1 and r.samples_per_prompt >= 1,
+        "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1",
+    )
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
@@ -231,9 +249,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
     if world_size is not None:
-        _require(world_size % (tp * p.pipeline_parallel) == 0,
-                 f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {tp * p.pipeline_parallel}; "
-                 "change parallel.* or the number of processes")
+        _require(
+            world_size % (tp * p.pipeline_parallel) == 0,
+            f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {tp * p.pipeline_parallel}; "
+            "change parallel.* or the number of processes",
+        )
 
 
 def replace(cfg: Config, **sections) -> Config:

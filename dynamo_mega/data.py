@@ -63,7 +63,9 @@ def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id
     prompts, missing = [], []
     for row_no, row in enumerate(rows):
         if prompt_key not in row or answer_key not in row:
-            raise ValueError(f"{source} row {row_no}: missing field {prompt_key!r} or {answer_key!r} (set data.prompt_key / data.answer_key)")
+            raise ValueError(
+                f"{source} row {row_no}: missing field {prompt_key!r} or {answer_key!r} (set data.prompt_key / data.answer_key)"
+            )
         answer = _answer_text(row[answer_key])
         if not answer:
             raise ValueError(f"{source} row {row_no}: empty answer in field {answer_key!r}; drop the row or fix the data")
@@ -99,8 +101,10 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             cfg.num_train, cfg.num_eval, num_operands=cfg.num_operands, operand_max=cfg.operand_max, seed=cfg.seed
         )
         keys = dict(prompt_key="prompt", answer_key="answer", id_key="id")
-        return (records_to_prompts(train, source="synthetic train", **keys),
-                records_to_prompts(held_out, source="synthetic eval", **keys))
+        return (
+            records_to_prompts(train, source="synthetic train", **keys),
+            records_to_prompts(held_out, source="synthetic eval", **keys),
+        )
     keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key)
     train = records_to_prompts(_read_rows(Path(cfg.train_path)), source=cfg.train_path, **keys)
     held_out = records_to_prompts(_read_rows(Path(cfg.eval_path)), source=cfg.eval_path, **keys) if cfg.eval_path else []
@@ -138,5 +142,7 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items:
-            raise ValueError(f"checkpoint sampler saw {state['num_items']} prompts but the dataset has {self.num_items}; resume with the same data")
+            raise ValueError(
+                f"checkpoint sampler saw {state['num_items']} prompts but the dataset has {self.num_items}; resume with the same data"
+            )
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

@@ -23,7 +23,10 @@ class MetricsLogger:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("reward {task.fields[reward]:.3f}  held-out acc {task.fields[acc]:.3f}"),
             )
             self._progress.start()
@@ -69,7 +72,9 @@ def plot_run(run_dir: Path) -> Path:
     train = [r for r in records if r["phase"] == "train"]
     evals = [r for r in records if r["phase"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] for r in train], [r.get("reward_mean", float("nan")) for r in train], label="train reward (mean)", alpha=0.8)
+    ax.plot(
+        [r["step"] for r in train], [r.get("reward_mean", float("nan")) for r in train], label="train reward (mean)", alpha=0.8
+    )
     ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
     ax.set_xlabel("RL step")
     ax.set_ylim(-0.02, 1.02)

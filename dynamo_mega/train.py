@@ -84,11 +84,19 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
 
     init_dir = run_dir / "hf_init"
     init_dir.mkdir(exist_ok=True)
-    (init_dir / "config.json").write_text(json.dumps(hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id), indent=1))
+    (init_dir / "config.json").write_text(
+        json.dumps(hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id), indent=1)
+    )
     save_file(hf_state, str(init_dir / "model.safetensors"))
     r = cfg.rollout
-    return VLLMEngine(init_dir, dtype=r.vllm_dtype, seed=r.seed, max_model_len=arch.max_position_embeddings,
-                      kv_cache_gib=r.vllm_kv_cache_gib, gpu_memory_utilization=r.vllm_gpu_memory_utilization)
+    return VLLMEngine(
+        init_dir,
+        dtype=r.vllm_dtype,
+        seed=r.seed,
+        max_model_len=arch.max_position_embeddings,
+        kv_cache_gib=r.vllm_kv_cache_gib,
+        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+    )
 
 
 def broadcast(obj, groups: ParallelGroups):
@@ -113,8 +121,16 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
     acc = None
     if t.groups.is_driver:
         prompts = t.eval_set[: t.cfg.run.eval_prompts]
-        batch = generate_rollouts(t.engine, t.tokenizer, prompts, [1] * len(prompts), max_new_tokens=t.cfg.rollout.max_new_tokens,
-                                  temperature=0.0, top_p=1.0, seed=None)
+        batch = generate_rollouts(
+            t.engine,
+            t.tokenizer,
+            prompts,
+            [1] * len(prompts),
+            max_new_tokens=t.cfg.rollout.max_new_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=None,
+        )
         correct = t.reward.correctness(response_texts(batch, t.tokenizer), batch.answers)
         acc = sum(correct) / max(len(correct), 1)
         t.logger.log(step, {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}, phase=phase)
@@ -127,10 +143,44 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBat
     if t.groups.is_driver:
         r = t.cfg.rollout
         counts = [r.samples_per_prompt] * len(prompts)  # DynaMO allocation plugs in here (rl/allocation.py)
-        batch = generate_rollouts(t.engine, t.tokenizer, prompts, counts, max_new_tokens=r.max_new_tokens,
-                                  temperature=r.temperature, top_p=r.top_p, seed=r.seed + 1_000_003 * step)
-        batch.rewards = t.reward(response_texts(batch, t.tokenizer), batch.answers)
+        batch = generate_rollouts(
+            t.engine,
+            t.tokenizer,
+            prompts,
+            counts,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed + 1_000_003 * step,
+        )
+        texts = response_texts(batch, t.tokenizer)
+        batch.rewards = t.reward(texts, batch.answers)
+        _log_samples(t, step, batch, texts)
     return broadcast(batch, t.groups)
+
+
+def _log_samples(t: Trainer, step: int, batch: RolloutBatch, texts: list[str]) -> None:
+    """The first `run.log_samples` rollouts of the step, for reading what the policy writes."""
+    keep = min(t.cfg.run.log_samples, len(batch))
+    if keep == 0:
+        return
+    prompts = t.tokenizer.batch_decode(batch.prompt_tokens[:keep], skip_special_tokens=True)
+    with (t.run_dir / "samples.jsonl").open("a") as f:
+        for i in range(keep):
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt_id": batch.prompt_ids[i],
+                        "prompt": prompts[i],
+                        "answer": batch.answers[i],
+                        "response": texts[i],
+                        "reward": batch.rewards[i],
+                        "policy_version": batch.policy_version,
+                    }
+                )
+                + "\n"
+            )
 
 
 def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
@@ -139,20 +189,40 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     adv_N = group_advantages(rewards, batch.group_sizes)
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
     mine = slice(t.groups.dp_rank, None, t.groups.dp_size)  # samples strided over DP ranks
-    micro = train_step.split_micro_batches(tokens.input_ids_NS[mine], tokens.targets_NS[mine], tokens.loss_mask_NS[mine],
-                                           adv_N[mine], tokens.rollout_logp_NS[mine], t.cfg.optim.micro_batch_size)
-    stats = train_step.policy_step(t.model, t.optimizer, t.scheduler, micro, t.groups, algo=t.cfg.algo,
-                                   temperature=t.cfg.rollout.temperature, grad_clip=t.cfg.optim.grad_clip,
-                                   modulation=t.cfg.modulation)
+    micro = train_step.split_micro_batches(
+        tokens.input_ids_NS[mine],
+        tokens.targets_NS[mine],
+        tokens.loss_mask_NS[mine],
+        adv_N[mine],
+        tokens.rollout_logp_NS[mine],
+        t.cfg.optim.micro_batch_size,
+    )
+    stats = train_step.policy_step(
+        t.model,
+        t.optimizer,
+        t.scheduler,
+        micro,
+        t.groups,
+        algo=t.cfg.algo,
+        temperature=t.cfg.rollout.temperature,
+        grad_clip=t.cfg.optim.grad_clip,
+        modulation=t.cfg.modulation,
+    )
     flat, flat_correct = zero_signal_fraction(rewards, batch.group_sizes)
-    stats.update(reward_mean=rewards.mean().item(), zero_signal_groups=flat, zero_signal_all_correct=flat_correct,
-                 response_len_mean=sum(map(len, batch.response_tokens)) / len(batch), samples=len(batch))
+    stats.update(
+        reward_mean=rewards.mean().item(),
+        zero_signal_groups=flat,
+        zero_signal_all_correct=flat_correct,
+        response_len_mean=sum(map(len, batch.response_tokens)) / len(batch),
+        samples=len(batch),
+    )
     return stats
 
 
 def build_optimizer(model, lr: float, optim_cfg, total_steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
-                            weight_decay=optim_cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), weight_decay=optim_cfg.weight_decay
+    )
     warmup = max(optim_cfg.warmup_steps, 0)
 
     def schedule(step: int) -> float:  # linear warm-up, then constant
@@ -169,12 +239,20 @@ def supervised_warmup(t: Trainer) -> int:
     for step in range(1, w.max_steps + 1):
         prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
         p_tok = [t.tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
-        r_tok = [t.tokenizer.encode(arithmetic.solution_text(p.answer), add_special_tokens=False) + [t.tokenizer.eos_token_id]
-                 for p in prompts]
+        r_tok = [
+            t.tokenizer.encode(arithmetic.solution_text(p.answer), add_special_tokens=False) + [t.tokenizer.eos_token_id]
+            for p in prompts
+        ]
         tb = to_token_batch(p_tok, r_tok, None, t.tokenizer.pad_token_id)
         mine = slice(t.groups.dp_rank, None, t.groups.dp_size)
-        micro = train_step.split_micro_batches(tb.input_ids_NS[mine], tb.targets_NS[mine], tb.loss_mask_NS[mine],
-                                               torch.zeros(len(p_tok))[mine], tb.rollout_logp_NS[mine], t.cfg.optim.micro_batch_size)
+        micro = train_step.split_micro_batches(
+            tb.input_ids_NS[mine],
+            tb.targets_NS[mine],
+            tb.loss_mask_NS[mine],
+            torch.zeros(len(p_tok))[mine],
+            tb.rollout_logp_NS[mine],
+            t.cfg.optim.micro_batch_size,
+        )
         stats = train_step.supervised_step(t.model, opt, sched, micro, t.groups, t.cfg.optim.grad_clip)
         if t.groups.is_driver:
             t.logger.log(step, stats, phase="warmup")

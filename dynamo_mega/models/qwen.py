@@ -49,11 +49,19 @@ def arch_from_model_config(m: ModelConfig) -> QwenArch:
     if m.hf_config is not None:
         return arch_from_hf_config(m.hf_config)
     return QwenArch(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings,
-        qkv_bias=m.qkv_bias, qk_layernorm=m.qk_layernorm, head_dim=m.hidden_size // m.num_attention_heads,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps,
+        tie_word_embeddings=m.tie_word_embeddings,
+        qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        head_dim=m.hidden_size // m.num_attention_heads,
         model_type="qwen3" if m.qk_layernorm else "qwen2",
     )
 
@@ -72,12 +80,19 @@ def arch_from_hf_config(path: str | Path) -> QwenArch:
     rope = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     heads = c["num_attention_heads"]
     return QwenArch(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-        num_attention_heads=heads, num_query_groups=c.get("num_key_value_heads", heads),
-        ffn_hidden_size=c["intermediate_size"], max_position_embeddings=c.get("max_position_embeddings", 32768),
-        rope_theta=float(rope), rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=c.get("tie_word_embeddings", False), qkv_bias=model_type == "qwen2",
-        qk_layernorm=model_type == "qwen3", head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        num_layers=c["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=c.get("num_key_value_heads", heads),
+        ffn_hidden_size=c["intermediate_size"],
+        max_position_embeddings=c.get("max_position_embeddings", 32768),
+        rope_theta=float(rope),
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type == "qwen3",
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         model_type=model_type,
     )
 
@@ -86,14 +101,25 @@ def hf_config_dict(arch: QwenArch, torch_dtype: str = "float32", eos_token_id: i
     """A transformers/vLLM-loadable config.json for `arch`."""
     cfg = {
         "architectures": ["Qwen3ForCausalLM" if arch.model_type == "qwen3" else "Qwen2ForCausalLM"],
-        "model_type": arch.model_type, "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.ffn_hidden_size, "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_query_groups,
-        "head_dim": arch.head_dim, "hidden_act": "silu", "max_position_embeddings": arch.max_position_embeddings,
-        "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta,
+        "model_type": arch.model_type,
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": arch.max_position_embeddings,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta},
-        "tie_word_embeddings": arch.tie_word_embeddings, "torch_dtype": torch_dtype, "dtype": torch_dtype,
-        "attention_dropout": 0.0, "use_sliding_window": False, "use_cache": True,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "use_cache": True,
     }
     if eos_token_id is not None:
         cfg["eos_token_id"] = eos_token_id
@@ -105,15 +131,34 @@ def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups, ffn_hidden_size=arch.ffn_hidden_size, kv_channels=arch.head_dim,
-        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_layernorm,
-        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, init_method_std=init_std,
-        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=True,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, sequence_parallel=False,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        init_method_std=init_std,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
     )
 
 
@@ -140,8 +185,11 @@ def _split_qkv(qkv: torch.Tensor, arch: QwenArch) -> tuple[torch.Tensor, torch.T
     g, q, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
     grouped = qkv.reshape(g, q + 2, d, *qkv.shape[1:])
     rest = qkv.shape[1:]
-    return (grouped[:, :q].reshape(g * q * d, *rest), grouped[:, q].reshape(g * d, *rest),
-            grouped[:, q + 1].reshape(g * d, *rest))
+    return (
+        grouped[:, :q].reshape(g * q * d, *rest),
+        grouped[:, q].reshape(g * d, *rest),
+        grouped[:, q + 1].reshape(g * d, *rest),
+    )
 
 
 def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenArch) -> torch.Tensor:
@@ -186,7 +234,7 @@ def megatron_to_hf(full: dict[str, torch.Tensor], arch: QwenArch, tp: int) -> di
         elif name == "decoder.final_layernorm.weight":
             hf["model.norm.weight"] = tensor
         elif name.startswith("decoder.layers."):
-            idx, suffix = name[len("decoder.layers."):].split(".", 1)
+            idx, suffix = name[len("decoder.layers.") :].split(".", 1)
             prefix = f"model.layers.{idx}."
             if suffix in _LAYER_SIMPLE:
                 hf[prefix + _LAYER_SIMPLE[suffix]] = tensor

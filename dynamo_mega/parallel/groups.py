@@ -64,9 +64,14 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) ->
     else:
         cpu_compat.seed_model_parallel_rng(seed, tp_rank)
     return ParallelGroups(
-        rank=dist.get_rank(), world_size=world, tp_rank=tp_rank, tp_size=tp,
-        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-        tp_group=parallel_state.get_tensor_model_parallel_group(), dp_group=parallel_state.get_data_parallel_group(),
+        rank=dist.get_rank(),
+        world_size=world,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
     )
 

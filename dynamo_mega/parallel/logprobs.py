@@ -99,18 +99,30 @@ def _combine_partials(partials_4N: Tensor, tp_group, tp_size: int) -> tuple[Tens
     return log_z_N, entropy_N, target_z_N
 
 
-def _chunk_grad(log_p: Tensor, spare: Tensor | None, g_logp: Tensor | None, g_ent: Tensor | None, ent):
-    """d loss / dz without the one-hot part, in place in the log p buffer [c, V_local].
+def _chunk_grad(log_p: Tensor, spare: Tensor | None, g_logp, g_ent, ent) -> Tensor:
+    """d loss / dz without the one-hot part, in place in log_p [c, V_local] fp32, which it returns.
+    g_logp, g_ent, ent are [c] or None, grads already divided by the temperature.
 
-    g_logp, g_ent, ent: [c] (grads already divided by the temperature). With only log p needed:
-    -g_logp p. With the entropy term, -p (g_ent (log p + H) + g_logp), which needs p and log p at
-    once: p goes into `spare`.
+    Only log p needed: -g_logp p. With the entropy term: -p (g_ent (log p + H) + g_logp), which
+    needs p and log p at once, so p goes into `spare`. (Writing the product straight into a bf16
+    gradient with out= would not save memory: torch computes into an fp32 temporary first.)
     """
     if g_ent is None:
         return log_p.exp_().mul_(-g_logp[:, None])
     p = torch.exp(log_p, out=spare)
     offset = g_ent * ent if g_logp is None else g_ent * ent + g_logp
     return log_p.mul_(-g_ent[:, None]).sub_(offset[:, None]).mul_(p)
+
+
+def _target_grad(log_p_t: Tensor, g_logp, g_ent, ent) -> Tensor:
+    """The full gradient at each row's target entry, [c] fp32, computed from [c] tensors only:
+    g_logp (1 - p_t) - g_ent p_t (log p_t + H). Writing it (rather than adding the one-hot
+    g_logp to a rounded entry) keeps bf16 gradients to a single rounding."""
+    p_t = log_p_t.exp()
+    grad_t = g_logp * (1.0 - p_t)
+    if g_ent is not None:
+        grad_t = grad_t - g_ent * p_t * (log_p_t + ent)
+    return grad_t
 
 
 def _backward_chunks(ctx, grad_logp_N: Tensor | None, grad_ent_N: Tensor | None) -> Tensor:
@@ -132,22 +144,23 @@ def _backward_chunks(ctx, grad_logp_N: Tensor | None, grad_ent_N: Tensor | None)
     g_ent_N = None if grad_ent_N is None else grad_ent_N.to(_FP32) * inv_t
     for start in range(0, n_tokens, ctx.chunk_size):
         end = min(start + ctx.chunk_size, n_tokens)
-        c = end - start
-        buf = grad_NV[start:end] if in_place else work[:c]
-        log_p = _shifted_scaled(buf.copy_(logits_NV[start:end]), -log_z_N[start:end], inv_t)
-        grad_c = _chunk_grad(
-            log_p,
-            None if spare is None else spare[:c],
-            None if g_logp_N is None else g_logp_N[start:end],
-            None if g_ent_N is None else g_ent_N[start:end],
-            entropy_N[start:end],
-        )
-        if g_logp_N is not None:
-            # The one-hot part of d logp/dz, only on the shard that owns the target.
-            add_c = torch.where(owned_N[start:end], g_logp_N[start:end], 0.0)
-            grad_c.index_put_((torch.arange(c, device=device), local_N[start:end]), add_c, accumulate=True)
+        c, sl = end - start, slice(start, end)
+        out = grad_NV[sl]
+        buf = out if in_place else work[:c]
+        log_p = _shifted_scaled(buf.copy_(logits_NV[sl]), -log_z_N[sl], inv_t)
+        idx = local_N[sl, None]
+        log_p_t = log_p.gather(1, idx).squeeze(1)  # before _chunk_grad consumes log_p
+        g_logp = None if g_logp_N is None else g_logp_N[sl]
+        g_ent = None if g_ent_N is None else g_ent_N[sl]
+        grad_c = _chunk_grad(log_p, None if spare is None else spare[:c], g_logp, g_ent, entropy_N[sl])
         if not in_place:
-            grad_NV[start:end].copy_(grad_c)
+            out.copy_(grad_c)
+        if g_logp is not None:
+            # The one-hot part of d logp/dz, only where this shard owns the target (no host sync:
+            # other rows rewrite their current value).
+            exact_t = _target_grad(log_p_t, g_logp, g_ent, entropy_N[sl]).to(out.dtype)
+            keep_t = out.gather(1, idx).squeeze(1)
+            out.scatter_(1, idx, torch.where(owned_N[sl], exact_t, keep_t)[:, None])
     return grad_NV
 
 

@@ -22,8 +22,9 @@ def build_policy(model_cfg: ModelConfig, groups: ParallelGroups, *, seed: int):
     from megatron.core.models.gpt import GPTModel
 
     arch = qwen.arch_from_model_config(model_cfg)
-    config = qwen.transformer_config(arch, tp=groups.tp_size, pp=1, params_dtype=_DTYPES[model_cfg.params_dtype],
-                                     init_std=model_cfg.init_std)
+    config = qwen.transformer_config(
+        arch, tp=groups.tp_size, pp=1, params_dtype=_DTYPES[model_cfg.params_dtype], init_std=model_cfg.init_std
+    )
     torch.manual_seed(seed)
     model = GPTModel(
         config=config,

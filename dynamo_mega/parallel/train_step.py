@@ -39,10 +39,15 @@ def split_micro_batches(input_ids_NS, targets_NS, mask_NS, adv_N, rollout_logp_N
         mask = mask_NS[sl]
         # Positions after the last response token predict nothing we train on (causal model): drop them.
         last = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.any() else 1
-        out.append(MicroBatch(
-            input_ids=input_ids_NS[sl, :last], targets=targets_NS[sl, :last], mask=mask[:, :last],
-            advantages=adv_N[sl, None].expand(-1, last).float() * mask[:, :last], rollout_logp=rollout_logp_NS[sl, :last],
-        ))
+        out.append(
+            MicroBatch(
+                input_ids=input_ids_NS[sl, :last],
+                targets=targets_NS[sl, :last],
+                mask=mask[:, :last],
+                advantages=adv_N[sl, None].expand(-1, last).float() * mask[:, :last],
+                rollout_logp=rollout_logp_NS[sl, :last],
+            )
+        )
     return out
 
 
@@ -77,8 +82,18 @@ def sync_and_step(model, optimizer, scheduler, groups: ParallelGroups, grad_clip
     return norm, ok
 
 
-def policy_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups, *, algo,
-                temperature: float, grad_clip: float, modulation=None) -> dict[str, float]:
+def policy_step(
+    model,
+    optimizer,
+    scheduler,
+    micro_batches: list[MicroBatch],
+    groups: ParallelGroups,
+    *,
+    algo,
+    temperature: float,
+    grad_clip: float,
+    modulation=None,
+) -> dict[str, float]:
     """One PPO epoch over `micro_batches` with one optimizer step. `modulation`: a ModulationConfig or None."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
@@ -86,17 +101,37 @@ def policy_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], gr
     mod_metrics = {}
     if modulation is not None and modulation.enabled:
         advantages, mod_metrics = modulate_micro_batches(
-            advantages, old_logp, old_logp, entropy, [mb.mask for mb in micro_batches], scope=modulation.scope,
-            dp_group=dp_group, variant=modulation.variant, eps_low=algo.eps_low, eps_high=algo.eps_high,
-            mu_max=modulation.mu_max, lambda_min=modulation.lambda_min, gamma=modulation.gamma, tau=modulation.tau,
+            advantages,
+            old_logp,
+            old_logp,
+            entropy,
+            [mb.mask for mb in micro_batches],
+            scope=modulation.scope,
+            dp_group=dp_group,
+            variant=modulation.variant,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            mu_max=modulation.mu_max,
+            lambda_min=modulation.lambda_min,
+            gamma=modulation.gamma,
+            tau=modulation.tau,
         )
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
     model.train()
     loss_total, metrics = 0.0, []
     for mb, olp, ent, adv in zip(micro_batches, old_logp, entropy, advantages, strict=True):
         logp, _ = token_logprobs(model, mb, groups, temperature)
-        loss, m = policy_loss(logp, olp, adv, mb.mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                              dual_clip_c=algo.dual_clip_c, num_global_tokens=max(num_tokens, 1.0), entropy=ent)
+        loss, m = policy_loss(
+            logp,
+            olp,
+            adv,
+            mb.mask,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            dual_clip_c=algo.dual_clip_c,
+            num_global_tokens=max(num_tokens, 1.0),
+            entropy=ent,
+        )
         loss.backward()
         loss_total += loss.item()
         m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
@@ -111,8 +146,9 @@ def policy_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], gr
     return out
 
 
-def supervised_step(model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups,
-                    grad_clip: float) -> dict[str, float]:
+def supervised_step(
+    model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups, grad_clip: float
+) -> dict[str, float]:
     """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage)."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     num_tokens = max(global_token_count([mb.mask for mb in micro_batches], dp_group), 1.0)

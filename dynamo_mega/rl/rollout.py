@@ -21,9 +21,17 @@ class Generator(Protocol):
 
     version: int
 
-    def generate(self, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, stop_token_ids: list[int] | None = None,
-                 seed: int | None = None) -> list[list[Completion]]: ...
+    def generate(
+        self,
+        prompts: list[list[int]],
+        counts: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]: ...
 
     def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
 
@@ -46,12 +54,28 @@ class RolloutBatch:
         return len(self.response_tokens)
 
 
-def generate_rollouts(engine: Generator, tokenizer, prompts: list[Prompt], counts: list[int], *, max_new_tokens: int,
-                      temperature: float, top_p: float, seed: int | None) -> RolloutBatch:
+def generate_rollouts(
+    engine: Generator,
+    tokenizer,
+    prompts: list[Prompt],
+    counts: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> RolloutBatch:
     """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata."""
     prompt_tokens = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
-    groups = engine.generate(prompt_tokens, counts, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, stop_token_ids=[tokenizer.eos_token_id], seed=seed)
+    groups = engine.generate(
+        prompt_tokens,
+        counts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=[tokenizer.eos_token_id],
+        seed=seed,
+    )
     batch = RolloutBatch([], [], [], [], [], [], [], engine.version)
     for prompt, tokens, n, completions in zip(prompts, prompt_tokens, counts, groups, strict=True):
         if len(completions) != n:
@@ -81,8 +105,9 @@ class TokenBatch:
     rollout_logp_NS: torch.Tensor  # the engine's log-prob of targets[t] (0 off the mask)
 
 
-def to_token_batch(prompt_tokens: list[list[int]], response_tokens: list[list[int]],
-                   rollout_logprobs: list[list[float]] | None, pad_id: int) -> TokenBatch:
+def to_token_batch(
+    prompt_tokens: list[list[int]], response_tokens: list[list[int]], rollout_logprobs: list[list[float]] | None, pad_id: int
+) -> TokenBatch:
     """Concatenate prompt + response per sample and pad to the longest sequence."""
     seqs = [p + r for p, r in zip(prompt_tokens, response_tokens, strict=True)]
     n, s = len(seqs), max(len(x) for x in seqs)

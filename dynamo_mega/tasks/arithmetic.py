@@ -53,7 +53,9 @@ def all_problems(num_operands: int, operand_max: int) -> list[tuple[str, int]]:
     return problems
 
 
-def make_splits(num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int) -> tuple[list[dict], list[dict]]:
+def make_splits(
+    num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int
+) -> tuple[list[dict], list[dict]]:
     """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable)."""
     if num_operands < 2:
         raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")

@@ -35,8 +35,16 @@ def _scratch_root() -> str | None:
 class VLLMEngine:
     """Generates variable numbers of samples per prompt and accepts in-place weight updates."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 256,
-                 kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 256,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.5,
+    ):
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
             # vLLM's CPU backend pins OpenMP threads to cores by default; the trainer shares those cores.
@@ -47,16 +55,30 @@ class VLLMEngine:
 
         self.model_dir = str(model_dir)
         self._llm = LLM(
-            model=self.model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=True,
-            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+            model=self.model_dir,
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=False,
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
         )
         self._scratch = tempfile.mkdtemp(prefix="dynamo_mega_weights_", dir=_scratch_root())
         self.version = 0  # policy version of the weights the engine holds
 
-    def generate(self, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, stop_token_ids: list[int] | None = None, seed: int | None = None) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        counts: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
         """counts[i] samples for prompts[i] (token ids); returns one list of Completions per prompt, in order.
 
         temperature=0 is greedy (counts must then be 1)."""
@@ -67,9 +89,16 @@ class VLLMEngine:
             raise AssertionError(f"{len(prompts)} prompts but {len(counts)} counts")
         keep = [i for i, n in enumerate(counts) if n > 0]
         params = [
-            SamplingParams(n=counts[i], max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           stop_token_ids=stop_token_ids or [], logprobs=0, detokenize=False,
-                           seed=None if seed is None else seed + i)
+            SamplingParams(
+                n=counts[i],
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop_token_ids=stop_token_ids or [],
+                logprobs=0,
+                detokenize=False,
+                seed=None if seed is None else seed + i,
+            )
             for i in keep
         ]
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in keep], params, use_tqdm=False)
@@ -87,8 +116,9 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        return [[step[tok].logprob for tok, step in zip(seq[1:], out.prompt_logprobs[1:])]
-                for seq, out in zip(sequences, outputs)]
+        return [
+            [step[tok].logprob for tok, step in zip(seq[1:], out.prompt_logprobs[1:])] for seq, out in zip(sequences, outputs)
+        ]
 
     def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
         """Replace the engine's weights in place with HF-named full tensors; record the policy version."""

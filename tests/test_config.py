@@ -1,0 +1,81 @@
+"""Config loading: YAML + dotted overrides into typed dataclasses, and one-line errors for user mistakes.
+The CLI turns them into exit code 2 with nothing written to the run directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynamo_mega.config import Config, ConfigError, load_config, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(TINY, ["run.steps=5", "rollout.temperature=0.7", "parallel.tensor_parallel=2"])
+    assert isinstance(cfg, Config)
+    assert cfg.run.steps == 5 and cfg.rollout.temperature == 0.7 and cfg.parallel.tensor_parallel == 2
+    assert cfg.model.hidden_size == 128  # from the YAML file
+    assert cfg.algo.eps_high == 0.28  # documented default (clip-higher)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, ["run.steps=7"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["run.stepz=3"], "stepz"),
+        (["nosection.x=1"], "nosection"),
+        (["run.steps=many"], "run.steps"),
+        (["rollout.temperature=hot"], "rollout.temperature"),
+        (["parallel.tensor_parallel=3"], "does not divide model.num_attention_heads"),
+        (["modulation.scope=everywhere"], "modulation.scope"),
+        (["run.steps"], "section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_problem(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(typo)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["missing.yaml"],
+        [str(TINY), "run.unknown_key=1"],
+        [str(TINY), "run.steps=abc"],
+        [str(TINY), "parallel.tensor_parallel=3"],
+    ],
+)
+def test_cli_exits_2_and_writes_nothing(tmp_path, args):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dynamo_mega.cli", "train", *args, f"run.output_dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dynamo-mega: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert not run_dir.exists()
