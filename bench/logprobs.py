@@ -60,13 +60,14 @@ def _entropy_no_grad(x_TV: torch.Tensor, group) -> torch.Tensor:
 
 
 def _run_naive(x, targets, g, group, chunk):
+    """Forward only; returns the scalar to backpropagate (0 * entropy keeps the entropy alive
+    until backward, as a trainer that modulates with it would)."""
     assert dist.get_world_size(group) == 1, "naive needs the full vocabulary"
     logsm = torch.log_softmax(x.float(), dim=-1)
     logp = logsm.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():
         entropy = -(logsm.exp() * logsm).sum(-1)
-    (logp * g).sum().backward()
-    return entropy
+    return (logp * g).sum() + 0 * entropy.sum()
 
 
 def _run_megatron(x, targets, g, group, chunk):
@@ -74,8 +75,7 @@ def _run_megatron(x, targets, g, group, chunk):
 
     entropy = _entropy_no_grad(x, group)
     logp = -vocab_parallel_cross_entropy(x.clone(), targets, tp_group=group)
-    (logp * g).sum().backward()
-    return entropy
+    return (logp * g).sum() + 0 * entropy.sum()
 
 
 def _run_ours(x, targets, g, group, chunk):
@@ -83,11 +83,24 @@ def _run_ours(x, targets, g, group, chunk):
 
     tp_group = group if dist.get_world_size(group) > 1 else None
     logp, entropy = vocab_parallel_logprobs_entropy(x, targets, tp_group, chunk_size=chunk)
-    (logp * g).sum().backward()
-    return entropy
+    return (logp * g).sum() + 0 * entropy.sum()
 
 
 METHODS = {"naive": _run_naive, "megatron": _run_megatron, "ours": _run_ours}
+
+
+def _measure(job: dict, x, targets, g) -> tuple[int, int, float]:
+    """One fwd+bwd: (peak beyond the logits during forward, peak beyond logits + grad, seconds)."""
+    x.grad = None
+    _reset_peak_rss()
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    loss = METHODS[job["method"]](x, targets, g, dist.group.WORLD, job["chunk"])
+    fwd_extra = _status("VmHWM") - before
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    extra = _status("VmHWM") - before - x.grad.numel() * x.grad.element_size()
+    return fwd_extra, extra, seconds
 
 
 def _rank_main(job: dict, rank: int, port: int) -> dict:
@@ -101,23 +114,19 @@ def _rank_main(job: dict, rank: int, port: int) -> dict:
         import dynamo_mega.parallel.logprobs  # noqa: F401
     dtype = getattr(torch, job["dtype"])
     gen = torch.Generator().manual_seed(rank)
-    x = torch.empty(job["T"], job["V"] // world, dtype=dtype).uniform_(-8.0, 8.0, generator=gen)
-    x.requires_grad_()
+    # 64 random rows tiled to T: the values do not change the cost, and a [T, V] RNG fill would
+    # take longer than the measurement on 2 cores.
+    block = torch.empty(64, job["V"] // world, dtype=dtype).uniform_(-8.0, 8.0, generator=gen)
+    x = block.repeat(-(-job["T"] // 64), 1)[: job["T"]].contiguous().requires_grad_()
     targets = torch.randint(0, job["V"], (job["T"],), generator=gen)
     g = torch.randn(job["T"], generator=gen)
-    dist.barrier()
-    _reset_peak_rss()
-    before = _status("VmRSS")
-    times = []
+    runs = []
     for _ in range(job["reps"]):
-        x.grad = None
-        t0 = time.perf_counter()
-        METHODS[job["method"]](x, targets, g, dist.group.WORLD, job["chunk"])
-        times.append(time.perf_counter() - t0)
-        if len(times) == 1:  # the first run's peak; later runs only add timing samples
-            extra = _status("VmHWM") - before - x.grad.numel() * x.grad.element_size()
+        dist.barrier()
+        runs.append(_measure(job, x, targets, g))
     dist.destroy_process_group()
-    return {"extra_bytes": extra, "time_s": min(times)}
+    # Memory from the first run (the later ones allocate the same); time: the fastest run.
+    return {"extra_fwd_bytes": runs[0][0], "extra_bytes": runs[0][1], "time_s": min(r[2] for r in runs)}
 
 
 def _launch(job: dict) -> dict:
@@ -160,7 +169,7 @@ def _run_all(jobs: list[dict]) -> list[dict]:
     rows = []
     for job in jobs:
         t0 = time.perf_counter()
-        row = {**job, **_launch(job), "wall_s": 0.0}
+        row = {**job, **_launch(job), "load_avg_1min": os.getloadavg()[0]}
         row["wall_s"] = time.perf_counter() - t0
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -173,8 +182,9 @@ def _ratio(a: float, b: float | None) -> str:
 
 def _fmt_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| dtype | TP | method | extra memory (GiB) | x naive | x megatron | fwd+bwd (s) | x naive time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | TP | method | extra memory (GiB) | x naive | x megatron | forward-only extra (GiB)"
+        " | fwd+bwd (s) | x naive time | x megatron time | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     main = [r for r in rows if not r.get("sweep")]
     naive = {r["dtype"]: r for r in main if r["method"] == "naive"}
@@ -185,8 +195,9 @@ def _fmt_table(rows: list[dict]) -> list[str]:
             f"| {r['dtype']} | {r['tp']} | {r['method']}"
             + (f" (chunk {r['chunk']})" if r["method"] == "ours" else "")
             + f" | {r['extra_bytes'] / GIB:.3f} | {_ratio(r['extra_bytes'], nv['extra_bytes'])}"
-            + f" | {_ratio(r['extra_bytes'], mg['extra_bytes'])} | {r['time_s']:.2f}"
-            + f" | {_ratio(r['time_s'], nv['time_s'])} |"
+            + f" | {_ratio(r['extra_bytes'], mg['extra_bytes'])} | {r['extra_fwd_bytes'] / GIB:.3f}"
+            + f" | {r['time_s']:.2f} | {_ratio(r['time_s'], nv['time_s'])}"
+            + f" | {_ratio(r['time_s'], mg['time_s'])} | {r['load_avg_1min']:.1f} |"
         )
     return lines
 
@@ -208,8 +219,12 @@ def _write(rows: list[dict], meta: dict) -> None:
         "",
         f"Machine: {meta['machine']}. torch {meta['torch']}. Total run {meta['total_s']:.0f} s.",
         "Extra memory = peak RSS beyond the logits and their gradient (kernel VmHWM after a reset via",
-        "/proc/self/clear_refs, fresh process per measurement, worst rank). Time = wall clock, slowest rank;",
-        "the machine's 2 cores were shared with other jobs, so times carry noise of ~10-30%. Naive at TP=2 is",
+        "/proc/self/clear_refs, fresh processes per measurement, worst rank). Forward-only extra = peak beyond",
+        "the logits during the forward, the part that coexists with the model's activations (ours: the chunk",
+        "buffers; with fp32 logits our backward works inside the gradient's own rows, so the forward buffer",
+        "is all there is). Time = wall clock of fwd+bwd, fastest of --reps runs, slowest rank;",
+        "the machine's 2 cores were shared with other jobs ('load' = 1-minute load average after the row), so",
+        "times are noisy: compare rows of similar load. Naive at TP=2 is",
         "not run: it needs the full [T, V] on every rank (an all-gather), over this machine's RAM twice; the",
         "TP=2 rows' 'x naive' compare with TP=1 naive, a lower bound on what naive-with-all-gather costs a rank.",
         "",
@@ -217,10 +232,11 @@ def _write(rows: list[dict], meta: dict) -> None:
         "",
         "## Chunk size (ours, bf16, TP=1)",
         "",
-        "| chunk | extra memory (GiB) | fwd+bwd (s) | predicted 2 x chunk x V x 4 B (GiB) |",
-        "|---|---|---|---|",
+        "| chunk | extra memory (GiB) | forward-only extra (GiB) | fwd+bwd (s) | chunk x V x 4 B (GiB) | load |",
+        "|---|---|---|---|---|---|",
         *[
-            f"| {r['chunk']} | {r['extra_bytes'] / GIB:.3f} | {r['time_s']:.2f} | {2 * r['chunk'] * V * 4 / GIB:.3f} |"
+            f"| {r['chunk']} | {r['extra_bytes'] / GIB:.3f} | {r['extra_fwd_bytes'] / GIB:.3f} | {r['time_s']:.2f}"
+            f" | {min(r['chunk'], T) * V * 4 / GIB:.3f} | {r['load_avg_1min']:.1f} |"
             for r in sweep
         ],
         "",
@@ -244,10 +260,10 @@ def main() -> None:
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--reps", type=int, default=1, help="timed runs per measurement (min is kept)")
+    parser.add_argument("--reps", type=int, default=2, help="timed runs per measurement (min is kept)")
     parser.add_argument("--quick", action="store_true", help="T=256: check the script, not the numbers")
-    parser.add_argument("--chunk", type=int, default=1024, help="chunk size of the main table")
-    parser.add_argument("--sweep", type=int, nargs="*", default=[256, 4096], help="extra chunk sizes")
+    parser.add_argument("--chunk", type=int, default=512, help="chunk size of the main table")
+    parser.add_argument("--sweep", type=int, nargs="*", default=[128, 1024, 4096], help="extra chunk sizes")
     args = parser.parse_args()
     if args.job:
         print(json.dumps(_rank_main(json.loads(args.job), args.rank, args.port)))

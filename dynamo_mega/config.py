@@ -61,6 +61,7 @@ class DataConfig:
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
     num_operands: int = 3  # synthetic only: a+b-c... chains
+    show_work: bool = True  # synthetic only: warm-up answers write running totals first ("18,\\boxed{24}")
     seed: int = 1234
 
 
@@ -75,6 +76,7 @@ class RolloutConfig:
     vllm_dtype: str = "float32"  # the engine's compute dtype
     vllm_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     vllm_gpu_memory_utilization: float = 0.5  # on GPU
+    vllm_max_num_seqs: int = 1024  # sequences decoded together (vLLM's CPU default of 256 splits a step in waves)
     seed: int = 0
 
 

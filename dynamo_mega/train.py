@@ -96,6 +96,7 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
         max_model_len=arch.max_position_embeddings,
         kv_cache_gib=r.vllm_kv_cache_gib,
         gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        max_num_seqs=r.vllm_max_num_seqs,
     )
 
 
@@ -240,7 +241,7 @@ def supervised_warmup(t: Trainer) -> int:
         prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
         p_tok = [t.tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
         r_tok = [
-            t.tokenizer.encode(arithmetic.solution_text(p.answer), add_special_tokens=False) + [t.tokenizer.eos_token_id]
+            t.tokenizer.encode(arithmetic.solution_text(p.prompt, p.answer, t.cfg.data.show_work), add_special_tokens=False) + [t.tokenizer.eos_token_id]
             for p in prompts
         ]
         tb = to_token_batch(p_tok, r_tok, None, t.tokenizer.pad_token_id)

@@ -96,42 +96,30 @@ def policy_step(
 ) -> dict[str, float]:
     """One PPO epoch over `micro_batches` with one optimizer step. `modulation`: a ModulationConfig or None."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
-    old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
+    if len(micro_batches) == 1:
+        # One micro-batch, one optimizer step: the training forward IS the pre-update pass (same weights),
+        # so reuse it instead of running the model twice.
+        model.train()
+        logp0, entropy0 = token_logprobs(model, micro_batches[0], groups, temperature)
+        live, old_logp, entropy = [logp0], [logp0.detach()], [entropy0.detach()]
+    else:
+        live = None
+        old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
     advantages = [mb.advantages for mb in micro_batches]
     mod_metrics = {}
     if modulation is not None and modulation.enabled:
         advantages, mod_metrics = modulate_micro_batches(
-            advantages,
-            old_logp,
-            old_logp,
-            entropy,
-            [mb.mask for mb in micro_batches],
-            scope=modulation.scope,
-            dp_group=dp_group,
-            variant=modulation.variant,
-            eps_low=algo.eps_low,
-            eps_high=algo.eps_high,
-            mu_max=modulation.mu_max,
-            lambda_min=modulation.lambda_min,
-            gamma=modulation.gamma,
-            tau=modulation.tau,
+            advantages, old_logp, old_logp, entropy, [mb.mask for mb in micro_batches], scope=modulation.scope,
+            dp_group=dp_group, variant=modulation.variant, eps_low=algo.eps_low, eps_high=algo.eps_high,
+            mu_max=modulation.mu_max, lambda_min=modulation.lambda_min, gamma=modulation.gamma, tau=modulation.tau,
         )
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
     model.train()
     loss_total, metrics = 0.0, []
-    for mb, olp, ent, adv in zip(micro_batches, old_logp, entropy, advantages, strict=True):
-        logp, _ = token_logprobs(model, mb, groups, temperature)
-        loss, m = policy_loss(
-            logp,
-            olp,
-            adv,
-            mb.mask,
-            eps_low=algo.eps_low,
-            eps_high=algo.eps_high,
-            dual_clip_c=algo.dual_clip_c,
-            num_global_tokens=max(num_tokens, 1.0),
-            entropy=ent,
-        )
+    for i, (mb, olp, ent, adv) in enumerate(zip(micro_batches, old_logp, entropy, advantages, strict=True)):
+        logp = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)[0]
+        loss, m = policy_loss(logp, olp, adv, mb.mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
+                              dual_clip_c=algo.dual_clip_c, num_global_tokens=max(num_tokens, 1.0), entropy=ent)
         loss.backward()
         loss_total += loss.item()
         m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()

@@ -23,16 +23,18 @@ Statistics H_min, H_max, max |dH| are taken over valid tokens of the SCOPE:
   sequence must lie whole inside one micro-batch (the centred mean runs along the last dim).
 
 Which log-probs: the factors need logp_t, pi_t = exp(logp_t), H_t and r_t = exp(logp_t - logp_old_t).
-The reference computes them from the CURRENT forward of each training micro-batch. With `global`
-scope the statistics must be complete before the first backward of the step, i.e. before the
-current forwards exist, so the recommended call uses the pre-update pass (the trainer's
-recomputation of logp_old, which also yields H): pass logp = old_logp. In the first forward of a
-PPO epoch the current policy IS the old one (r_t = 1, same logp and H), so for one optimizer step
-per rollout batch this is exactly the reference's quantity, at no extra forward. With several
-optimizer steps per rollout batch, later mini-batches would use slightly stale (pre-update) values;
-those tokens' clip indicator I_t is the only term the stale r_t would change, and a clipped token
-has zero policy gradient anyway. `microbatch` scope may use either; pass current values (detached)
-to reproduce the reference exactly.
+The reference computes them from the CURRENT forward of each training micro-batch (detached). With
+`global` scope the statistics must be complete before the first backward of the optimizer step,
+i.e. before those current forwards exist, so the recommended call uses the pre-update pass that
+already yields logp_old and H for every micro-batch: pass logp = old_logp (then r_t = 1 and I_t =
+[A_t != 0]). On the first forward of a PPO epoch the current policy IS the old one (same logp and
+H, r_t = 1), so with one optimizer step per rollout batch (the default: 1 PPO epoch, mini-batch =
+batch) this equals the reference's quantity exactly, at no extra forward. With several optimizer
+steps per rollout batch, later mini-batches differ from the reference by one or more steps' drift
+of pi_t and H_t and by r_t != 1; tokens that drift pushed out of the clip range get zero policy
+gradient anyway. To reproduce the reference there, use `microbatch` scope with current detached
+values. Under pipeline parallelism all of this runs on the last stage (where logp and H live), with
+that stage's DP group; every rank of a TP group computes the same factors.
 
 Call sequence for one optimizer step with micro-batches m (see `modulate_micro_batches`):
     dh[m]    = entropy_change(old_logp[m], old_logp[m], entropy[m], adv[m], mask[m], ...)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -19,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 PAD, EOS = "<pad>", "<eos>"
 BOXED = "\\boxed{"
 # Order fixes the ids: specials first so pad=0, eos=1 whatever characters are added later.
-VOCAB = [PAD, EOS, *"0123456789", "+", "-", "=", BOXED, "}"]
+VOCAB = [PAD, EOS, *"0123456789", "+", "-", "=", BOXED, "}", ","]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -74,6 +75,26 @@ def make_splits(
     return chosen[:num_train], chosen[num_train:]
 
 
-def solution_text(answer: str) -> str:
-    """The response a perfect policy writes (used by the supervised warm-up)."""
-    return f"{BOXED}{answer}}}"
+def running_totals(expression: str) -> list[int]:
+    """Partial results left to right: "9+9+6" -> [18, 24]."""
+    numbers = [int(n) for n in re.findall(r"\d+", expression)]
+    ops = re.findall(r"[+-]", expression)
+    totals, acc = [], numbers[0]
+    for op, value in zip(ops, numbers[1:], strict=True):
+        acc = acc + value if op == "+" else acc - value
+        totals.append(acc)
+    return totals
+
+
+def solution_text(prompt: str, answer: str, show_work: bool) -> str:
+    """The response a perfect policy writes (used by the supervised warm-up).
+
+    show_work=False: `\\boxed{24}`. show_work=True writes the running total after each operation first,
+    `18,\\boxed{24}` for `9+9+6=`: one short step at a time instead of the whole chain in one token, which a
+    0.8M-parameter model learns far faster (a chain of thought in miniature)."""
+    if not show_work:
+        return f"{BOXED}{answer}}}"
+    totals = running_totals(prompt.rstrip("="))
+    if str(totals[-1]) != answer:
+        raise AssertionError(f"{prompt!r}: running total {totals[-1]} disagrees with answer {answer}")
+    return "".join(f"{t}," for t in totals[:-1]) + f"{BOXED}{answer}}}"

@@ -44,11 +44,14 @@ class VLLMEngine:
         max_model_len: int = 256,
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.5,
+        max_num_seqs: int = 1024,
     ):
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
             # vLLM's CPU backend pins OpenMP threads to cores by default; the trainer shares those cores.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            # ...and idle OpenMP threads must sleep, not spin, or the engine steals the trainer's cores.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # The trainer process may already run gloo/NCCL threads: never fork it.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
@@ -63,6 +66,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=False,
+            max_num_seqs=max_num_seqs,
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
         )
         self._scratch = tempfile.mkdtemp(prefix="dynamo_mega_weights_", dir=_scratch_root())

@@ -1,0 +1,127 @@
+"""Prompt data (ids, splits, resumable sampler), math-verify rewards, group advantages, rollout alignment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dynamo_mega.config import DataConfig
+from dynamo_mega.data import EpochSampler, Prompt, load_splits, records_to_prompts
+from dynamo_mega.rl.advantage import group_advantages, zero_signal_fraction
+from dynamo_mega.rl.engines.vllm_engine import Completion
+from dynamo_mega.rl.reward import MathVerifyReward
+from dynamo_mega.rl.rollout import generate_rollouts, to_token_batch
+from dynamo_mega.tasks import arithmetic
+
+
+def test_synthetic_splits_are_disjoint_and_correct():
+    train, held_out = load_splits(DataConfig(num_train=300, num_eval=100))
+    assert len(train) == 300 and len(held_out) == 100
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}
+    for p in train[:50]:
+        assert p.prompt.endswith("=") and str(eval(p.prompt[:-1])) == p.answer  # noqa: S307
+    again, _ = load_splits(DataConfig(num_train=300, num_eval=100))
+    assert [p.id for p in again] == [p.id for p in train]  # stable ids and order
+
+
+def test_too_many_synthetic_problems_is_a_clear_error():
+    with pytest.raises(ValueError, match="distinct problems"):
+        load_splits(DataConfig(num_train=5000, num_eval=500, num_operands=2))
+
+
+def test_tokenizer_round_trip_and_ids(tmp_path):
+    tok = arithmetic.save_tokenizer(tmp_path)
+    text = "3+7-2=" + arithmetic.solution_text("3+7-2=", "8", show_work=True)
+    assert text == "3+7-2=10,\\boxed{8}"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert ids.count(arithmetic.VOCAB.index(arithmetic.BOXED)) == 1  # \boxed{ is one token
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).encode(text, add_special_tokens=False) == ids
+
+
+def test_missing_and_duplicate_ids_fail_loudly():
+    rows = [{"id": "a", "prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        records_to_prompts(rows, prompt_key="prompt", answer_key="answer", id_key="id", source="t")
+    rows[1]["id"] = "a"
+    with pytest.raises(ValueError, match="duplicate prompt id 'a' in rows 0 and 1"):
+        records_to_prompts(rows, prompt_key="prompt", answer_key="answer", id_key="id", source="t")
+    hashed = records_to_prompts(rows, prompt_key="prompt", answer_key="answer", id_key=None, source="t")
+    assert hashed[0].id != hashed[1].id
+
+
+def test_file_source_answers_normalised(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 1, "problem": "p1", "answer": 27.0}, {"id": 2, "problem": "p2", "answer": ["$x$"]}]))
+    train, _ = load_splits(DataConfig(source="file", train_path=str(path), prompt_key="problem"))
+    assert [p.answer for p in train] == ["27", "$x$"]
+
+
+def test_sampler_resumes_exactly():
+    a = EpochSampler(10, seed=3)
+    first = [a.next_batch(4) for _ in range(3)]
+    state = a.state_dict()
+    rest = [a.next_batch(4) for _ in range(3)]
+    b = EpochSampler(10, seed=3)
+    b.load_state_dict(state)
+    assert [b.next_batch(4) for _ in range(3)] == rest
+    assert sorted(sum(first, [])[:10]) == list(range(10))  # one epoch covers every prompt once
+
+
+def test_math_verify_reward_pool():
+    reward = MathVerifyReward(workers=2, timeout_s=10.0)
+    try:
+        got = reward([r"\boxed{8}", r"\boxed{9}", r"the answer is \boxed{\frac{1}{2}}", "", r"\boxed{0.5}"],
+                     ["8", "8", "0.5", "3", "\\frac{1}{2}"])
+        assert got == [1.0, 0.0, 1.0, 0.0, 1.0]
+        assert reward.timeouts == 0
+    finally:
+        reward.close()
+
+
+def test_group_advantages_variable_sizes():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5])
+    adv = group_advantages(rewards, [3, 3, 1])
+    r = rewards[:3]
+    torch.testing.assert_close(adv[:3], (r - r.mean()) / (r.std(unbiased=True) + 1e-6))
+    assert torch.all(adv[3:6] == 0)  # all equal
+    assert adv[6] == 0  # a group of one
+    assert zero_signal_fraction(rewards, [3, 3, 1]) == (2 / 3, 0.5)
+    with pytest.raises(AssertionError):
+        group_advantages(rewards, [3, 3])
+
+
+class _EchoEngine:
+    """Answers prompt i's group with a response quoting prompt i's own index: exposes any misalignment."""
+
+    version = 5
+
+    def generate(self, prompts, counts, **_):
+        return [[Completion([2 + (i % 10)], [-0.1], True) for _ in range(n)] for i, n in enumerate(counts)]
+
+
+def test_rollout_metadata_repeats_with_the_response_counts():
+    tok = arithmetic.build_tokenizer()
+    prompts = [Prompt(f"id{i}", f"{i}+0=", str(i)) for i in range(4)]
+    counts = [2, 0, 3, 1]
+    batch = generate_rollouts(_EchoEngine(), tok, prompts, counts, max_new_tokens=2, temperature=1.0, top_p=1.0, seed=0)
+    assert batch.group_sizes == counts and len(batch) == 6
+    assert batch.prompt_ids == ["id0", "id0", "id2", "id2", "id2", "id3"]
+    assert batch.answers == ["0", "0", "2", "2", "2", "3"]
+    texts = tok.batch_decode(batch.response_tokens)
+    assert texts == batch.answers  # each response echoes its own prompt's answer
+    assert batch.policy_version == 5
+
+
+def test_token_batch_layout():
+    tb = to_token_batch([[5, 6], [7]], [[8, 9, 1], [1]], [[-0.1, -0.2, -0.3], [-0.4]], pad_id=0)
+    assert tb.input_ids_NS.tolist() == [[5, 6, 8, 9, 1], [7, 1, 0, 0, 0]]
+    assert tb.targets_NS.tolist() == [[6, 8, 9, 1, 0], [1, 0, 0, 0, 0]]
+    assert tb.loss_mask_NS.tolist() == [[False, True, True, True, False], [True, False, False, False, False]]
+    assert tb.rollout_logp_NS[0, 1:4].tolist() == pytest.approx([-0.1, -0.2, -0.3])
