@@ -81,6 +81,19 @@ class RolloutConfig:
 
 
 @dataclass
+class AllocationConfig:
+    """DynaMO rollout allocation (ALGORITHM.md section 1): each prompt's own n_i, summing to
+    prompts_per_step * samples_per_prompt per step."""
+
+    mode: str = "optimal"  # uniform (GRPO) | reference (paper's code) | optimal (exact minimiser, with prior)
+    n_low: int = 8
+    n_high: int = 24
+    prior_alpha: float = 0.5  # Beta prior on each prompt's success rate (optimal mode)
+    prior_beta: float = 0.5
+    decay: float = 0.95  # per-step decay of old outcomes (1.0: keep everything; the policy drifts)
+
+
+@dataclass
 class AlgoConfig:
     """GRPO-style clipped objective (ALGORITHM.md section 0)."""
 
@@ -115,6 +128,7 @@ class OptimConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_size: int = 256  # sequences per forward/backward
+    mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
 
 
 @dataclass
@@ -148,6 +162,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     modulation: ModulationConfig = field(default_factory=ModulationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -240,6 +255,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    al = cfg.allocation
+    _require(al.mode in ("uniform", "reference", "optimal"), f"allocation.mode={al.mode!r}: use uniform, reference or optimal")
+    _require(
+        1 <= al.n_low <= r.samples_per_prompt <= al.n_high,
+        f"allocation bounds must satisfy 1 <= allocation.n_low ({al.n_low}) <= rollout.samples_per_prompt "
+        f"({r.samples_per_prompt}) <= allocation.n_high ({al.n_high})",
+    )
+    _require(0 < al.decay <= 1, f"allocation.decay={al.decay} must be in (0, 1]")
+    _require(al.prior_alpha > 0 and al.prior_beta > 0, "allocation.prior_alpha and prior_beta must be > 0")
     a = cfg.algo
     _require(0 <= a.eps_low < 1 and a.eps_high >= 0, "algo.eps_low must be in [0, 1) and algo.eps_high >= 0")
     _require(a.dual_clip_c > 1, f"algo.dual_clip_c={a.dual_clip_c} must be > 1")
@@ -249,6 +273,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(mod.mu_max >= 1 and 0 <= mod.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
     _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    _require(
+        1 <= cfg.optim.mini_batches <= r.prompts_per_step,
+        f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",
+    )
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
     if world_size is not None:
         _require(

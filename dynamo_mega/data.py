@@ -143,6 +143,7 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items:
             raise ValueError(
-                f"checkpoint sampler saw {state['num_items']} prompts but the dataset has {self.num_items}; resume with the same data"
+                f"checkpoint sampler saw {state['num_items']} prompts but the dataset has {self.num_items}; "
+                "resume with the same data"
             )
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

@@ -25,7 +25,9 @@ from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.parallel import train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.rl.advantage import group_advantages, zero_signal_fraction
+from dynamo_mega.rl.advantage import group_advantages
+from dynamo_mega.rl.allocation import allocate, allocation_metrics
+from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.reward import MathVerifyReward
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, response_texts, to_token_batch
 from dynamo_mega.tasks import arithmetic
@@ -46,6 +48,7 @@ class Trainer:
     engine: object | None  # driver only
     reward: MathVerifyReward | None  # driver only
     logger: MetricsLogger | None  # driver only
+    stats: PromptStats | None = None  # per-prompt outcome history (identical on every rank)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object | None = None
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
@@ -143,7 +146,15 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBat
     batch = None
     if t.groups.is_driver:
         r = t.cfg.rollout
-        counts = [r.samples_per_prompt] * len(prompts)  # DynaMO allocation plugs in here (rl/allocation.py)
+        al = t.cfg.allocation
+        counts = allocate(
+            [p.id for p in prompts],
+            t.stats,
+            budget=r.samples_per_prompt * len(prompts),
+            n_low=al.n_low,
+            n_high=al.n_high,
+            mode=al.mode,
+        )
         batch = generate_rollouts(
             t.engine,
             t.tokenizer,
@@ -157,7 +168,10 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBat
         texts = response_texts(batch, t.tokenizer)
         batch.rewards = t.reward(texts, batch.answers)
         _log_samples(t, step, batch, texts)
-    return broadcast(batch, t.groups)
+    batch = broadcast(batch, t.groups)
+    # Outcomes are attributed by the prompt id carried by each sample, never by position.
+    t.stats.update(batch.prompt_ids, [float(x > 0) for x in batch.rewards], [len(x) for x in batch.response_tokens])
+    return batch
 
 
 def _log_samples(t: Trainer, step: int, batch: RolloutBatch, texts: list[str]) -> None:
@@ -189,35 +203,58 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     adv_N = group_advantages(rewards, batch.group_sizes)
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
-    mine = slice(t.groups.dp_rank, None, t.groups.dp_size)  # samples strided over DP ranks
-    micro = train_step.split_micro_batches(
-        tokens.input_ids_NS[mine],
-        tokens.targets_NS[mine],
-        tokens.loss_mask_NS[mine],
-        adv_N[mine],
-        tokens.rollout_logp_NS[mine],
-        t.cfg.optim.micro_batch_size,
+    plans = []
+    for idx in mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches):
+        mine = idx[t.groups.dp_rank :: t.groups.dp_size]  # samples strided over DP ranks
+        plans.append(
+            train_step.split_micro_batches(
+                tokens.input_ids_NS[mine],
+                tokens.targets_NS[mine],
+                tokens.loss_mask_NS[mine],
+                adv_N[mine],
+                tokens.rollout_logp_NS[mine],
+                t.cfg.optim.micro_batch_size,
+            )
+        )
+    # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one.
+    olds = (
+        [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans]
+        if len(plans) > 1
+        else [None]
     )
-    stats = train_step.policy_step(
-        t.model,
-        t.optimizer,
-        t.scheduler,
-        micro,
-        t.groups,
-        algo=t.cfg.algo,
-        temperature=t.cfg.rollout.temperature,
-        grad_clip=t.cfg.optim.grad_clip,
-        modulation=t.cfg.modulation,
-    )
-    flat, flat_correct = zero_signal_fraction(rewards, batch.group_sizes)
+    per_step = [
+        train_step.policy_step(
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            micro,
+            t.groups,
+            algo=t.cfg.algo,
+            temperature=t.cfg.rollout.temperature,
+            grad_clip=t.cfg.optim.grad_clip,
+            modulation=t.cfg.modulation,
+            old=old,
+        )
+        for micro, old in zip(plans, olds, strict=True)
+    ]
+    stats = {k: sum(s[k] for s in per_step) / len(per_step) for k in per_step[0]}
+    bounds = [0, *torch.tensor(batch.group_sizes).cumsum(0).tolist()]
+    stats.update(allocation_metrics(batch.group_sizes, [batch.rewards[a:b] for a, b in zip(bounds, bounds[1:])]))
     stats.update(
         reward_mean=rewards.mean().item(),
-        zero_signal_groups=flat,
-        zero_signal_all_correct=flat_correct,
         response_len_mean=sum(map(len, batch.response_tokens)) / len(batch),
         samples=len(batch),
     )
     return stats
+
+
+def mini_batch_indices(group_sizes: list[int], mini_batches: int) -> list[torch.Tensor]:
+    """Sample indices of each PPO mini-batch: consecutive whole prompt groups, about equal prompt counts."""
+    if mini_batches > len(group_sizes):
+        raise ValueError(f"optim.mini_batches={mini_batches} exceeds the {len(group_sizes)} prompts per step")
+    bounds = [0, *torch.tensor(group_sizes).cumsum(0).tolist()]
+    cuts = [round(j * len(group_sizes) / mini_batches) for j in range(mini_batches + 1)]
+    return [torch.arange(bounds[a], bounds[b]) for a, b in zip(cuts, cuts[1:])]
 
 
 def build_optimizer(model, lr: float, optim_cfg, total_steps: int):
@@ -241,7 +278,8 @@ def supervised_warmup(t: Trainer) -> int:
         prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
         p_tok = [t.tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
         r_tok = [
-            t.tokenizer.encode(arithmetic.solution_text(p.prompt, p.answer, t.cfg.data.show_work), add_special_tokens=False) + [t.tokenizer.eos_token_id]
+            t.tokenizer.encode(arithmetic.solution_text(p.prompt, p.answer, t.cfg.data.show_work), add_special_tokens=False)
+            + [t.tokenizer.eos_token_id]
             for p in prompts
         ]
         tb = to_token_batch(p_tok, r_tok, None, t.tokenizer.pad_token_id)
@@ -276,9 +314,14 @@ def train(cfg: Config) -> dict:
         summary["accuracy_before_rl"] = evaluate(t, 0)
         t.optimizer, t.scheduler = build_optimizer(t.model, cfg.optim.lr, cfg.optim, cfg.run.steps)
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
-        rl_start, step = time.time(), 0
+        al = cfg.allocation
+        t.stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)
+        rl_start, step, epoch = time.time(), 0, -1
         for step in range(1, cfg.run.steps + 1):
             t0 = time.time()
+            if sampler.epoch != epoch:  # the reference mode re-reads its history once per epoch
+                epoch = sampler.epoch
+                t.stats.refresh_priorities()
             prompts = [t.train_set[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
             batch = collect_rollouts(t, prompts, step)
             t1 = time.time()

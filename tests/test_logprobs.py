@@ -144,7 +144,7 @@ def _tp2_worker(rank: int, world: int, cases):
 
 def test_tp2_matches_reference_and_megatron():
     results = run_gloo(_tp2_worker, 2, CASES)
-    for i, (dtype, temperature, chunk, entropy_grad) in enumerate(CASES):
+    for i, (dtype, temperature, _chunk, entropy_grad) in enumerate(CASES):
         logits, targets, mask, g_logp, g_ent = _case(0, dtype)
         ref = _reference(logits, targets, mask, temperature, g_logp, g_ent, entropy_grad)
         per_rank = [r["ours"][i] for r in results]

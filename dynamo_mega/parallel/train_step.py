@@ -93,10 +93,15 @@ def policy_step(
     temperature: float,
     grad_clip: float,
     modulation=None,
+    old: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """One PPO epoch over `micro_batches` with one optimizer step. `modulation`: a ModulationConfig or None."""
+    """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `old`: the
+    pre-update (log-probs, entropies) per micro-batch, required when an earlier optimizer step of the same
+    rollout batch has already changed the weights; computed here otherwise."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
-    if len(micro_batches) == 1:
+    if old is not None:
+        live, (old_logp, entropy) = None, old
+    elif len(micro_batches) == 1:
         # One micro-batch, one optimizer step: the training forward IS the pre-update pass (same weights),
         # so reuse it instead of running the model twice.
         model.train()
@@ -109,17 +114,37 @@ def policy_step(
     mod_metrics = {}
     if modulation is not None and modulation.enabled:
         advantages, mod_metrics = modulate_micro_batches(
-            advantages, old_logp, old_logp, entropy, [mb.mask for mb in micro_batches], scope=modulation.scope,
-            dp_group=dp_group, variant=modulation.variant, eps_low=algo.eps_low, eps_high=algo.eps_high,
-            mu_max=modulation.mu_max, lambda_min=modulation.lambda_min, gamma=modulation.gamma, tau=modulation.tau,
+            advantages,
+            old_logp,
+            old_logp,
+            entropy,
+            [mb.mask for mb in micro_batches],
+            scope=modulation.scope,
+            dp_group=dp_group,
+            variant=modulation.variant,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            mu_max=modulation.mu_max,
+            lambda_min=modulation.lambda_min,
+            gamma=modulation.gamma,
+            tau=modulation.tau,
         )
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
     model.train()
     loss_total, metrics = 0.0, []
     for i, (mb, olp, ent, adv) in enumerate(zip(micro_batches, old_logp, entropy, advantages, strict=True)):
         logp = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)[0]
-        loss, m = policy_loss(logp, olp, adv, mb.mask, eps_low=algo.eps_low, eps_high=algo.eps_high,
-                              dual_clip_c=algo.dual_clip_c, num_global_tokens=max(num_tokens, 1.0), entropy=ent)
+        loss, m = policy_loss(
+            logp,
+            olp,
+            adv,
+            mb.mask,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            dual_clip_c=algo.dual_clip_c,
+            num_global_tokens=max(num_tokens, 1.0),
+            entropy=ent,
+        )
         loss.backward()
         loss_total += loss.item()
         m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()

@@ -23,16 +23,3 @@ def group_advantages(rewards_N: torch.Tensor, group_sizes: list[int], eps: float
         start += n
     return out
 
-
-def zero_signal_fraction(rewards_N: torch.Tensor, group_sizes: list[int]) -> tuple[float, float]:
-    """(fraction of groups with all-equal rewards, fraction of those that are all-correct), for metrics."""
-    start, flat, flat_high = 0, 0, 0
-    top = rewards_N.max().item() if rewards_N.numel() else 0.0
-    for n in group_sizes:
-        r = rewards_N[start : start + n]
-        if n > 0 and torch.all(r == r[0]):
-            flat += 1
-            flat_high += int(r[0].item() == top and top > 0)
-        start += n
-    groups = max(len(group_sizes), 1)
-    return flat / groups, flat_high / max(flat, 1)
