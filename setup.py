@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 # megatron-core is installed by scripts/setup.sh with --no-deps --ignore-requires-python:
 # 0.19.2 declares Python>=3.12 but its cp311 wheels work, and pip cannot take that flag from here.
 # leptonai 0.27.3 (nemo-run 0.11.1 fails to import with newer releases) pins anyio/cloudpickle/httpx
-# versions that conflict with vLLM, so setup.sh installs it with --no-deps. Neither is listed below; `dynamo_mega` checks for it at import time with a clear message.
+# versions that conflict with vLLM, so setup.sh installs it with --no-deps. Neither is listed below;
+# parallel/groups.py says how to install megatron-core when it is missing.
 CORE = [
     "torch>=2.13",  # setup.sh installs the 2.13.0 CPU wheel first; GPU images bring their own
     "numpy>=1.26,<2.5",

@@ -61,7 +61,8 @@ class DataConfig:
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
     num_operands: int = 3  # synthetic only: a+b-c... chains
-    show_work: bool = True  # synthetic only: warm-up answers write running totals first ("18,\\boxed{24}")
+    operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
+    show_work: str = "running_totals"  # synthetic only: none | running_totals | column_digits (see tasks/arithmetic.py)
     seed: int = 1234
 
 

@@ -98,7 +98,12 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
     """(train, eval) prompts for the configured source."""
     if cfg.source == "synthetic_arithmetic":
         train, held_out = arithmetic.make_splits(
-            cfg.num_train, cfg.num_eval, num_operands=cfg.num_operands, operand_max=cfg.operand_max, seed=cfg.seed
+            cfg.num_train,
+            cfg.num_eval,
+            num_operands=cfg.num_operands,
+            operand_max=cfg.operand_max,
+            seed=cfg.seed,
+            operators=cfg.operators,
         )
         keys = dict(prompt_key="prompt", answer_key="answer", id_key="id")
         return (

@@ -33,8 +33,10 @@ def test_too_many_synthetic_problems_is_a_clear_error():
 
 def test_tokenizer_round_trip_and_ids(tmp_path):
     tok = arithmetic.save_tokenizer(tmp_path)
-    text = "3+7-2=" + arithmetic.solution_text("3+7-2=", "8", show_work=True)
+    text = "3+7-2=" + arithmetic.solution_text("3+7-2=", "8", show_work="running_totals")
     assert text == "3+7-2=10,\\boxed{8}"
+    assert arithmetic.solution_text("58+89=", "147", show_work="column_digits") == "741,\\boxed{147}"
+    assert arithmetic.solution_text("58+89=", "147", show_work="none") == "\\boxed{147}"
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
     assert ids.count(arithmetic.VOCAB.index(arithmetic.BOXED)) == 1  # \boxed{ is one token

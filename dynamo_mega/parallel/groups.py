@@ -39,7 +39,13 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) ->
     Works under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) and as a plain single process (world size 1 on
     a private TCP store). Backend: nccl with GPUs, gloo otherwise.
     """
-    from megatron.core import parallel_state
+    try:
+        from megatron.core import parallel_state
+    except ImportError as exc:
+        raise ImportError(
+            "megatron-core is not installed: run scripts/setup.sh, or "
+            "`pip install --no-deps --ignore-requires-python megatron-core==0.19.2`"
+        ) from exc
 
     on_gpu = torch.cuda.is_available()
     cpu_compat.apply_if_no_gpu()

@@ -44,23 +44,28 @@ def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def all_problems(num_operands: int, operand_max: int) -> list[tuple[str, int]]:
-    """Every expression `a op b op c ...` with operands in [0, operand_max] and ops in {+, -}, with its value."""
+SHOW_WORK = ("none", "running_totals", "column_digits")
+
+
+def all_problems(num_operands: int, operand_max: int, operators: str = "+-") -> list[tuple[str, int]]:
+    """Every expression `a op b op c ...` with operands in [0, operand_max] and ops from `operators`, with its value."""
+    if not operators or set(operators) - set("+-"):
+        raise ValueError(f"data.operators={operators!r}: use a non-empty combination of '+' and '-'")
     problems = []
     for operands in itertools.product(range(operand_max + 1), repeat=num_operands):
-        for ops in itertools.product("+-", repeat=num_operands - 1):
+        for ops in itertools.product(operators, repeat=num_operands - 1):
             text = str(operands[0]) + "".join(o + str(v) for o, v in zip(ops, operands[1:]))
             problems.append((text, eval(text)))  # noqa: S307 - text is built above from digits and +/- only
     return problems
 
 
 def make_splits(
-    num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int
+    num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int, operators: str = "+-"
 ) -> tuple[list[dict], list[dict]]:
     """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable)."""
     if num_operands < 2:
         raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")
-    problems = all_problems(num_operands, operand_max)
+    problems = all_problems(num_operands, operand_max, operators)
     if num_train + num_eval > len(problems):
         raise ValueError(
             f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {len(problems)} distinct problems with "
@@ -86,14 +91,23 @@ def running_totals(expression: str) -> list[int]:
     return totals
 
 
-def solution_text(prompt: str, answer: str, show_work: bool) -> str:
-    """The response a perfect policy writes (used by the supervised warm-up).
+def solution_text(prompt: str, answer: str, show_work: str) -> str:
+    """The response a perfect policy writes (used by the supervised warm-up); the final answer is always boxed.
 
-    show_work=False: `\\boxed{24}`. show_work=True writes the running total after each operation first,
-    `18,\\boxed{24}` for `9+9+6=`: one short step at a time instead of the whole chain in one token, which a
-    0.8M-parameter model learns far faster (a chain of thought in miniature)."""
-    if not show_work:
+    - `none`: `\\boxed{24}`.
+    - `running_totals`: the total after each operation first, `18,\\boxed{24}` for `9+9+6=`.
+    - `column_digits`: column addition as by hand, the sum's digits from the ones place up, then the answer:
+      `741,\\boxed{147}` for `58+89=`. Each digit depends only on one column and a carry, a step a
+      0.8M-parameter model can learn; writing the whole number at once needs every carry first.
+    """
+    if show_work not in SHOW_WORK:
+        raise ValueError(f"data.show_work={show_work!r}: use one of {SHOW_WORK}")
+    if show_work == "none":
         return f"{BOXED}{answer}}}"
+    if show_work == "column_digits":
+        if answer.startswith("-") or "-" in prompt:
+            raise ValueError("data.show_work=column_digits needs data.operators='+' (sums are written by columns)")
+        return f"{answer[::-1]},{BOXED}{answer}}}"
     totals = running_totals(prompt.rstrip("="))
     if str(totals[-1]) != answer:
         raise AssertionError(f"{prompt!r}: running total {totals[-1]} disagrees with answer {answer}")
