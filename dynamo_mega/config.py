@@ -49,7 +49,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet."""
+    """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet (data.py;
+    training on files is refused until HF tokenizer/checkpoint loading exists)."""
 
     source: str = "synthetic_arithmetic"  # synthetic_arithmetic | file
     train_path: str | None = None  # for source=file
@@ -62,6 +63,7 @@ class DataConfig:
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
     num_operands: int = 3  # synthetic only: a+b-c... chains
     operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
+    reverse_answer: bool = False  # synthetic only: answer digits ones-first (58+89=? -> 741); needs operators "+"
     show_work: str = "running_totals"  # synthetic only: none | running_totals | column_digits (see tasks/arithmetic.py)
     seed: int = 1234
 
@@ -248,6 +250,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     if cfg.data.source == "file":
         _require(cfg.data.train_path is not None, "data.train_path must be set when data.source=file")
+        # Real prompts need the model's own tokenizer and chat template, which come with HF checkpoint loading.
+        raise ConfigError(
+            "data.source=file: training on data files needs HF checkpoint + tokenizer loading, not built yet; "
+            "use data.source=synthetic_arithmetic"
+        )
     _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
     _require(
         r.prompts_per_step >= 1 and r.samples_per_prompt >= 1,

@@ -104,6 +104,7 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             operand_max=cfg.operand_max,
             seed=cfg.seed,
             operators=cfg.operators,
+            reverse_answer=cfg.reverse_answer,
         )
         keys = dict(prompt_key="prompt", answer_key="answer", id_key="id")
         return (

@@ -307,7 +307,7 @@ def train(cfg: Config) -> dict:
     t = setup(cfg)
     try:
         start = time.time()
-        summary = {"accuracy_init": evaluate(t, 0)}
+        summary = {"accuracy_init": evaluate(t, 0, phase="init_eval")}
         if cfg.warmup.enabled:
             summary["warmup_steps"] = supervised_warmup(t)
             sync_weights(t)

@@ -73,9 +73,9 @@ def test_rewards_use_each_prompts_own_answer(run_dir):
     assert len({s["prompt_id"] for s in samples}) > 1
     truths = []
     for s in samples:
-        expression = s["prompt"].rstrip("=")
-        assert re.fullmatch(r"\d+([+-]\d+)+", expression)
-        truths.append(str(eval(expression)))  # noqa: S307 - digits and +/- only, checked above
+        expression, mark = re.fullmatch(r"(\d+(?:[+-]\d+)+)=(\??)", s["prompt"]).groups()
+        value = str(eval(expression))  # noqa: S307 - digits and +/- only, checked by the regex
+        truths.append(value[::-1] if mark == "?" else value)  # "=?": the sum written ones digit first
         assert s["answer"] == truths[-1]
     # Re-score every response against the truth of its own prompt (math-verify is lenient about format,
     # e.g. it accepts "=04}" for 4, so the verdict, not a regex, is the reference).

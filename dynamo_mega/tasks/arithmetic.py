@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 PAD, EOS = "<pad>", "<eos>"
 BOXED = "\\boxed{"
 # Order fixes the ids: specials first so pad=0, eos=1 whatever characters are added later.
-VOCAB = [PAD, EOS, *"0123456789", "+", "-", "=", BOXED, "}", ","]
+VOCAB = [PAD, EOS, *"0123456789", "+", "-", "=", BOXED, "}", ",", "?"]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -60,9 +60,22 @@ def all_problems(num_operands: int, operand_max: int, operators: str = "+-") -> 
 
 
 def make_splits(
-    num_train: int, num_eval: int, *, num_operands: int, operand_max: int, seed: int, operators: str = "+-"
+    num_train: int,
+    num_eval: int,
+    *,
+    num_operands: int,
+    operand_max: int,
+    seed: int,
+    operators: str = "+-",
+    reverse_answer: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable)."""
+    """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable).
+
+    reverse_answer: the answer is the value with its digits in reverse order (58+89= -> 741), i.e. written
+    ones digit first the way column addition produces it, so each generated digit depends on one column and a
+    carry already written. Only for non-negative values (operators "+")."""
+    if reverse_answer and operators != "+":
+        raise ValueError("data.reverse_answer=true needs data.operators='+' (reversed digits of a negative value are ambiguous)")
     if num_operands < 2:
         raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")
     problems = all_problems(num_operands, operand_max, operators)
@@ -74,7 +87,9 @@ def make_splits(
     random.Random(seed).shuffle(problems)
 
     def record(text: str, value: int) -> dict:
-        return {"id": "arith-" + hashlib.sha1(text.encode()).hexdigest()[:12], "prompt": text + "=", "answer": str(value)}
+        answer = str(value)[::-1] if reverse_answer else str(value)
+        prompt = text + ("=?" if reverse_answer else "=")  # "=?" marks the reversed-answer task in the prompt
+        return {"id": "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12], "prompt": prompt, "answer": answer}
 
     chosen = [record(t, v) for t, v in problems[: num_train + num_eval]]
     return chosen[:num_train], chosen[num_train:]
@@ -108,7 +123,7 @@ def solution_text(prompt: str, answer: str, show_work: str) -> str:
         if answer.startswith("-") or "-" in prompt:
             raise ValueError("data.show_work=column_digits needs data.operators='+' (sums are written by columns)")
         return f"{answer[::-1]},{BOXED}{answer}}}"
-    totals = running_totals(prompt.rstrip("="))
+    totals = running_totals(prompt.rstrip("=?"))
     if str(totals[-1]) != answer:
         raise AssertionError(f"{prompt!r}: running total {totals[-1]} disagrees with answer {answer}")
     return "".join(f"{t}," for t in totals[:-1]) + f"{BOXED}{answer}}}"
