@@ -64,7 +64,7 @@ class DataConfig:
     num_operands: int = 3  # synthetic only: a+b-c... chains
     operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
     reverse_answer: bool = False  # synthetic only: answer digits ones-first (58+89=? -> 741); needs operators "+"
-    show_work: str = "running_totals"  # synthetic only: none | running_totals | column_digits (see tasks/arithmetic.py)
+    show_work: str = "running_totals"  # synthetic only: none | bare | running_totals | column_digits (tasks/arithmetic.py)
     seed: int = 1234
 
 

@@ -126,3 +126,14 @@ def test_token_batch_layout():
     assert tb.targets_NS.tolist() == [[6, 8, 9, 1, 0], [1, 0, 0, 0, 0]]
     assert tb.loss_mask_NS.tolist() == [[False, True, True, True, False], [True, False, False, False, False]]
     assert tb.rollout_logp_NS[0, 1:4].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+
+
+def test_mini_batches_keep_prompt_groups_whole():
+    from dynamo_mega.train import mini_batch_indices
+
+    sizes = [2, 3, 1, 4, 2]
+    parts = mini_batch_indices(sizes, 2)
+    assert torch.cat(parts).tolist() == list(range(12))
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]  # prompts {0,1} and {2,3,4}
+    with pytest.raises(ValueError, match="exceeds"):
+        mini_batch_indices(sizes, 6)

@@ -44,7 +44,7 @@ def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-SHOW_WORK = ("none", "running_totals", "column_digits")
+SHOW_WORK = ("none", "bare", "running_totals", "column_digits")
 
 
 def all_problems(num_operands: int, operand_max: int, operators: str = "+-") -> list[tuple[str, int]]:
@@ -109,7 +109,7 @@ def running_totals(expression: str) -> list[int]:
 def solution_text(prompt: str, answer: str, show_work: str) -> str:
     """The response a perfect policy writes (used by the supervised warm-up); the final answer is always boxed.
 
-    - `none`: `\\boxed{24}`.
+    - `none`: `\\boxed{24}`; `bare`: `24`.
     - `running_totals`: the total after each operation first, `18,\\boxed{24}` for `9+9+6=`.
     - `column_digits`: column addition as by hand, the sum's digits from the ones place up, then the answer:
       `741,\\boxed{147}` for `58+89=`. Each digit depends only on one column and a carry, a step a
@@ -119,6 +119,8 @@ def solution_text(prompt: str, answer: str, show_work: str) -> str:
         raise ValueError(f"data.show_work={show_work!r}: use one of {SHOW_WORK}")
     if show_work == "none":
         return f"{BOXED}{answer}}}"
+    if show_work == "bare":  # the answer alone, no \\boxed{} (math-verify still extracts a plain number)
+        return answer
     if show_work == "column_digits":
         if answer.startswith("-") or "-" in prompt:
             raise ValueError("data.show_work=column_digits needs data.operators='+' (sums are written by columns)")
