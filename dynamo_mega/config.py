@@ -7,7 +7,6 @@ anything is written to the run directory.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,7 +292,3 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "change parallel.* or the number of processes",
         )
 
-
-def replace(cfg: Config, **sections) -> Config:
-    """Shallow copy with whole sections replaced (for tests and tools)."""
-    return dataclasses.replace(cfg, **sections)

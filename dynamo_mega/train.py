@@ -243,6 +243,7 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     stats.update(
         reward_mean=rewards.mean().item(),
         response_len_mean=sum(map(len, batch.response_tokens)) / len(batch),
+        truncated_frac=1.0 - sum(batch.finished) / len(batch),  # cut at rollout.max_new_tokens
         samples=len(batch),
     )
     return stats
