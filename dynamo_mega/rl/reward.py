@@ -69,13 +69,16 @@ class MathVerifyReward:
                 results = [False] * len(chunk)
             self._cache.update(zip(chunk, results))
         if any(not f.done() for f in futures):
-            self.close()  # a worker is stuck: start afresh next call
+            self.close(kill=True)  # a worker is stuck: end it and start afresh next call
         return [self._cache[(r, a)] for r, a in zip(responses, answers)]
 
     def __call__(self, responses: list[str], answers: list[str]) -> list[float]:
         return [1.0 if ok else self.wrong_reward for ok in self.correctness(responses, answers)]
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         if self._pool is not None:
+            if kill:  # Python 3.11's executor has no public way to end a busy worker: terminate its processes
+                for proc in list(getattr(self._pool, "_processes", {}).values()):
+                    proc.terminate()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
