@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dynamo_mega.config import DataConfig
+from dynamo_mega.rl.prompt_stats import validate_prompt_ids
 from dynamo_mega.tasks import arithmetic
 
 
@@ -59,8 +60,9 @@ def _answer_text(value) -> str:
 
 
 def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str) -> list[Prompt]:
-    """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text."""
-    prompts, missing = [], []
+    """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text.
+    Missing or duplicate ids fail the whole dataset (rl/prompt_stats.validate_prompt_ids names the rows)."""
+    texts, answers, ids = [], [], []
     for row_no, row in enumerate(rows):
         if prompt_key not in row or answer_key not in row:
             raise ValueError(
@@ -69,29 +71,15 @@ def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id
         answer = _answer_text(row[answer_key])
         if not answer:
             raise ValueError(f"{source} row {row_no}: empty answer in field {answer_key!r}; drop the row or fix the data")
-        if id_key is None:
-            pid = "sha1-" + hashlib.sha1(str(row[prompt_key]).encode()).hexdigest()[:16]
-        elif row.get(id_key) in (None, ""):
-            missing.append(row_no)
-            continue
-        else:
-            pid = str(row[id_key])
-        prompts.append(Prompt(pid, str(row[prompt_key]), answer))
-    if missing:
-        raise ValueError(
-            f"{source}: rows {missing[:10]}{'...' if len(missing) > 10 else ''} have no {id_key!r}; "
-            "give every row a unique id or set data.id_key=null to hash the prompt text"
-        )
-    check_unique_ids([p.id for p in prompts], source)
-    return prompts
-
-
-def check_unique_ids(ids: list[str], source: str) -> None:
-    seen: dict[str, int] = {}
-    for row_no, pid in enumerate(ids):
-        if pid in seen:
-            raise ValueError(f"{source}: duplicate prompt id {pid!r} in rows {seen[pid]} and {row_no}; prompt ids must be unique")
-        seen[pid] = row_no
+        texts.append(str(row[prompt_key]))
+        answers.append(answer)
+        ids.append("sha1-" + hashlib.sha1(texts[-1].encode()).hexdigest()[:16] if id_key is None else row.get(id_key))
+    try:
+        validate_prompt_ids(ids)
+    except ValueError as exc:
+        hint = "" if id_key is None else " Or set data.id_key=null to hash the prompt text."
+        raise ValueError(f"{source}: {exc}{hint}") from None
+    return [Prompt(str(pid), text, answer) for pid, text, answer in zip(ids, texts, answers, strict=True)]
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
