@@ -52,6 +52,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The RL step a complete checkpoint was saved after."""
+    return int(json.loads((Path(path) / COMPLETE_MARKER).read_text())["step"])
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     done = complete_checkpoints(root)
     return done[-1] if done else None

@@ -80,6 +80,7 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.5  # on GPU
     vllm_max_num_seqs: int = 1024  # sequences decoded together (vLLM's CPU default of 256 splits a step in waves)
     seed: int = 0
+    max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
 
 @dataclass
@@ -159,6 +160,18 @@ class RunConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Training checkpoints (dynamo_mega/checkpoint.py): model + optimizer as a megatron distributed checkpoint
+    (reloadable at another TP/DP layout), plus prompt statistics, data cursor, LR schedule, RNG, policy version."""
+
+    dir: str | None = None  # default: RUN_DIR/checkpoints
+    interval: int = 0  # RL steps between saves (0: only at the end of the run and on SIGTERM)
+    keep_last: int = 2  # newest complete checkpoints kept on disk (0: keep all)
+    resume: str = "auto"  # auto (newest complete checkpoint in dir, else a fresh start) | none | PATH/step_XXXXXXXX
+    save_on_sigterm: bool = True  # Slurm sends SIGTERM before a time limit: finish the step, save, exit cleanly
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -170,6 +183,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -285,6 +299,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",
     )
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
+    ck = cfg.checkpoint
+    _require(ck.interval >= 0 and ck.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
+    _require(bool(ck.resume), "checkpoint.resume must be auto, none, or a checkpoint directory")
     if world_size is not None:
         _require(
             world_size % (tp * p.pipeline_parallel) == 0,

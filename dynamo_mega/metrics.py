@@ -8,16 +8,49 @@ import math
 import time
 from pathlib import Path
 
+# Phases logged before RL starts; their step counters are their own, so a resume never rewinds them.
+PRE_RL_PHASES = ("warmup", "warmup_eval", "init_eval")
+
+
+def truncate_jsonl(path: Path, keep) -> None:
+    """Rewrite a JSONL file keeping the records for which keep(record) is true (atomically)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, progress_total: int | None = None, progress: bool = True):
+    """`resume_step`: None starts the files afresh; an RL step number keeps what was logged up to that step
+    (records of a crashed run's later steps are dropped, so a resumed run's log reads like an uninterrupted one)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool = True,
+        progress_total: int | None = None,
+        progress: bool = True,
+        resume_step: int | None = None,
+    ):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            truncate_jsonl(self.path, lambda r: r["phase"] in PRE_RL_PHASES or r["step"] <= resume_step)
         self._file = self.path.open("a")
-        self._tb = None
+        self._tb = {}
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # Two writers, so that purging RL steps after a resume cannot touch the warm-up curves.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = {
+                "pre_rl": SummaryWriter(str(run_dir / "tensorboard" / "warmup")),
+                "rl": SummaryWriter(str(run_dir / "tensorboard" / "rl"), purge_step=purge),
+            }
         self._progress = self._task = None
         if progress and progress_total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,10 +69,11 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in record.items()}
         self._file.write(json.dumps({"phase": phase, "step": step, "time": time.time(), **clean}) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb:
+            writer = self._tb["pre_rl" if phase in PRE_RL_PHASES else "rl"]
             for key, value in clean.items():
                 if isinstance(value, float) and math.isfinite(value):
-                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+                    writer.add_scalar(f"{phase}/{key}", value, step)
         if self._progress is not None:
             fields = {}
             if phase == "train" and "reward_mean" in clean:
@@ -51,8 +85,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-        if self._tb is not None:
-            self._tb.close()
+        for writer in self._tb.values():
+            writer.close()
         self._file.close()
 
 

@@ -10,6 +10,8 @@ directory; every rank holds one Megatron shard of the policy.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from dynamo_mega import config as config_mod
+from dynamo_mega.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.data import EpochSampler, Prompt, load_splits
-from dynamo_mega.metrics import MetricsLogger, plot_run
+from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.parallel import train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
@@ -52,6 +55,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object | None = None
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
+    resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
 
 
 def setup(cfg: Config) -> Trainer:
@@ -60,19 +64,33 @@ def setup(cfg: Config) -> Trainer:
     run_dir = Path(cfg.run.output_dir)
     train_set, eval_set = load_splits(cfg.data)
     model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed)
+    resume_path = resume_point(cfg, groups)
+    resume_step = checkpoint_step(resume_path) if resume_path is not None else None
     engine = reward = logger = tokenizer = None
     if groups.is_driver:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        else:
+            truncate_jsonl(run_dir / "samples.jsonl", lambda r: r["step"] <= resume_step)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
         tokenizer = arithmetic.save_tokenizer(run_dir / "tokenizer")
         _check_vocab(tokenizer, arch.vocab_size)
         engine = _start_engine(cfg, run_dir, export_hf_state(model, arch, groups), arch, tokenizer)
         reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward)
-        logger = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, progress_total=cfg.run.steps, progress=cfg.run.progress)
+        logger = MetricsLogger(
+            run_dir,
+            tensorboard=cfg.run.tensorboard,
+            progress_total=cfg.run.steps,
+            progress=cfg.run.progress,
+            resume_step=resume_step,
+        )
     else:
         export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
         tokenizer = arithmetic.build_tokenizer()
-    return Trainer(cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, engine, reward, logger)
+    return Trainer(
+        cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, engine, reward, logger, resume_path=resume_path
+    )
 
 
 def _check_vocab(tokenizer, vocab_size: int) -> None:
@@ -120,14 +138,33 @@ def sync_weights(t: Trainer) -> None:
         t.engine.load_weights(hf_state, t.version)
 
 
+def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -> RolloutBatch:
+    """Rollouts from the engine; a dead engine is restarted with the current weights (up to
+    rollout.max_engine_restarts times in the run), otherwise the run stops with a clear error instead of hanging."""
+    from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
+
+    try:
+        return generate_rollouts(t.engine, t.tokenizer, prompts, counts, **sampling)
+    except Exception as exc:
+        if not is_engine_dead(exc):
+            raise
+        if t.engine.restarts >= t.cfg.rollout.max_engine_restarts:
+            raise RuntimeError(
+                f"the rollout engine died and was already restarted {t.engine.restarts} times "
+                f"(rollout.max_engine_restarts); rerun to resume from the newest checkpoint in {checkpoint_root(t.cfg)}"
+            ) from exc
+        print(f"dynamo-mega: rollout engine died ({exc!r}); restarting it with policy version {t.version}", flush=True)
+        t.engine.restart()
+        return generate_rollouts(t.engine, t.tokenizer, prompts, counts, **sampling)
+
+
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
     """Greedy held-out accuracy (math-verify), computed on the driver and shared with all ranks."""
     acc = None
     if t.groups.is_driver:
         prompts = t.eval_set[: t.cfg.run.eval_prompts]
-        batch = generate_rollouts(
-            t.engine,
-            t.tokenizer,
+        batch = generate(
+            t,
             prompts,
             [1] * len(prompts),
             max_new_tokens=t.cfg.rollout.max_new_tokens,
@@ -155,9 +192,8 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBat
             n_high=al.n_high,
             mode=al.mode,
         )
-        batch = generate_rollouts(
-            t.engine,
-            t.tokenizer,
+        batch = generate(
+            t,
             prompts,
             counts,
             max_new_tokens=r.max_new_tokens,
@@ -303,22 +339,104 @@ def supervised_warmup(t: Trainer) -> int:
     return w.max_steps
 
 
-def train(cfg: Config) -> dict:
-    """Run the whole job; returns a summary (held-out accuracy before/after, steps, wall time)."""
-    t = setup(cfg)
-    try:
-        start = time.time()
+def trainer_state(t: Trainer, step: int, sampler: EpochSampler, epoch: int, summary: dict, rl_seconds: float) -> dict:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly (same on every rank)."""
+    return {
+        "step": step,
+        "policy_version": t.version,
+        "prompt_stats": t.stats.state_dict(),
+        "sampler": sampler.state_dict(),
+        "epoch": epoch,  # the last epoch whose start refreshed the reference-mode priorities
+        "scheduler": t.scheduler.state_dict(),
+        "summary": summary,
+        "rl_seconds": rl_seconds,
+        "engine_restarts": t.engine.restarts if t.engine is not None else 0,
+    }
+
+
+def save(t: Trainer, step: int, state: dict) -> None:
+    ck = t.cfg.checkpoint
+    path = save_checkpoint(checkpoint_root(t.cfg), step, t.model, t.optimizer, state, t.groups, keep_last=ck.keep_last)
+    if t.groups.is_driver:
+        t.logger.log(step, {"checkpoint_step": step}, phase="checkpoint")
+        print(f"dynamo-mega: saved checkpoint {path}", flush=True)
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
+
+
+def resume_point(cfg: Config, groups: ParallelGroups) -> Path | None:
+    """The checkpoint to resume from, chosen by the driver and shared (ranks must agree even if the shared
+    filesystem is slow to show a new directory)."""
+    path = resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg)) if groups.is_driver else None
+    return broadcast(path, groups)
+
+
+class StopSignal:
+    """SIGTERM (what Slurm sends before a time limit) asks the loop to finish its step, save and exit."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, groups: ParallelGroups) -> bool:
+        """True on every rank if any rank was signalled (all ranks must stop at the same step)."""
+        if groups.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
+    """Fresh start (evaluate, warm up) or resume; returns (last finished step, epoch, summary, RL seconds so far)."""
+    cfg, path = t.cfg, t.resume_path
+    if path is None:
         summary = {"accuracy_init": evaluate(t, 0, phase="init_eval")}
         if cfg.warmup.enabled:
             summary["warmup_steps"] = supervised_warmup(t)
             sync_weights(t)
         summary["accuracy_before_rl"] = evaluate(t, 0)
+        return 0, -1, summary, 0.0
+    state = load_checkpoint(path, t.model, t.optimizer, t.groups)
+    t.stats.load_state_dict(state["prompt_stats"])
+    sampler.load_state_dict(state["sampler"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.version = state["policy_version"]
+    hf_state = export_hf_state(t.model, t.arch, t.groups)  # collective
+    if t.groups.is_driver:
+        t.engine.load_weights(hf_state, t.version)
+        t.engine.restarts = state["engine_restarts"]
+        t.logger.log(state["step"], {"resumed_from_step": state["step"], "policy_version": t.version}, phase="resume")
+        print(f"dynamo-mega: resumed from {path}", flush=True)
+    return state["step"], state["epoch"], {**state["summary"], "resumed_from": str(path)}, state["rl_seconds"]
+
+
+def train(cfg: Config) -> dict:
+    """Run the whole job; returns a summary (held-out accuracy before/after, steps, wall time)."""
+    t = setup(cfg)
+    stop = StopSignal(cfg.checkpoint.save_on_sigterm)
+    try:
+        start = time.time()
         t.optimizer, t.scheduler = build_optimizer(t.model, cfg.optim.lr, cfg.optim, cfg.run.steps)
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
         al = cfg.allocation
         t.stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)
-        rl_start, step, epoch = time.time(), 0, -1
-        for step in range(1, cfg.run.steps + 1):
+        step, epoch, summary, rl_before = start_rl(t, sampler)
+        rl_start = time.time() - rl_before
+        stopped = False
+        while step < cfg.run.steps and not stopped:
+            step += 1
             t0 = time.time()
             if sampler.epoch != epoch:  # the reference mode re-reads its history once per epoch
                 epoch = sampler.epoch
@@ -330,12 +448,20 @@ def train(cfg: Config) -> dict:
             t2 = time.time()
             sync_weights(t)
             stats.update(time_rollout_reward=t1 - t0, time_train=t2 - t1, time_sync=time.time() - t2, policy_version=t.version)
+            step_s = max(time.time() - t0, 1e-9)
+            stats.update(response_tokens_per_s=stats["response_len_mean"] * stats["samples"] / step_s, rss_gib=_rss_gib())
             if t.groups.is_driver:
+                stats["engine_restarts"] = t.engine.restarts
                 t.logger.log(step, stats)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
                 evaluate(t, step)
-            if cfg.run.max_minutes and time.time() - rl_start > 60 * cfg.run.max_minutes:
-                break
+            out_of_time = cfg.run.max_minutes and time.time() - rl_start > 60 * cfg.run.max_minutes
+            stopped = bool(stop.agreed(t.groups) or out_of_time)
+            interval = cfg.checkpoint.interval
+            if (interval and step % interval == 0) or stopped or step == cfg.run.steps:
+                save(t, step, trainer_state(t, step, sampler, epoch, summary, time.time() - rl_start))
+        if stop.requested:
+            summary["stopped_by"] = "SIGTERM"
         summary.update(accuracy_after_rl=evaluate(t, step), rl_steps=step, wall_s=time.time() - start)
         if t.groups.is_driver:
             (t.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -343,8 +469,15 @@ def train(cfg: Config) -> dict:
             plot_run(t.run_dir)
         return summary
     finally:
+        stop.restore()
         if t.engine is not None:
             t.engine.close()
         if t.reward is not None:
             t.reward.close()
         destroy_parallel()
+
+
+def _rss_gib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

@@ -50,7 +50,7 @@ def run_dir(tmp_path_factory):
 def test_run_directory_contents(run_dir):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plot.png", "samples.jsonl", "tokenizer/tokenizer.json"):
         assert (run_dir / name).is_file(), name
-    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((run_dir / "tensorboard" / "rl").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rl_steps"] == 3 and 0.0 <= summary["accuracy_after_rl"] <= 1.0
 

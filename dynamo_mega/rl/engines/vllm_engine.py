@@ -32,6 +32,13 @@ def _scratch_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+def is_engine_dead(exc: BaseException) -> bool:
+    """True for the error vLLM raises once its engine process has died (the caller may `restart`)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError) or isinstance(exc.__cause__, EngineDeadError)
+
+
 class VLLMEngine:
     """Generates variable numbers of samples per prompt and accepts in-place weight updates."""
 
@@ -54,11 +61,8 @@ class VLLMEngine:
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # The trainer process may already run gloo/NCCL threads: never fork it.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from vllm import LLM
-
         self.model_dir = str(model_dir)
-        self._llm = LLM(
-            model=self.model_dir,
+        self._llm_kwargs = dict(
             skip_tokenizer_init=True,
             dtype=dtype,
             seed=seed,
@@ -69,8 +73,25 @@ class VLLMEngine:
             max_num_seqs=max_num_seqs,
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
         )
+        self._llm = self._start(self.model_dir)
         self._scratch = tempfile.mkdtemp(prefix="dynamo_mega_weights_", dir=_scratch_root())
+        shutil.copy(Path(self.model_dir) / "config.json", self._scratch)  # so the scratch dir is a loadable model
         self.version = 0  # policy version of the weights the engine holds
+        self.restarts = 0
+
+    def _start(self, model_dir: str):
+        from vllm import LLM
+
+        return LLM(model=model_dir, **self._llm_kwargs)
+
+    def restart(self) -> None:
+        """Replace a dead engine with a fresh one holding the weights of the last load (same policy version)."""
+        self._shutdown()
+        synced = self.version > 0 and (Path(self._scratch) / "model.safetensors").is_file()
+        self._llm = self._start(self._scratch if synced else self.model_dir)
+        self.restarts += 1
+        if synced:
+            self._llm.collective_rpc("load_policy_weights", args=(self._scratch, self.version))
 
     def generate(
         self,
@@ -141,9 +162,15 @@ class VLLMEngine:
 
     def close(self) -> None:
         shutil.rmtree(self._scratch, ignore_errors=True)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if callable(shutdown):
-                shutdown()
+                try:
+                    shutdown()
+                except Exception:  # noqa: BLE001 - a dead engine may fail to shut down; it is gone either way
+                    pass

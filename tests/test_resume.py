@@ -1,0 +1,111 @@
+"""Crash and preemption of the real main job (Megatron policy, vLLM rollouts, math-verify) through the CLI.
+
+An uninterrupted run is the reference. A second run is SIGKILLed (the whole process group: trainer, vLLM engine,
+reward workers) right after the checkpoint of a random step, resumed, SIGTERMed (as Slurm does before a time
+limit), and resumed again. Its per-step losses, rewards and gradient norms must equal the reference's exactly
+(fp32, CPU: the same weights, optimizer state, prompt statistics, data cursor and rollout seeds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+COMPARED = ("loss", "reward_mean", "grad_norm", "approx_kl", "policy_version")
+
+
+def _cmd(run_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "dynamo_mega.cli",
+        "train",
+        "configs/tiny_cpu.yaml",
+        f"run.output_dir={run_dir}",
+        f"run.steps={STEPS}",
+        "run.eval_every=0",
+        "run.eval_prompts=32",
+        "run.progress=false",
+        "run.max_minutes=0",
+        "rollout.prompts_per_step=16",
+        "rollout.samples_per_prompt=4",
+        "warmup.max_steps=40",
+        "warmup.eval_every=40",
+        "warmup.stop_accuracy=1.0",
+        "data.num_train=200",
+        "data.num_eval=32",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=3",
+    ]
+
+
+def _start(run_dir: Path) -> subprocess.Popen:
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    # A new session: SIGKILL of the group takes the vLLM engine and reward workers down with the trainer.
+    return subprocess.Popen(_cmd(run_dir), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 600) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before {path} appeared"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.2)
+
+
+def _train_records(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in records if r["phase"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, dict]:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_dir.parent.mkdir(exist_ok=True)
+    assert _wait(_start(run_dir)) == 0, (run_dir.parent / "run.log").read_text()[-3000:]
+    return _train_records(run_dir)
+
+
+def test_sigkill_then_sigterm_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    kill_after = random.randint(1, STEPS - 3)
+    proc = _start(run_dir)
+    _wait_for(run_dir / "checkpoints" / f"step_{kill_after:08d}" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    proc = _start(run_dir)  # resumes from the newest complete checkpoint (checkpoint.resume=auto)
+    last = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    _wait_for(run_dir / "checkpoints" / f"step_{last + 1:08d}" / "COMPLETE", proc)
+    os.kill(proc.pid, signal.SIGTERM)  # the trainer only, as Slurm's --signal would
+    assert _wait(proc) == 0, log.read_text()[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["rl_steps"] < STEPS, summary
+
+    assert _wait(_start(run_dir)) == 0, log.read_text()[-3000:]
+    resumed = _train_records(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), "a resumed log must read like an uninterrupted one"
+    assert any(r["loss"] != 0.0 for r in reference.values()), "the reference run must learn something to compare"
+    for step in range(1, STEPS + 1):
+        for key in COMPARED:
+            assert resumed[step][key] == reference[step][key], (step, key, kill_after)
+    assert json.loads((run_dir / "summary.json").read_text())["rl_steps"] == STEPS
+    assert len(list((run_dir / "checkpoints").glob("step_*"))) == 3  # keep_last
