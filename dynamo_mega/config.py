@@ -130,7 +130,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    micro_batch_size: int = 256  # sequences per forward/backward
+    micro_batch_size: int = 256  # sequences per forward/backward (rows, when packing)
+    pack_row_tokens: int = 0  # > 0: pack samples end to end in rows of this many tokens, balanced over DP by tokens
     mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
 
 
@@ -294,6 +295,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(mod.mu_max >= 1 and 0 <= mod.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
     _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+    _require(cfg.optim.pack_row_tokens >= 0, "optim.pack_row_tokens must be >= 0 (0 turns packing off)")
     _require(
         1 <= cfg.optim.mini_batches <= r.prompts_per_step,
         f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",

@@ -95,28 +95,48 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# (title, [(metric key, label)]) per panel of the run dashboard; train-phase metrics unless the key says eval.
+_PANELS = [
+    ("reward and held-out accuracy", [("reward_mean", "train reward (mean)"), ("eval:accuracy", "held-out accuracy (greedy)")]),
+    ("policy", [("entropy", "entropy"), ("approx_kl", "KL(old || new), k3"), ("logprob_mismatch", "|trainer - vLLM| log-prob")]),
+    ("clipping", [("clipfrac_low", "clip low"), ("clipfrac_high", "clip high"), ("clipfrac_dual", "dual clip")]),
+    ("optimizer", [("grad_norm", "grad norm (before clipping)"), ("skipped_steps_total", "skipped steps")]),
+    ("time per step (s)", [("time_rollout", "rollout"), ("time_reward", "reward"),
+                           ("time_train", "train"), ("time_sync", "sync")]),
+    (
+        "allocation",
+        [("n_min", "n min"), ("n_median", "n median"), ("n_max", "n max"), ("frac_budget_all_wrong", "budget share all-wrong"),
+         ("frac_budget_all_correct", "budget share all-correct")],
+    ),
+]
+
+
 def plot_run(run_dir: Path) -> Path:
-    """Render reward (train) and held-out accuracy (eval) per step into RUN_DIR/plot.png."""
+    """Render the run dashboard (reward/accuracy, policy, clipping, optimizer, time split, allocation) per RL
+    step into RUN_DIR/plot.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    train = [r for r in records if r["phase"] == "train"]
-    evals = [r for r in records if r["phase"] == "eval"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(
-        [r["step"] for r in train], [r.get("reward_mean", float("nan")) for r in train], label="train reward (mean)", alpha=0.8
-    )
-    ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
-    ax.set_xlabel("RL step")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(f"{Path(run_dir).name}: reward and held-out accuracy")
+    by_phase = {"train": [r for r in records if r["phase"] == "train"], "eval": [r for r in records if r["phase"] == "eval"]}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for ax, (title, series) in zip(axes.flat, _PANELS, strict=True):
+        for key, label in series:
+            phase, _, name = key.rpartition(":")
+            rows = [r for r in by_phase[phase or "train"] if name in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], "o-" if phase else "-", label=label, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes.flat[0].set_ylim(-0.02, 1.02)
+    fig.suptitle(f"{Path(run_dir).name}")
     out = Path(run_dir) / "plot.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

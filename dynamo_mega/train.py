@@ -25,7 +25,7 @@ from dynamo_mega.config import Config
 from dynamo_mega.data import EpochSampler, Prompt, load_splits
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
-from dynamo_mega.parallel import train_step
+from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
 from dynamo_mega.rl.advantage import group_advantages
@@ -56,6 +56,7 @@ class Trainer:
     scheduler: object | None = None
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
 
 
 def setup(cfg: Config) -> Trainer:
@@ -178,10 +179,12 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
     return broadcast(acc, t.groups)
 
 
-def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBatch:
-    """Generate counts[i] samples per prompt and score each against ITS OWN prompt's answer (driver)."""
-    batch = None
+def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    """Generate counts[i] samples per prompt and score each against ITS OWN prompt's answer (driver).
+    Returns the batch (on every rank) and the driver's time split {time_rollout, time_reward}."""
+    batch, timing = None, {}
     if t.groups.is_driver:
+        t0 = time.time()
         r = t.cfg.rollout
         al = t.cfg.allocation
         counts = allocate(
@@ -201,13 +204,15 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> RolloutBat
             top_p=r.top_p,
             seed=r.seed + 1_000_003 * step,
         )
+        t1 = time.time()
         texts = response_texts(batch, t.tokenizer)
         batch.rewards = t.reward(texts, batch.answers)
         _log_samples(t, step, batch, texts)
+        timing = {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
     batch = broadcast(batch, t.groups)
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     t.stats.update(batch.prompt_ids, [float(x > 0) for x in batch.rewards], [len(x) for x in batch.response_tokens])
-    return batch
+    return batch, timing
 
 
 def _log_samples(t: Trainer, step: int, batch: RolloutBatch, texts: list[str]) -> None:
@@ -239,19 +244,8 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     adv_N = group_advantages(rewards, batch.group_sizes)
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
-    plans = []
-    for idx in mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches):
-        mine = idx[t.groups.dp_rank :: t.groups.dp_size]  # samples strided over DP ranks
-        plans.append(
-            train_step.split_micro_batches(
-                tokens.input_ids_NS[mine],
-                tokens.targets_NS[mine],
-                tokens.loss_mask_NS[mine],
-                adv_N[mine],
-                tokens.rollout_logp_NS[mine],
-                t.cfg.optim.micro_batch_size,
-            )
-        )
+    mini_batches = mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches)
+    plans = [this_rank_micro_batches(t, tokens, adv_N, idx) for idx in mini_batches]
     # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one.
     olds = (
         [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans]
@@ -274,6 +268,7 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
         for micro, old in zip(plans, olds, strict=True)
     ]
     stats = {k: sum(s[k] for s in per_step) / len(per_step) for k in per_step[0]}
+    stats["skipped_step"] = sum(s["skipped_step"] for s in per_step)  # a count, not a mean
     bounds = [0, *torch.tensor(batch.group_sizes).cumsum(0).tolist()]
     stats.update(allocation_metrics(batch.group_sizes, [batch.rewards[a:b] for a, b in zip(bounds, bounds[1:])]))
     stats.update(
@@ -283,6 +278,25 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
         samples=len(batch),
     )
     return stats
+
+
+def this_rank_micro_batches(t: Trainer, tokens, adv_N: torch.Tensor, idx_M: torch.Tensor) -> list[train_step.MicroBatch]:
+    """This DP rank's share of one mini-batch (sample indices idx_M) as micro-batches: padded rows of
+    optim.micro_batch_size samples strided over ranks, or, with optim.pack_row_tokens > 0, packed rows
+    balanced over ranks by tokens (optim.micro_batch_size rows per micro-batch)."""
+    o, g = t.cfg.optim, t.groups
+    fields = (tokens.input_ids_NS, tokens.targets_NS, tokens.loss_mask_NS, adv_N, tokens.rollout_logp_NS)
+    if o.pack_row_tokens == 0:
+        mine = idx_M[g.dp_rank :: g.dp_size]
+        return train_step.split_micro_batches(*(f[mine] for f in fields), o.micro_batch_size)
+    lengths = packing.sample_lengths(tokens.loss_mask_NS[idx_M])
+    # Rows no wider than needed to give every DP rank work, never narrower than the longest sample.
+    width = min(o.pack_row_tokens, max(max(lengths), sum(lengths) // g.dp_size))
+    rows = packing.balance_rows(packing.plan_rows(lengths, width), lengths, g.dp_size)[g.dp_rank]
+    rows = [[int(idx_M[i]) for i in row] for row in rows]
+    if not rows:  # fewer rows than ranks: an all-padding row keeps this rank in the step's collectives
+        return [train_step.empty_micro_batch()]
+    return packing.pack_micro_batches(rows, *fields, o.micro_batch_size)
 
 
 def mini_batch_indices(group_sizes: list[int], mini_batches: int) -> list[torch.Tensor]:
@@ -351,6 +365,7 @@ def trainer_state(t: Trainer, step: int, sampler: EpochSampler, epoch: int, summ
         "summary": summary,
         "rl_seconds": rl_seconds,
         "engine_restarts": t.engine.restarts if t.engine is not None else 0,
+        "skipped_steps": t.skipped_steps,
     }
 
 
@@ -413,6 +428,7 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
     sampler.load_state_dict(state["sampler"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.version = state["policy_version"]
+    t.skipped_steps = state["skipped_steps"]
     hf_state = export_hf_state(t.model, t.arch, t.groups)  # collective
     if t.groups.is_driver:
         t.engine.load_weights(hf_state, t.version)
@@ -442,12 +458,14 @@ def train(cfg: Config) -> dict:
                 epoch = sampler.epoch
                 t.stats.refresh_priorities()
             prompts = [t.train_set[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
-            batch = collect_rollouts(t, prompts, step)
+            batch, timing = collect_rollouts(t, prompts, step)
             t1 = time.time()
             stats = rl_step(t, batch)
             t2 = time.time()
             sync_weights(t)
-            stats.update(time_rollout_reward=t1 - t0, time_train=t2 - t1, time_sync=time.time() - t2, policy_version=t.version)
+            t.skipped_steps += int(stats["skipped_step"])  # non-finite loss/grad norm: update dropped, counted
+            stats.update(timing, time_train=t2 - t1, time_sync=time.time() - t2, policy_version=t.version)
+            stats.update(skipped_steps_total=t.skipped_steps)
             step_s = max(time.time() - t0, 1e-9)
             stats.update(response_tokens_per_s=stats["response_len_mean"] * stats["samples"] / step_s, rss_gib=_rss_gib())
             if t.groups.is_driver:

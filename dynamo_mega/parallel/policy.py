@@ -47,11 +47,21 @@ def causal_mask(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     return torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1).expand(batch, 1, seq, seq)
 
 
-def forward_logits(model, input_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel logits [B, S, V/tp] for right-padded token ids [B, S]."""
+def packed_causal_mask(segments_BS: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool, True where masked: causal, and no attention across packed samples of a row
+    (segments_BS: sample id per token; row padding, -1, only sees earlier padding)."""
+    b, s = segments_BS.shape
+    other_sample = segments_BS[:, None, :, None] != segments_BS[:, None, None, :]
+    return causal_mask(b, s, segments_BS.device) | other_sample
+
+
+def forward_logits(model, input_ids_BS: torch.Tensor, segments_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocab-parallel logits [B, S, V/tp] for right-padded token ids [B, S], or packed rows when segments_BS
+    (sample id per token, parallel/packing.py) is given."""
     b, s = input_ids_BS.shape
     position_ids = torch.arange(s, device=input_ids_BS.device).expand(b, s)
-    return model(input_ids_BS, position_ids, causal_mask(b, s, input_ids_BS.device))
+    mask = causal_mask(b, s, input_ids_BS.device) if segments_BS is None else packed_causal_mask(segments_BS)
+    return model(input_ids_BS, position_ids, mask)
 
 
 @torch.no_grad()

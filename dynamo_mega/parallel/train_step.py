@@ -30,6 +30,7 @@ class MicroBatch:
     mask: torch.Tensor
     advantages: torch.Tensor  # per token (sequence advantage broadcast over response tokens)
     rollout_logp: torch.Tensor
+    segments: torch.Tensor | None = None  # packed rows only: sample id within the row, -1 on padding (packing.py)
 
 
 def split_micro_batches(input_ids_NS, targets_NS, mask_NS, adv_N, rollout_logp_NS, micro_batch_size: int) -> list[MicroBatch]:
@@ -51,9 +52,15 @@ def split_micro_batches(input_ids_NS, targets_NS, mask_NS, adv_N, rollout_logp_N
     return out
 
 
+def empty_micro_batch() -> MicroBatch:
+    """One padding token and nothing to learn: lets a rank without samples join the step's collectives."""
+    zeros = torch.zeros(1, 1)
+    return MicroBatch(zeros.long(), zeros.long(), zeros.bool(), zeros, zeros, segments=torch.full((1, 1), -1))
+
+
 def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [B, S] with grad, entropy [B, S]) of each position's target under the current policy."""
-    logits = forward_logits(model, mb.input_ids)
+    logits = forward_logits(model, mb.input_ids, mb.segments)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     return vocab_parallel_logprobs_entropy(logits, mb.targets, tp_group, temperature=temperature)
 
@@ -128,6 +135,7 @@ def policy_step(
             lambda_min=modulation.lambda_min,
             gamma=modulation.gamma,
             tau=modulation.tau,
+            segments=[mb.segments for mb in micro_batches],
         )
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
     model.train()

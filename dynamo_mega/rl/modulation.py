@@ -71,6 +71,17 @@ def _clip_active(ratio_BS: Tensor, adv_BS: Tensor, eps_low: float, eps_high: flo
     return (up | down).to(torch.float32)
 
 
+def _sequence_sum(x_BS: Tensor, segments_BS: Tensor | None) -> Tensor:
+    """Per token, the sum of x over the token's own sequence: the whole row, or with packing the tokens of the
+    row that share its segment id (segments_BS >= 0 inside samples; padding must carry x = 0)."""
+    if segments_BS is None:
+        return x_BS.sum(dim=-1, keepdim=True).expand_as(x_BS)
+    b, s = x_BS.shape
+    key = (segments_BS.clamp(min=0) + s * torch.arange(b, device=x_BS.device)[:, None]).reshape(-1)
+    sums = torch.zeros(b * s, dtype=x_BS.dtype, device=x_BS.device).index_add_(0, key, x_BS.reshape(-1))
+    return sums[key].reshape(b, s)
+
+
 @torch.no_grad()
 def entropy_change(
     logp_BS: Tensor,
@@ -82,11 +93,12 @@ def entropy_change(
     eps_low: float,
     eps_high: float,
     variant: str = "centred",
+    segments_BS: Tensor | None = None,
 ) -> Tensor:
     """X_BS = |dH_t| >= 0, the estimated entropy change per token, 0 on padding.
 
-    All inputs [B, S] (last dim = one whole sequence); logp/old_logp/entropy fp32 per token;
-    see the module docstring for which pass they should come from.
+    All inputs [B, S] (last dim = one whole sequence, or with packing several, told apart by segments_BS);
+    logp/old_logp/entropy fp32 per token; see the module docstring for which pass they should come from.
     """
     if variant not in VARIANTS:
         raise ValueError(f"modulation variant must be one of {VARIANTS}, got {variant!r}")
@@ -100,11 +112,11 @@ def entropy_change(
     pi = torch.exp(logp)
     lam = logp + torch.where(valid, entropy_BS.float(), 0.0)
     if variant == "legacy":
-        dh_B = -(xi * pi * pi * lam * mask_f).sum(dim=-1, keepdim=True)
-        return dh_B.abs() * mask_f
+        dh_seq = -_sequence_sum(xi * pi * pi * lam * mask_f, segments_BS)
+        return dh_seq.abs() * mask_f
     q = pi * lam
-    q_mean_B = (q * mask_f).sum(dim=-1, keepdim=True) / mask_f.sum(dim=-1, keepdim=True).clamp(min=1.0)
-    return (xi * (q - q_mean_B)).abs() * mask_f
+    q_mean = _sequence_sum(q * mask_f, segments_BS) / _sequence_sum(mask_f, segments_BS).clamp(min=1.0)
+    return (xi * (q - q_mean)).abs() * mask_f
 
 
 @torch.no_grad()
@@ -208,17 +220,20 @@ def modulate_micro_batches(
     lambda_min: float = 0.6,
     gamma: float = 50.0,
     tau: float = 0.99,
+    segments: Sequence[Tensor | None] | None = None,
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """The whole call sequence for one optimizer step; lists hold one [B_m, S_m] tensor per micro-batch.
+    """The whole call sequence for one optimizer step; lists hold one [B_m, S_m] tensor per micro-batch
+    (`segments`: per micro-batch, the packed-sample ids of parallel/packing.py, or None for one sample per row).
 
     Returns (modulated advantages per micro-batch, metric sums over this rank's micro-batches).
     With scope "global" every DP rank must call it (one MAX all-reduce).
     """
     if scope not in SCOPES:
         raise ValueError(f"modulation scope must be one of {SCOPES}, got {scope!r}")
+    segments = segments if segments is not None else [None] * len(masks)
     dh = [
-        entropy_change(lp, olp, ent, adv, m, eps_low=eps_low, eps_high=eps_high, variant=variant)
-        for lp, olp, ent, adv, m in zip(logp, old_logp, entropy, advantages, masks, strict=True)
+        entropy_change(lp, olp, ent, adv, m, eps_low=eps_low, eps_high=eps_high, variant=variant, segments_BS=seg)
+        for lp, olp, ent, adv, m, seg in zip(logp, old_logp, entropy, advantages, masks, segments, strict=True)
     ]
     partials = [modulation_stats(ent, x, m) for ent, x, m in zip(entropy, dh, masks, strict=True)]
     shared = reduce_modulation_stats(partials, dp_group) if scope == "global" else None
