@@ -85,16 +85,26 @@ def test_rewards_use_each_prompts_own_answer(run_dir):
     assert all(s["reward"] == 1.0 for s, _ in exact)
 
 
-def test_tensor_parallel_run_under_torchrun(tmp_path):
-    """The same job with the policy split over 2 gloo ranks (TP=2): rollouts and weight sync from the driver."""
-    out = tmp_path / "tp2"
+def _torchrun(out: Path, *overrides: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dynamo_mega.cli", "train",
-           "configs/tiny_cpu.yaml", "parallel.tensor_parallel=2", f"run.output_dir={out}", "run.steps=2", "run.eval_every=0",
-           "run.eval_prompts=32", "run.progress=false", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
-           "warmup.enabled=false", "data.num_train=100", "data.num_eval=32"]
+           "configs/tiny_cpu.yaml", f"run.output_dir={out}", "run.eval_every=0", "run.eval_prompts=32", "run.progress=false",
+           "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "warmup.enabled=false", "data.num_train=100",
+           "data.num_eval=32", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if r["phase"] == "train"]
-    assert [r["step"] for r in train] == [1, 2]
-    assert all(r["logprob_mismatch"] < 1e-3 for r in train)  # TP=2 trainer vs TP=1 engine agree after sync
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_data_parallel_packed_run_resumes_at_tensor_parallel(tmp_path):
+    """2 gloo ranks: DP=2 with packed micro-batches for 2 steps, then the same run resumed from its checkpoint
+    with the policy split TP=2 for a third step (rollouts and weight sync from the driver in both)."""
+    out = tmp_path / "run"
+    records = _torchrun(out, "parallel.tensor_parallel=1", "optim.pack_row_tokens=32", "run.steps=2")
+    assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2]
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    records = _torchrun(out, "parallel.tensor_parallel=2", "run.steps=3")
+    train = [r for r in records if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert [r["resumed_from_step"] for r in records if r["phase"] == "resume"] == [2]
+    assert train[2]["policy_version"] == train[1]["policy_version"] + 1
+    assert all(r["logprob_mismatch"] < 1e-3 for r in train)  # DP=2 / TP=2 trainer vs TP=1 engine agree after sync
