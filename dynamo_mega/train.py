@@ -10,19 +10,17 @@ directory; every rank holds one Megatron shard of the policy.
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from dynamo_mega import config as config_mod
 from dynamo_mega.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.data import EpochSampler, Prompt, load_splits
+from dynamo_mega.guards import EngineRestarted, StopSignal, broadcast, on_driver
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.parallel import packing, train_step
@@ -122,26 +120,32 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
     )
 
 
-def broadcast(obj, groups: ParallelGroups):
-    """Driver -> all ranks (pickled; rollouts are small next to the model)."""
-    if groups.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def sync_weights(t: Trainer) -> None:
-    """Push the trainer's weights into the engine (collective over TP; the driver loads)."""
-    hf_state = export_hf_state(t.model, t.arch, t.groups)
+    """After an optimizer step: a new policy version, pushed into the engine."""
     t.version += 1
+    push_weights(t)
+
+
+def push_weights(t: Trainer) -> None:
+    """The trainer's current weights into the engine, tagged t.version (collective over TP; the driver loads)."""
+    hf_state = export_hf_state(t.model, t.arch, t.groups)
     if t.groups.is_driver:
         t.engine.load_weights(hf_state, t.version)
 
 
+def with_engine(t: Trainer, fn):
+    """fn() on the driver (rollouts or evaluation), result on every rank. If the engine died and was replaced,
+    every rank takes part in pushing the current weights into the new one, then fn runs again."""
+    while True:
+        try:
+            return on_driver(t.groups, fn)
+        except EngineRestarted:
+            push_weights(t)
+
+
 def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -> RolloutBatch:
-    """Rollouts from the engine; a dead engine is restarted with the current weights (up to
-    rollout.max_engine_restarts times in the run), otherwise the run stops with a clear error instead of hanging."""
+    """Rollouts from the engine (driver). A dead engine is replaced (EngineRestarted: the caller pushes the
+    weights and retries) up to rollout.max_engine_restarts times in the run; then the run stops with an error."""
     from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
 
     try:
@@ -156,13 +160,13 @@ def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -
             ) from exc
         print(f"dynamo-mega: rollout engine died ({exc!r}); restarting it with policy version {t.version}", flush=True)
         t.engine.restart()
-        return generate_rollouts(t.engine, t.tokenizer, prompts, counts, **sampling)
+        raise EngineRestarted() from exc
 
 
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
     """Greedy held-out accuracy (math-verify), computed on the driver and shared with all ranks."""
-    acc = None
-    if t.groups.is_driver:
+
+    def run() -> float:
         prompts = t.eval_set[: t.cfg.run.eval_prompts]
         batch = generate(
             t,
@@ -176,40 +180,29 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
         correct = t.reward.correctness(response_texts(batch, t.tokenizer), batch.answers)
         acc = sum(correct) / max(len(correct), 1)
         t.logger.log(step, {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}, phase=phase)
-    return broadcast(acc, t.groups)
+        return acc
+
+    return with_engine(t, run)
 
 
 def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> tuple[RolloutBatch, dict[str, float]]:
     """Generate counts[i] samples per prompt and score each against ITS OWN prompt's answer (driver).
     Returns the batch (on every rank) and the driver's time split {time_rollout, time_reward}."""
-    batch, timing = None, {}
-    if t.groups.is_driver:
+
+    def run() -> tuple[RolloutBatch, dict[str, float]]:
         t0 = time.time()
-        r = t.cfg.rollout
-        al = t.cfg.allocation
-        counts = allocate(
-            [p.id for p in prompts],
-            t.stats,
-            budget=r.samples_per_prompt * len(prompts),
-            n_low=al.n_low,
-            n_high=al.n_high,
-            mode=al.mode,
-        )
-        batch = generate(
-            t,
-            prompts,
-            counts,
-            max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            seed=r.seed + 1_000_003 * step,
-        )
+        r, al = t.cfg.rollout, t.cfg.allocation
+        budget = r.samples_per_prompt * len(prompts)
+        counts = allocate([p.id for p in prompts], t.stats, budget=budget, n_low=al.n_low, n_high=al.n_high, mode=al.mode)
+        sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+        batch = generate(t, prompts, counts, **sampling, seed=r.seed + 1_000_003 * step)
         t1 = time.time()
         texts = response_texts(batch, t.tokenizer)
         batch.rewards = t.reward(texts, batch.answers)
         _log_samples(t, step, batch, texts)
-        timing = {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
-    batch = broadcast(batch, t.groups)
+        return batch, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
+
+    batch, timing = with_engine(t, run)
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     t.stats.update(batch.prompt_ids, [float(x > 0) for x in batch.rewards], [len(x) for x in batch.response_tokens])
     return batch, timing
@@ -386,31 +379,6 @@ def resume_point(cfg: Config, groups: ParallelGroups) -> Path | None:
     filesystem is slow to show a new directory)."""
     path = resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg)) if groups.is_driver else None
     return broadcast(path, groups)
-
-
-class StopSignal:
-    """SIGTERM (what Slurm sends before a time limit) asks the loop to finish its step, save and exit."""
-
-    def __init__(self, enabled: bool):
-        self.requested = False
-        self._previous = None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, groups: ParallelGroups) -> bool:
-        """True on every rank if any rank was signalled (all ranks must stop at the same step)."""
-        if groups.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:

@@ -75,7 +75,6 @@ class VLLMEngine:
         )
         self._llm = self._start(self.model_dir)
         self._scratch = tempfile.mkdtemp(prefix="dynamo_mega_weights_", dir=_scratch_root())
-        shutil.copy(Path(self.model_dir) / "config.json", self._scratch)  # so the scratch dir is a loadable model
         self.version = 0  # policy version of the weights the engine holds
         self.restarts = 0
 
@@ -85,13 +84,12 @@ class VLLMEngine:
         return LLM(model=model_dir, **self._llm_kwargs)
 
     def restart(self) -> None:
-        """Replace a dead engine with a fresh one holding the weights of the last load (same policy version)."""
+        """Replace a dead engine with a fresh one from the initial model directory (version 0): the caller
+        pushes the current weights into it (the trainer does, as a collective over its ranks)."""
         self._shutdown()
-        synced = self.version > 0 and (Path(self._scratch) / "model.safetensors").is_file()
-        self._llm = self._start(self._scratch if synced else self.model_dir)
+        self._llm = self._start(self.model_dir)
+        self.version = 0
         self.restarts += 1
-        if synced:
-            self._llm.collective_rpc("load_policy_weights", args=(self._scratch, self.version))
 
     def generate(
         self,
@@ -155,6 +153,22 @@ class VLLMEngine:
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
         self.version = version
+
+    def load_buckets(self, buckets, version: int) -> int:
+        """Stream weight-bridge buckets (objects with .names, .shapes, .offsets and a flat 1-D .flat tensor,
+        see parallel/weight_bridge.py) into the running engine without touching disk; returns the bytes sent.
+        Every HF tensor of the model must arrive exactly once across the buckets."""
+        self._llm.collective_rpc("begin_policy_update")
+        sent = 0
+        for b in buckets:
+            shapes = [list(s) for s in b.shapes]
+            self._llm.collective_rpc("load_policy_bucket", args=(list(b.names), shapes, list(b.offsets), b.flat.contiguous()))
+            sent += b.flat.numel() * b.flat.element_size()
+        versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
+        if any(v != version for v in versions):
+            raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
+        self.version = version
+        return sent
 
     def worker_versions(self) -> list[int]:
         """The policy version each vLLM worker holds (as reported by the workers themselves)."""

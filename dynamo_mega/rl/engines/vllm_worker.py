@@ -16,8 +16,33 @@ class PolicyWeightsExtension:
     """
 
     def load_policy_weights(self, weights_path: str, version: int) -> int:
+        """Reload every weight from a safetensors directory (the whole model at once)."""
+        self.model_runner.reload_weights(weights_path=weights_path)
+        return self._finish(version)
+
+    # Streaming path (the weight bridge): begin -> one call per bucket -> finish. vLLM's layer-wise reload
+    # re-processes a layer (e.g. the CPU kernel prepack) as soon as all of its tensors have arrived, so no full
+    # copy of the model is staged in the worker.
+    def begin_policy_update(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+
+    def load_policy_bucket(self, names: list[str], shapes: list[list[int]], offsets: list[int], flat) -> int:
+        """Load HF-named tensors packed back to back in `flat` (1-D); returns how many were loaded."""
+        views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
+        self.model_runner.get_model().load_weights(views)
+        return len(names)
+
+    def finish_policy_update(self, version: int) -> int:
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
         runner = self.model_runner
-        runner.reload_weights(weights_path=weights_path)
+        finalize_layerwise_reload(runner.get_model(), runner.model_config)
+        return self._finish(version)
+
+    def _finish(self, version: int) -> int:
+        runner = self.model_runner
         model = runner.get_model()
         config = runner.model_config.hf_config
         if getattr(config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
@@ -31,3 +56,10 @@ class PolicyWeightsExtension:
 
     def get_policy_version(self) -> int:
         return getattr(self, "policy_version", 0)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
