@@ -29,6 +29,7 @@ class TensorHeader:
     file: str  # shard file name inside the folder
     dtype: torch.dtype
     shape: tuple[int, ...]
+    end: int  # byte offset in the file where this tensor's data ends
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +53,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
     header.pop("__metadata__", None)
+    for h in header.values():
+        h["end"] = 8 + length + h["data_offsets"][1]
     return header
 
 
@@ -65,7 +68,7 @@ def read_headers(folder: Path) -> dict[str, TensorHeader]:
     elif (folder / SINGLE).is_file():
         weight_map, files = None, [SINGLE]
     elif (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
-        raise ValueError(f"{folder}: only safetensors checkpoints are read; re-save it with save_pretrained(safe_serialization=True)")
+        raise ValueError(f"{folder}: only safetensors is read; re-save with save_pretrained(safe_serialization=True)")
     else:
         raise ValueError(f"{folder}: no {SINGLE} or {INDEX}; point SRC at a Hugging Face checkpoint folder")
     headers: dict[str, TensorHeader] = {}
@@ -75,12 +78,23 @@ def read_headers(folder: Path) -> dict[str, TensorHeader]:
         for name, h in read_safetensors_header(folder / file).items():
             if h["dtype"] not in _DTYPES:
                 raise ValueError(f"{folder / file}: tensor {name} has dtype {h['dtype']}; expected one of {sorted(_DTYPES)}")
-            headers[name] = TensorHeader(file, _DTYPES[h["dtype"]], tuple(h["shape"]))
+            headers[name] = TensorHeader(file, _DTYPES[h["dtype"]], tuple(h["shape"]), h["end"])
     if weight_map is not None:
         for name, file in weight_map.items():
             if name not in headers or headers[name].file != file:
                 raise ValueError(f"{folder / INDEX}: tensor {name} is mapped to {file}, which does not hold it")
     return headers
+
+
+def check_data_present(folder: Path, headers: dict[str, TensorHeader]) -> None:
+    """Every shard is as long as its header says (a truncated download fails here, before anything is written)."""
+    needed: dict[str, int] = {}
+    for h in headers.values():
+        needed[h.file] = max(needed.get(h.file, 0), h.end)
+    for file, end in sorted(needed.items()):
+        size = (folder / file).stat().st_size
+        if size < end:
+            raise ValueError(f"{folder / file} is truncated: {size} bytes, its header needs {end}; re-download it")
 
 
 class HFReader:

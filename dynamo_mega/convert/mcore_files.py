@@ -31,8 +31,6 @@ import torch.distributed as dist
 from dynamo_mega.models import qwen
 from dynamo_mega.models.qwen_mapping import MCORE_LAYER_PREFIX, split_layer_name
 
-GLOBAL_PART = "globals"  # the part holding embedding, final norm and output layer
-
 
 @contextlib.contextmanager
 def single_process_megatron() -> Iterator[None]:
@@ -84,12 +82,16 @@ def layout_state_dict(arch: qwen.QwenArch, padded_rows: int) -> dict:
     return model.sharded_state_dict()
 
 
-def split_parts(layout: dict) -> dict[str, dict]:
-    """Layout entries grouped into parts: GLOBAL_PART and one part per decoder layer (named by its index)."""
-    parts: dict[str, dict] = {}
+def split_parts(layout: dict) -> dict[str, tuple[int | None, dict]]:
+    """Layout entries grouped into the units written and read at once: part name -> (layer id or None, entries).
+
+    One part per decoder layer, and one per top-level module outside them (embedding, final norm, output
+    layer), so the largest part is max(one layer, one vocab-sized matrix)."""
+    parts: dict[str, tuple[int | None, dict]] = {}
     for key, entry in layout.items():
         split = split_layer_name(key, MCORE_LAYER_PREFIX)
-        parts.setdefault(GLOBAL_PART if split is None else str(split[0]), {})[key] = entry
+        name = f"layer{split[0]}" if split else key.rsplit(".", 1)[0].removesuffix(".word_embeddings")
+        parts.setdefault(name, (split[0] if split else None, {}))[1][key] = entry
     return parts
 
 
@@ -143,7 +145,7 @@ def _renamed(path: str, part_no: int) -> str:
 
 
 def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[Path]:
-    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, layer index or None for GLOBAL_PART).
+    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, layer index or None).
 
     Returns the files written. Tensors saved with a collapsed layer axis get their [L, ...] global size back
     and chunk offsets at their layer; everything else is carried unchanged."""
@@ -154,7 +156,8 @@ def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_lay
     written = []
     for part_no, (part_dir, layer) in enumerate(part_dirs):
         meta = FileSystemReader(str(part_dir)).read_metadata()
-        stacked = {fqn for fqn, m in meta.state_dict_metadata.items() if layer is not None and isinstance(m, TensorStorageMetadata)}
+        tensors = [fqn for fqn, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)]
+        stacked = set(tensors) if layer is not None else set()
         for fqn in stacked:
             m = meta.state_dict_metadata[fqn]
             m.size = torch.Size((num_layers, *m.size[1:]))
@@ -232,7 +235,8 @@ def load_part(part: dict, ckpt_dir: Path, dtypes: dict[str, torch.dtype], layer:
             slices[entry.key] = (torch.empty(shape, dtype=dtypes[entry.key]), (0,) * len(shape))
         names[entry.key] = part_suffix(key)
     planner = _SliceLoadPlanner(slices)
-    dcp_load({k: t for k, (t, _) in slices.items()}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=planner, no_dist=True)
+    reader = FileSystemReader(str(ckpt_dir))
+    dcp_load({k: t for k, (t, _) in slices.items()}, storage_reader=reader, planner=planner, no_dist=True)
     return {names[k]: t[0] if layer is not None else t for k, (t, _) in slices.items()}
 
 

@@ -105,7 +105,7 @@ def check_names_and_shapes(found: dict[str, tuple[int, ...]], expected: dict[str
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(f"{where}: unexpected tensor {unexpected[0]}{more}; it does not belong to the model config.json describes")
+        raise ValueError(f"{where}: unexpected tensor {unexpected[0]}{more}; not part of the model config.json describes")
     for name, shape in expected.items():
         if tuple(found[name]) != tuple(shape):
             raise ValueError(f"{where}: tensor {name} has shape {tuple(found[name])}, config.json implies {tuple(shape)}")

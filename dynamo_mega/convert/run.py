@@ -48,25 +48,27 @@ def hf_to_mcore(
         _check_layout_matches_mapping(layout, plan)
         return plan.summary()
     check_destination(dst, overwrite)
-    reader = hf_files.HFReader(src, hf_files.read_headers(src))
+    headers = hf_files.read_headers(src)
+    hf_files.check_data_present(src, headers)
+    reader = hf_files.HFReader(src, headers)
     arch, cast = plan.arch, lambda t: t.to(plan.dtype)
     with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
         parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
         staging = tmp / ".parts"
         part_dirs = []
         with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
-            names = [n for n in (qm.HF_EMBED, qm.HF_NORM, qm.HF_LM_HEAD) if n in plan.tensors]
-            hf = {n: cast(reader.get(n)) for n in names}
-            part_dirs.append((staging / "globals", None))
-            mcore_files.save_part(parts[mcore_files.GLOBAL_PART], qm.hf_to_mcore_globals(hf, arch, plan.padded_rows), part_dirs[-1][0])
-            advance(sum(_source_nbytes(plan, n) for n in names))
-            del hf
-            for i in range(arch.num_layers):
-                suffixes = qm.hf_layer_shapes(arch)
-                hf_layer = {s: cast(reader.get(qm.hf_layer_name(i, s))) for s in suffixes}
-                part_dirs.append((staging / f"layer{i:05d}", i))
-                mcore_files.save_part(parts[str(i)], qm.hf_layer_to_mcore(hf_layer, arch), part_dirs[-1][0])
-                advance(sum(_source_nbytes(plan, qm.hf_layer_name(i, s)) for s in suffixes))
+            for part_name, (layer, part) in parts.items():
+                names = _hf_sources(part, layer, arch)
+                hf = {n: cast(reader.get(n)) for n in names}
+                if layer is None:
+                    mcore = qm.hf_to_mcore_globals(hf, arch, plan.padded_rows)
+                else:
+                    prefix = len(qm.hf_layer_name(layer, ""))
+                    mcore = qm.hf_layer_to_mcore({n[prefix:]: t for n, t in hf.items()}, arch)
+                part_dirs.append((staging / part_name, layer))
+                mcore_files.save_part(part, mcore, part_dirs[-1][0])
+                advance(sum(_source_nbytes(plan, n) for n in names))
+                del hf, mcore
         mcore_files.merge_parts(part_dirs, tmp, arch.num_layers)
         shutil.rmtree(staging)
         _carry_hf_files(src, tmp / "hf", plan)
@@ -105,14 +107,15 @@ def mcore_to_hf(
         total = qm_bytes(arch, plan.dtype)
         with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
             writer = hf_files.ShardedSafetensorsWriter(tmp, max_shard_bytes, advance)
-            loaded = mcore_files.load_part(parts[mcore_files.GLOBAL_PART], src, dtypes, None)
-            for name, tensor in qm.mcore_to_hf_globals(loaded, arch).items():
-                writer.add(name, tensor.to(plan.dtype))
-            del loaded
-            for i in range(arch.num_layers):
-                loaded = mcore_files.load_part(parts[str(i)], src, dtypes, i)
-                for suffix, tensor in qm.mcore_layer_to_hf(loaded, arch).items():
-                    writer.add(qm.hf_layer_name(i, suffix), tensor.to(plan.dtype))
+            for layer, part in parts.values():
+                loaded = mcore_files.load_part(part, src, dtypes, layer)
+                if layer is None:
+                    hf = qm.mcore_to_hf_globals(loaded, arch)
+                else:
+                    hf = {qm.hf_layer_name(layer, s): t for s, t in qm.mcore_layer_to_hf(loaded, arch).items()}
+                for name, tensor in hf.items():
+                    writer.add(name, tensor.to(plan.dtype))
+                del loaded, hf
             digests = writer.close()
         carried_from = Path(hf_config).parent if hf_config else src / "hf"
         _carry_hf_files(carried_from, tmp, plan)
@@ -135,6 +138,14 @@ def _prod(shape) -> int:
 def _source_nbytes(plan: Plan, name: str) -> int:
     shape, dtype = plan.tensors[name]
     return _prod(shape) * dtype.itemsize
+
+
+def _hf_sources(part: dict, layer: int | None, arch) -> list[str]:
+    """HF tensor names a part is made from."""
+    if layer is not None:
+        return [qm.hf_layer_name(layer, s) for s in qm.hf_layer_shapes(arch)]
+    keys = [mcore_files.part_suffix(k) for k, e in part.items() if type(e).__name__ != "ShardedObject"]
+    return [qm.GLOBAL_HF_NAME[k] for k in keys]
 
 
 def _carry_hf_files(src: Path, out: Path, plan: Plan) -> None:

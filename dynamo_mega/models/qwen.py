@@ -143,6 +143,7 @@ def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,  # hidden states sent between stages (PP > 1)
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         init_method_std=init_std,

@@ -24,6 +24,7 @@ from dynamo_mega.models.qwen import QwenArch, padded_vocab_size
 EMBED, OUTPUT, FINAL_NORM = "embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"
 HF_EMBED, HF_LM_HEAD, HF_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 MCORE_LAYER_PREFIX, HF_LAYER_PREFIX = "decoder.layers.", "model.layers."
+GLOBAL_HF_NAME = {EMBED: HF_EMBED, OUTPUT: HF_LM_HEAD, FINAL_NORM: HF_NORM}  # non-layer tensors
 
 _SAME_LAYOUT = {  # megatron layer suffix -> HF layer suffix (identical tensors)
     "input_layernorm.weight": "input_layernorm.weight",
