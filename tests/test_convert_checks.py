@@ -140,24 +140,31 @@ def test_bad_settings_are_named(tmp_path):
     assert "no model.safetensors or model.safetensors.index.json" in _plan_error(tmp_path / "empty")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dynamo_mega.cli", "convert", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def _convert(capsys, *args: str) -> tuple[int, str]:
+    """`dynamo-mega convert ARGS` in this process (the CLI's own entry function): exit code, stderr."""
+    from dynamo_mega.cli import main
+
+    code = main(["convert", *args, "--no-progress"])
+    return code, capsys.readouterr().err
 
 
-def test_cli_exits_nonzero_on_bad_input_and_leaves_no_output(tmp_path):
+def test_cli_exits_nonzero_on_bad_input_and_leaves_no_output(tmp_path, capsys):
     _write_headers(tmp_path / "hf", TINY, _hf_shapes(TINY))  # headers only: the data is "truncated"
-    bad_tp = _cli("hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "out"), "--tp", "3", "--no-progress")
-    assert bad_tp.returncode == 2 and "num_attention_heads=4 is not divisible by TP=3" in bad_tp.stderr
-    truncated = _cli("hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "out"), "--no-progress")
-    assert truncated.returncode == 2 and "is truncated" in truncated.stderr
+    code, err = _convert(capsys, "hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "out"), "--tp", "3")
+    assert code == 2 and "num_attention_heads=4 is not divisible by TP=3" in err
+    code, err = _convert(capsys, "hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert code == 2 and "is truncated" in err
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "part00000__0_0.distcp").write_bytes(b"x")
-    half = _cli("hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "half"), "--no-progress")
-    assert half.returncode == 2 and "has no manifest.sha256.json: it may be half-written" in half.stderr
-    not_ckpt = _cli("mcore-to-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--no-progress")
-    assert not_ckpt.returncode == 2 and "is not a megatron distributed checkpoint" in not_ckpt.stderr
+    code, err = _convert(capsys, "hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "half"))
+    assert code == 2 and "has no manifest.sha256.json: it may be half-written" in err
+    code, err = _convert(capsys, "mcore-to-hf", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert code == 2 and "is not a megatron distributed checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "hf"]  # no output, no partial folders
+    # the installed entry point turns the code into the process exit status
+    cmd = [sys.executable, "-m", "dynamo_mega.cli", "convert", "hf-to-mcore", str(tmp_path / "hf"), str(tmp_path / "out")]
+    proc = subprocess.run([*cmd, "--pp", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "num_hidden_layers=2 is not divisible by PP=4" in proc.stderr
 
 
 def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
@@ -185,7 +192,9 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
     run.hf_to_mcore(root / "hf", root / "mcore", progress=False)
     intact = verify_manifest(root / "mcore")
     victim = next((root / "mcore").glob("part00001*.distcp"))
-    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the file
+    victim.write_bytes(bytes(data))
     corrupted = verify_manifest(root / "mcore")
     (root / "other").mkdir()
     (root / "other" / "config.json").write_text(json.dumps({**TINY, "num_hidden_layers": 3}))
