@@ -47,7 +47,7 @@ def load_hf_into_model(model, hf_dir: Path, arch: QwenArch, tp_rank: int, tp_siz
 @torch.no_grad()
 def _gather_tp(param: torch.Tensor, suffix: str, tp_size: int, tp_group) -> torch.Tensor:
     """TP shards concatenated in rank order along the partition dim (fc1 keeps the per-rank gate/up order)."""
-    dim = qm._PARTITION_DIM[suffix]
+    dim = qm.partition_dim(suffix)
     if dim is None or tp_size == 1:
         return param.detach()
     shards = [torch.empty_like(param) for _ in range(tp_size)]

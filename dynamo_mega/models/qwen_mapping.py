@@ -105,10 +105,15 @@ def mcore_layer_shapes(arch: QwenArch) -> dict[str, tuple[int, ...]]:
 
 def local_shape(suffix_or_name: str, full_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
     """The shape one TP rank holds of a megatron tensor whose full shape is `full_shape`."""
-    dim = _PARTITION_DIM[suffix_or_name]
+    dim = partition_dim(suffix_or_name)
     if dim is None:
         return full_shape
     return full_shape[:dim] + (full_shape[dim] // tp,) + full_shape[dim + 1 :]
+
+
+def partition_dim(suffix_or_name: str) -> int | None:
+    """TP partition dim of a megatron layer suffix or non-layer tensor name (None: replicated)."""
+    return _PARTITION_DIM[suffix_or_name]
 
 
 def hf_layer_name(layer: int, hf_suffix: str) -> str:
@@ -248,7 +253,7 @@ def megatron_to_hf(full: dict[str, torch.Tensor], arch: QwenArch, tp: int) -> di
 
 def tp_shard(suffix_or_name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Rank `rank`'s slice of a full (TP=1 layout, vocab already padded) megatron tensor."""
-    dim = _PARTITION_DIM[suffix_or_name]
+    dim = partition_dim(suffix_or_name)
     if dim is None or tp == 1:
         return full
     if suffix_or_name == "mlp.linear_fc1.weight":
