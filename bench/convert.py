@@ -2,7 +2,7 @@
 
 Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54B parameters, bf16, tied
 embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
-process (peak RSS = that process's ru_maxrss; time = the call itself, imports excluded):
+process (peak RSS = that process's VmHWM; time = the call itself, imports excluded):
   floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
   mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,11 @@ DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config
 
 
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_checkpoint(config_path: Path, out: Path) -> None:

@@ -8,7 +8,6 @@ dry run uses. Writing buffers tensors up to a shard-size limit, then writes one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -127,11 +126,13 @@ class ShardedSafetensorsWriter:
     named like transformers' save_pretrained; a single shard is written as model.safetensors with no index."""
 
     def __init__(self, folder: Path, max_shard_bytes: int, on_bytes=None):
+        from dynamo_mega.convert.output_dir import BackgroundHasher
+
         self.folder, self.max_shard_bytes, self.on_bytes = folder, max_shard_bytes, on_bytes or (lambda n: None)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
-        self.sha256: dict[str, str] = {}
+        self._hasher = BackgroundHasher()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -142,12 +143,11 @@ class ShardedSafetensorsWriter:
         self._buffer_bytes += nbytes
 
     def _flush(self) -> None:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
-        data = save(self._buffer, metadata={"format": "pt"})
         path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        path.write_bytes(data)
-        self.sha256[path.name] = hashlib.sha256(data).hexdigest()
+        save_file(self._buffer, path, metadata={"format": "pt"})  # writes from the tensors' memory, no copy
+        self._hasher.submit(path)
         self._shards.append((path, list(self._buffer)))
         self.total_bytes += self._buffer_bytes
         self.on_bytes(self._buffer_bytes)
@@ -158,12 +158,13 @@ class ShardedSafetensorsWriter:
         if self._buffer:
             self._flush()
         n = len(self._shards)
+        sha256 = self._hasher.wait()
         names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         digests = {}
         weight_map = {}
         for (path, tensor_names), final in zip(self._shards, names):
             path.rename(self.folder / final)
-            digests[final] = self.sha256[path.name]
+            digests[final] = sha256[path]
             weight_map.update(dict.fromkeys(tensor_names, final))
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

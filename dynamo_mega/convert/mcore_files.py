@@ -144,11 +144,11 @@ def _renamed(path: str, part_no: int) -> str:
     return f"part{part_no:05d}{path}"
 
 
-def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[Path]:
+def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[tuple[Path, Path]]:
     """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, layer index or None).
 
-    Returns the files written. Tensors saved with a collapsed layer axis get their [L, ...] global size back
-    and chunk offsets at their layer; everything else is carried unchanged."""
+    Tensors saved with a collapsed layer axis get their [L, ...] global size back and chunk offsets at their
+    layer; everything else is carried unchanged. Returns (source, target) of every file moved or copied."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
@@ -170,14 +170,14 @@ def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_lay
         for file in sorted({info.relative_path for info in meta.storage_data.values()}):
             target = out_dir / _renamed(file, part_no)
             shutil.move(part_dir / file, target)
-            written.append(target)
+            written.append((part_dir / file, target))
         meta.storage_data = storage
         if merged is None:
             merged = meta
             for name in ("metadata.json", "common.pt"):  # common.pt: releases before common state moved into DCP
                 if (part_dir / name).is_file():
                     shutil.copy(part_dir / name, out_dir / name)
-                    written.append(out_dir / name)
+                    written.append((part_dir / name, out_dir / name))
             continue
         for fqn, m in meta.state_dict_metadata.items():
             if fqn in merged.state_dict_metadata and isinstance(m, TensorStorageMetadata):
@@ -189,7 +189,6 @@ def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_lay
             merged.mcore_data = {**getattr(merged, "mcore_data", {}), **meta.mcore_data}
     with open(out_dir / ".metadata", "wb") as f:
         pickle.dump(merged, f)
-    written.append(out_dir / ".metadata")
     return written
 
 

@@ -54,6 +54,26 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+class BackgroundHasher:
+    """sha256 of finished files on one worker thread (hashlib releases the GIL for large reads), so hashing
+    overlaps the conversion instead of re-reading every output at the end."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._futures = {}
+
+    def submit(self, path: Path) -> None:
+        self._futures[path] = self._pool.submit(sha256_file, path)
+
+    def wait(self) -> dict[Path, str]:
+        """Block until every submitted file is hashed; path -> sha256 (as submitted, before any rename)."""
+        digests = {path: future.result() for path, future in self._futures.items()}
+        self._pool.shutdown()
+        return digests
+
+
 def write_manifest(folder: Path, known: dict[str, str], extra: dict) -> None:
     """sha256 of every file under `folder` (hashes in `known`, by relative path, are trusted, not recomputed)."""
     files = {}

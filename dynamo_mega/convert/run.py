@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from dynamo_mega.convert import hf_files, mcore_files
-from dynamo_mega.convert.output_dir import atomic_output, byte_progress, check_destination, write_manifest
+from dynamo_mega.convert.output_dir import (
+    BackgroundHasher,
+    atomic_output,
+    byte_progress,
+    check_destination,
+    write_manifest,
+)
 from dynamo_mega.convert.plan import Plan, check_names_and_shapes, expected_stored, plan_hf_to_mcore, plan_mcore_to_hf
 from dynamo_mega.models import qwen_mapping as qm
 
@@ -55,7 +61,7 @@ def hf_to_mcore(
     with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
         parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
         staging = tmp / ".parts"
-        part_dirs = []
+        part_dirs, hasher = [], BackgroundHasher()
         with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
             for part_name, (layer, part) in parts.items():
                 names = _hf_sources(part, layer, arch)
@@ -67,14 +73,18 @@ def hf_to_mcore(
                     mcore = qm.hf_layer_to_mcore({n[prefix:]: t for n, t in hf.items()}, arch)
                 part_dirs.append((staging / part_name, layer))
                 mcore_files.save_part(part, mcore, part_dirs[-1][0])
+                for file in part_dirs[-1][0].glob("*.distcp"):
+                    hasher.submit(file)
                 advance(sum(_source_nbytes(plan, n) for n in names))
                 del hf, mcore
-        mcore_files.merge_parts(part_dirs, tmp, arch.num_layers)
+        digests = hasher.wait()  # before merge_parts moves the files
+        moved = mcore_files.merge_parts(part_dirs, tmp, arch.num_layers)
+        known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
         shutil.rmtree(staging)
         _carry_hf_files(src, tmp / "hf", plan)
         record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
         (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
-        write_manifest(tmp, {}, {"created_by": "dynamo-mega convert hf-to-mcore"})
+        write_manifest(tmp, known, {"created_by": "dynamo-mega convert hf-to-mcore"})
     return plan.summary()
 
 

@@ -165,6 +165,8 @@ def split_fc1(fc1: torch.Tensor, tp: int = 1) -> tuple[torch.Tensor, torch.Tenso
 
 def merge_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int = 1) -> torch.Tensor:
     """(gate [F, H], up [F, H]) -> [gate_0; up_0; gate_1; up_1; ...] for `tp` ranks ([gate; up] at tp=1)."""
+    if tp == 1:
+        return torch.cat([gate, up], dim=0)
     return torch.cat([torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))], dim=0)
 
 
