@@ -1,4 +1,4 @@
-"""`dynamo-mega train | plot`: parse, call. User mistakes exit with code 2 and one line on stderr."""
+"""`dynamo-mega train | plot | convert`: parse, call. User mistakes exit with code 2 and one line on stderr."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.steps=5 parallel.tensor_parallel=2")
     pl = sub.add_parser("plot", help="render RUN_DIR/plot.png from RUN_DIR/metrics.jsonl")
     pl.add_argument("run_dir")
+    from dynamo_mega.convert.cli import add_arguments as add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (any TP/PP)"))
     return p
 
 
@@ -25,6 +28,10 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        from dynamo_mega.convert.cli import run as run_convert
+
+        return run_convert(args)
     if args.command == "plot":
         from pathlib import Path
 

@@ -1,12 +1,7 @@
-"""Qwen2 / Qwen2.5 / Qwen3 (dense) on megatron-core: architecture and the HF <-> Megatron tensor mapping.
+"""Qwen2 / Qwen2.5 / Qwen3 (dense) on megatron-core: architecture (HF config.json <-> TransformerConfig).
 
-Megatron layout facts used here (TP size t, query groups g, heads h, head dim d, q heads per group q = h/g):
-- linear_qkv.weight is [g * (q + 2) * d, hidden]: for each query group, its q query heads, then its key head,
-  then its value head. TP shards whole groups, so rank r holds groups [r*g/t, (r+1)*g/t) contiguously.
-- linear_fc1.weight is [2 * ffn / t, hidden] per rank: the rank's slice of gate_proj stacked over its slice of
-  up_proj (SwiGLU), so the full tensor is NOT simply [gate; up] after concatenating ranks.
-- the word embedding and output layer are split over the vocabulary (dim 0), padded to a multiple of
-  make_vocab_size_divisible_by * t.
+The tensor name and layout mapping (per tensor, per layer, TP shards, vocab padding) lives in
+models/qwen_mapping.py.
 """
 
 from __future__ import annotations
@@ -148,6 +143,7 @@ def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,  # hidden states sent between stages (PP > 1)
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         init_method_std=init_std,
@@ -180,73 +176,8 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _split_qkv(qkv: torch.Tensor, arch: QwenArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grouped [g*(q+2)*d, ...] -> q [h*d, ...], k [g*d, ...], v [g*d, ...]; works for weight and bias."""
-    g, q, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
-    grouped = qkv.reshape(g, q + 2, d, *qkv.shape[1:])
-    rest = qkv.shape[1:]
-    return (
-        grouped[:, :q].reshape(g * q * d, *rest),
-        grouped[:, q].reshape(g * d, *rest),
-        grouped[:, q + 1].reshape(g * d, *rest),
-    )
-
-
-def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenArch) -> torch.Tensor:
-    g, qh, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
-    rest = q.shape[1:]
-    grouped = torch.cat([q.reshape(g, qh, d, *rest), k.reshape(g, 1, d, *rest), v.reshape(g, 1, d, *rest)], dim=1)
-    return grouped.reshape(g * (qh + 2) * d, *rest)
-
-
-def _split_fc1(fc1: torch.Tensor, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc1 gathered from `tp` ranks, each [gate_r; up_r] -> (gate, up) in HF order."""
-    shards = fc1.chunk(tp, dim=0)
-    gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
-    return torch.cat(gates, dim=0), torch.cat(ups, dim=0)
-
-
-def _merge_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int) -> torch.Tensor:
-    return torch.cat([torch.cat([g, u], dim=0) for g, u in zip(gate.chunk(tp, dim=0), up.chunk(tp, dim=0))], dim=0)
-
-
-_LAYER_SIMPLE = {  # megatron suffix -> HF suffix (same layout)
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
-
-
 def megatron_to_hf(full: dict[str, torch.Tensor], arch: QwenArch, tp: int) -> dict[str, torch.Tensor]:
-    """Megatron names -> HF Qwen names. `full` holds TP shards concatenated in rank order along their
-    partition dim (so fc1 still has the per-rank [gate; up] interleave, undone here). Padded vocab rows are
-    trimmed; with tied embeddings no lm_head.weight is emitted."""
-    hf: dict[str, torch.Tensor] = {}
-    for name, tensor in full.items():
-        if name == "embedding.word_embeddings.weight":
-            hf["model.embed_tokens.weight"] = tensor[: arch.vocab_size]
-        elif name == "output_layer.weight":
-            if not arch.tie_word_embeddings:
-                hf["lm_head.weight"] = tensor[: arch.vocab_size]
-        elif name == "decoder.final_layernorm.weight":
-            hf["model.norm.weight"] = tensor
-        elif name.startswith("decoder.layers."):
-            idx, suffix = name[len("decoder.layers.") :].split(".", 1)
-            prefix = f"model.layers.{idx}."
-            if suffix in _LAYER_SIMPLE:
-                hf[prefix + _LAYER_SIMPLE[suffix]] = tensor
-            elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-                kind = suffix.rsplit(".", 1)[1]
-                for proj, t in zip(("q_proj", "k_proj", "v_proj"), _split_qkv(tensor, arch)):
-                    hf[f"{prefix}self_attn.{proj}.{kind}"] = t
-            elif suffix == "mlp.linear_fc1.weight":
-                gate, up = _split_fc1(tensor, tp)
-                hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"] = gate, up
-            elif not suffix.endswith("_extra_state"):
-                raise KeyError(f"no HF mapping for megatron tensor {name}")
-        elif not name.endswith("_extra_state"):
-            raise KeyError(f"no HF mapping for megatron tensor {name}")
-    return {k: v.contiguous() for k, v in hf.items()}
+    """Megatron names -> HF Qwen names for a whole TP-gathered model; see models/qwen_mapping.py (the mapping)."""
+    from dynamo_mega.models.qwen_mapping import megatron_to_hf as whole_model_to_hf
+
+    return whole_model_to_hf(full, arch, tp)

@@ -1,0 +1,129 @@
+"""Checkpoint conversion throughput and peak host memory vs the I/O floor, side by side in one run.
+
+Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54B parameters, bf16, tied
+embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
+process (peak RSS = that process's VmHWM; time = the call itself, imports excluded):
+  floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
+  hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
+  mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
+Writes bench/results/convert.json and bench/results/convert.md.
+
+    PYTHONPATH=. python bench/convert.py [--config PATH/config.json] [--work /tmp/convert_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"
+
+
+def _rss_gib() -> float:
+    """Peak resident memory of this process image (VmHWM; ru_maxrss would carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def make_checkpoint(config_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path.parent)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="500MB")
+
+
+def run_floor(src: Path, dst: Path) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    start = time.perf_counter()
+    for shard in sorted(src.glob("*.safetensors")):
+        save_file(load_file(shard), dst / shard.name, metadata={"format": "pt"})
+    return {"seconds": time.perf_counter() - start}
+
+
+def run_child(task: str, src: str, dst: str) -> None:
+    """Executed in a fresh process: one measurement, printed as JSON on the last line."""
+    base_rss = _rss_gib()
+    if task == "floor":
+        result = run_floor(Path(src), Path(dst))
+    else:
+        from dynamo_mega.convert import run
+
+        run.hf_to_mcore  # noqa: B018  (import megatron-facing modules before the clock starts)
+        import megatron.core  # noqa: F401
+
+        base_rss = _rss_gib()
+        start = time.perf_counter()
+        if task == "hf-to-mcore":
+            run.hf_to_mcore(Path(src), Path(dst), tp=2, pp=2, progress=False)
+        else:
+            run.mcore_to_hf(Path(src), Path(dst), progress=False)
+        result = {"seconds": time.perf_counter() - start}
+    result.update(peak_rss_gib=_rss_gib(), rss_after_imports_gib=base_rss)
+    print(json.dumps(result))
+
+
+def measure(task: str, src: Path, dst: Path) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--child", task, str(src), str(dst)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--work", type=Path, default=Path("/tmp/convert_bench"))
+    p.add_argument("--child", nargs=3, metavar=("TASK", "SRC", "DST"))
+    args = p.parse_args()
+    if args.child:
+        return run_child(*args.child)
+    hf = args.work / "hf"
+    if not (hf / "model.safetensors.index.json").is_file():
+        shutil.rmtree(hf, ignore_errors=True)
+        make_checkpoint(args.config, hf)
+    src_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+    rows = {
+        "floor (load+save, hf)": measure("floor", hf, args.work / "floor"),
+        "hf-to-mcore TP=2 PP=2": measure("hf-to-mcore", hf, args.work / "mcore"),
+        "mcore-to-hf": measure("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
+    }
+    floor = rows["floor (load+save, hf)"]["seconds"]
+    for row in rows.values():
+        row["vs_floor"] = row["seconds"] / floor
+        row["GB_per_s"] = src_bytes / row["seconds"] / 1e9
+    out = {"checkpoint_bytes": src_bytes, "config": str(args.config), "rows": rows}
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "convert.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = [
+        f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
+        "",
+        "| step | seconds | x floor | GB/s | peak RSS GiB | RSS after imports GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['GB_per_s']:.2f} | "
+            f"{r['peak_rss_gib']:.2f} | {r['rss_after_imports_gib']:.2f} |"
+        )
+    (results / "convert.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

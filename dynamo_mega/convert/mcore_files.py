@@ -1,0 +1,267 @@
+"""Megatron distributed checkpoints (megatron.core.dist_checkpointing, torch_dist backend), one layer at a time.
+
+The torch_dist format stores every tensor by its GLOBAL shape (decoder layers stacked on a leading layer axis,
+fc1 as [gate; up], vocab rows padded), so a checkpoint is independent of the TP/PP that wrote it and any TP/PP
+loads it. That lets a single process write and read it, with the layout taken from megatron itself: a TP=1,
+PP=1 GPTModel built on the meta device (no memory) yields the exact keys, global shapes and factories of its
+`sharded_state_dict()`.
+
+Memory bound. megatron's writer stages every tensor of one `dist_checkpointing.save` call in host memory, so
+saving the whole model at once would hold the whole model (65 GB for Qwen2.5-32B in bf16). Instead each part
+(the non-layer tensors, then each decoder layer) is saved by megatron as its own small checkpoint, with the
+layer axis collapsed to length 1, and the parts' torch.distributed.checkpoint metadata are merged into one
+checkpoint (chunk offsets moved back to the layer's index, file names made unique). The result is exactly
+what one save of the whole model writes: tests load it with `dist_checkpointing.load` into TP/PP models.
+Reading goes the same way: `dist_checkpointing.load` of one layer's entries reads only that layer's chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dynamo_mega.models import qwen
+from dynamo_mega.models.qwen_mapping import MCORE_LAYER_PREFIX, split_layer_name
+
+
+@contextlib.contextmanager
+def single_process_megatron() -> Iterator[None]:
+    """A world of one process with megatron's parallel state at TP=1, PP=1 (created here if absent)."""
+    from megatron.core import parallel_state
+
+    from dynamo_mega.parallel import cpu_compat
+
+    cpu_compat.apply_if_no_gpu()
+    made_dist = not dist.is_initialized()
+    if made_dist:
+        from dynamo_mega.parallel.groups import _free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    made_mp = False
+    try:
+        if dist.get_world_size() != 1:
+            raise ValueError("checkpoint conversion runs in a single process: do not launch it with torchrun")
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+            made_mp = True
+        elif parallel_state.get_tensor_model_parallel_world_size() != 1:
+            raise ValueError("checkpoint conversion needs megatron's parallel state at TP=1, PP=1")
+        yield
+    finally:
+        if made_mp:
+            parallel_state.destroy_model_parallel()
+        if made_dist:
+            dist.destroy_process_group()
+
+
+def layout_state_dict(arch: qwen.QwenArch, padded_rows: int) -> dict:
+    """megatron's sharded_state_dict of a TP=1, PP=1 model of `arch` on the meta device: key -> ShardedBase."""
+    from megatron.core.models.gpt import GPTModel
+
+    config = qwen.transformer_config(arch, tp=1, pp=1, params_dtype=torch.float32)
+    config.use_cpu_initialization = True  # allocate with the ambient (meta) device, never on a GPU
+    config.perform_initialization = False
+    with torch.device("meta"):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=qwen.layer_spec(arch, use_te=False),
+            vocab_size=padded_rows,
+            max_sequence_length=arch.max_position_embeddings,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+        )
+    return model.sharded_state_dict()
+
+
+def split_parts(layout: dict) -> dict[str, tuple[int | None, dict]]:
+    """Layout entries grouped into the units written and read at once: part name -> (layer id or None, entries).
+
+    One part per decoder layer, and one per top-level module outside them (embedding, final norm, output
+    layer), so the largest part is max(one layer, one vocab-sized matrix)."""
+    parts: dict[str, tuple[int | None, dict]] = {}
+    for key, entry in layout.items():
+        split = split_layer_name(key, MCORE_LAYER_PREFIX)
+        name = f"layer{split[0]}" if split else key.rsplit(".", 1)[0].removesuffix(".word_embeddings")
+        parts.setdefault(name, (split[0] if split else None, {}))[1][key] = entry
+    return parts
+
+
+def part_suffix(key: str) -> str:
+    """State-dict key -> mapping name: the layer suffix for decoder layers, the full name otherwise."""
+    split = split_layer_name(key, MCORE_LAYER_PREFIX)
+    return key if split is None else split[1]
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _collapse_layer_axis(sharded_tensor):
+    """A layer-stacked ShardedTensor [L, ...] at offset i -> the same data as a complete [1, ...] tensor."""
+    if sharded_tensor.prepend_axis_num == 0:
+        return sharded_tensor
+    assert sharded_tensor.prepend_axis_num == 1, sharded_tensor.key
+    return dataclasses.replace(
+        sharded_tensor,
+        global_shape=(1,) + tuple(sharded_tensor.global_shape[1:]),
+        global_offset=(0,) + tuple(sharded_tensor.global_offset[1:]),
+        axis_fragmentations=(1,) + tuple(sharded_tensor.axis_fragmentations[1:]),
+    )
+
+
+def save_part(part: dict, tensors: dict[str, torch.Tensor], part_dir: Path) -> None:
+    """Fill one part's layout with `tensors` (mapping name -> full tensor) and save it with megatron."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+
+    filled = {}
+    for key, entry in part.items():
+        if isinstance(entry, ShardedObject):
+            filled[key] = entry
+            continue
+        tensor = tensors[part_suffix(key)].contiguous()
+        assert tuple(tensor.shape) == tuple(entry.data.shape), (key, tensor.shape, entry.data.shape)
+        if isinstance(entry, ShardedTensor):
+            filled[key] = dataclasses.replace(entry, data=tensor, dtype=tensor.dtype)
+        else:  # a ShardedTensorFactory (fc1's gate/up split): builds its ShardedTensors from .data
+            filled[key] = dataclasses.replace(entry, data=tensor)
+    apply_factories(filled)
+    collapse = lambda v: _collapse_layer_axis(v) if isinstance(v, ShardedTensor) else v
+    filled = {k: [collapse(t) for t in v] if isinstance(v, list) else collapse(v) for k, v in filled.items()}
+    part_dir.mkdir(parents=True)
+    dist_checkpointing.save(filled, str(part_dir), validate_access_integrity=False)
+
+
+def _renamed(path: str, part_no: int) -> str:
+    return f"part{part_no:05d}{path}"
+
+
+def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[tuple[Path, Path]]:
+    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, layer index or None).
+
+    Tensors saved with a collapsed layer axis get their [L, ...] global size back and chunk offsets at their
+    layer; everything else is carried unchanged. Returns (source, target) of every file moved or copied."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+
+    merged = None
+    written = []
+    for part_no, (part_dir, layer) in enumerate(part_dirs):
+        meta = FileSystemReader(str(part_dir)).read_metadata()
+        tensors = [fqn for fqn, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)]
+        stacked = set(tensors) if layer is not None else set()
+        for fqn in stacked:
+            m = meta.state_dict_metadata[fqn]
+            m.size = torch.Size((num_layers, *m.size[1:]))
+            m.chunks = [ChunkStorageMetadata(torch.Size((layer, *c.offsets[1:])), c.sizes) for c in m.chunks]
+        storage = {}
+        for index, info in meta.storage_data.items():
+            if index.fqn in stacked:
+                index = MetadataIndex(index.fqn, torch.Size((layer, *index.offset[1:])), index.index)
+            storage[index] = dataclasses.replace(info, relative_path=_renamed(info.relative_path, part_no))
+        for file in sorted({info.relative_path for info in meta.storage_data.values()}):
+            target = out_dir / _renamed(file, part_no)
+            shutil.move(part_dir / file, target)
+            written.append((part_dir / file, target))
+        meta.storage_data = storage
+        if merged is None:
+            merged = meta
+            for name in ("metadata.json", "common.pt"):  # common.pt: releases before common state moved into DCP
+                if (part_dir / name).is_file():
+                    shutil.copy(part_dir / name, out_dir / name)
+                    written.append((part_dir / name, out_dir / name))
+            continue
+        for fqn, m in meta.state_dict_metadata.items():
+            if fqn in merged.state_dict_metadata and isinstance(m, TensorStorageMetadata):
+                merged.state_dict_metadata[fqn].chunks.extend(m.chunks)
+            else:
+                merged.state_dict_metadata[fqn] = m
+        merged.storage_data.update(meta.storage_data)
+        if getattr(meta, "mcore_data", None):
+            merged.mcore_data = {**getattr(merged, "mcore_data", {}), **meta.mcore_data}
+    with open(out_dir / ".metadata", "wb") as f:
+        pickle.dump(merged, f)
+    return written
+
+
+# ---------------------------------------------------------------- reading
+
+
+def stored_tensors(ckpt_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Checkpoint key -> (global shape, dtype) of every tensor stored, from the metadata only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (ckpt_dir / "metadata.json").is_file() or not (ckpt_dir / ".metadata").is_file():
+        raise ValueError(f"{ckpt_dir} is not a megatron distributed checkpoint (no metadata.json / .metadata)")
+    backend = json.loads((ckpt_dir / "metadata.json").read_text()).get("sharded_backend")
+    if backend != "torch_dist":
+        raise ValueError(f"{ckpt_dir}: sharded_backend {backend!r} is not supported; only torch_dist checkpoints are")
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    return {
+        fqn: (tuple(m.size), m.properties.dtype)
+        for fqn, m in meta.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+
+
+def load_part(part: dict, ckpt_dir: Path, dtypes: dict[str, torch.dtype], layer: int | None) -> dict[str, torch.Tensor]:
+    """Read one part from the checkpoint: mapping name -> full TP=1 layout tensor (fc1 as [gate; up]).
+
+    Reads through torch.distributed.checkpoint with a planner that asks for the layer's slice [i:i+1] of each
+    stacked tensor. (megatron's own load cannot do this in one process: it describes a request as a regular
+    grid of shards and would expect every layer of the grid to be local.)"""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    slices, names = {}, {}
+    for key, entry in part.items():
+        if isinstance(entry, ShardedObject):
+            continue  # _extra_state: nothing for the HF side
+        shape = tuple(entry.data.shape)
+        if layer is not None:
+            slices[entry.key] = (torch.empty((1, *shape), dtype=dtypes[entry.key]), (layer,) + (0,) * len(shape))
+        else:
+            slices[entry.key] = (torch.empty(shape, dtype=dtypes[entry.key]), (0,) * len(shape))
+        names[entry.key] = part_suffix(key)
+    planner = _SliceLoadPlanner(slices)
+    reader = FileSystemReader(str(ckpt_dir))
+    dcp_load({k: t for k, (t, _) in slices.items()}, storage_reader=reader, planner=planner, no_dist=True)
+    return {names[k]: t[0] if layer is not None else t for k, (t, _) in slices.items()}
+
+
+def _slice_planner_base():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    return DefaultLoadPlanner
+
+
+class _SliceLoadPlanner(_slice_planner_base()):
+    """Loads stored global tensors' slices: fqn -> (destination tensor, its offset in the global tensor)."""
+
+    def __init__(self, slices: dict[str, tuple[torch.Tensor, tuple[int, ...]]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.slices = slices
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        items = []
+        for fqn, (tensor, offsets) in self.slices.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index):
+        return self.slices[index.fqn][0]

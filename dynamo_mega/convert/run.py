@@ -1,0 +1,188 @@
+"""HF safetensors <-> Megatron distributed checkpoint, streamed one decoder layer at a time in one process.
+
+hf-to-mcore: read one layer's HF tensors (one shard open) -> megatron layout -> megatron saves that layer as
+a part -> parts merged into one torch_dist checkpoint (see mcore_files.py). Output folder:
+    DST/metadata.json, .metadata, common.pt, part*.distcp   the megatron distributed checkpoint
+    DST/hf/                                                 config.json, generation config, tokenizer files
+    DST/convert.json                                        what was converted, at which padded vocab
+    DST/manifest.sha256.json                                sha256 + size of every file (written last)
+mcore-to-hf: megatron loads one layer's chunks -> HF names -> buffered into safetensors shards of at most
+--max-shard-size; config, generation config and tokenizer files come from DST_mcore/hf/ (or --hf-config).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from dynamo_mega.convert import hf_files, mcore_files
+from dynamo_mega.convert.output_dir import (
+    BackgroundHasher,
+    atomic_output,
+    byte_progress,
+    check_destination,
+    write_manifest,
+)
+from dynamo_mega.convert.plan import Plan, check_names_and_shapes, expected_stored, plan_hf_to_mcore, plan_mcore_to_hf
+from dynamo_mega.models import qwen_mapping as qm
+
+CONVERT_JSON = "convert.json"
+
+
+def hf_to_mcore(
+    src: Path,
+    dst: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | None = None,
+    vocab_divisible_by: int = 1,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert an HF Qwen2/Qwen3 folder into a megatron distributed checkpoint that loads at TP=tp, PP=pp
+    (and at any other TP/PP with the same padded vocabulary). Returns the plan summary."""
+    src, dst = Path(src), Path(dst)
+    plan = plan_hf_to_mcore(src, tp, pp, dtype, vocab_divisible_by)
+    if dry_run:
+        with mcore_files.single_process_megatron():  # the megatron layout must accept every shape as well
+            layout = mcore_files.layout_state_dict(plan.arch, plan.padded_rows)
+        _check_layout_matches_mapping(layout, plan)
+        return plan.summary()
+    check_destination(dst, overwrite)
+    headers = hf_files.read_headers(src)
+    hf_files.check_data_present(src, headers)
+    reader = hf_files.HFReader(src, headers)
+    arch, cast = plan.arch, lambda t: t.to(plan.dtype)
+    with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
+        parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
+        staging = tmp / ".parts"
+        part_dirs, hasher = [], BackgroundHasher()
+        with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
+            for part_name, (layer, part) in parts.items():
+                names = _hf_sources(part, layer, arch)
+                hf = {n: cast(reader.get(n)) for n in names}
+                if layer is None:
+                    mcore = qm.hf_to_mcore_globals(hf, arch, plan.padded_rows)
+                else:
+                    prefix = len(qm.hf_layer_name(layer, ""))
+                    mcore = qm.hf_layer_to_mcore({n[prefix:]: t for n, t in hf.items()}, arch)
+                part_dirs.append((staging / part_name, layer))
+                mcore_files.save_part(part, mcore, part_dirs[-1][0])
+                for file in part_dirs[-1][0].glob("*.distcp"):
+                    hasher.submit(file)
+                advance(sum(_source_nbytes(plan, n) for n in names))
+                del hf, mcore
+        digests = hasher.wait()  # before merge_parts moves the files
+        moved = mcore_files.merge_parts(part_dirs, tmp, arch.num_layers)
+        known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
+        shutil.rmtree(staging)
+        _carry_hf_files(src, tmp / "hf", plan)
+        record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
+        (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
+        write_manifest(tmp, known, {"created_by": "dynamo-mega convert hf-to-mcore"})
+    return plan.summary()
+
+
+def mcore_to_hf(
+    src: Path,
+    dst: Path,
+    *,
+    hf_config: Path | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert a megatron distributed checkpoint (any TP/PP wrote it) into an HF safetensors folder."""
+    src, dst = Path(src), Path(dst)
+    stored = mcore_files.stored_tensors(src)
+    plan = plan_mcore_to_hf(src, Path(hf_config) if hf_config else None, dtype, stored)
+    arch = plan.arch
+    with mcore_files.single_process_megatron():
+        layout = mcore_files.layout_state_dict(arch, plan.padded_rows)
+    model_keys = {k: v[0] for k, v in stored.items() if k.split(".", 1)[0] in ("embedding", "decoder", "output_layer")}
+    check_names_and_shapes(model_keys, expected_stored(layout, arch.num_layers), str(src))
+    if dry_run:
+        return plan.summary()
+    check_destination(dst, overwrite)
+    dtypes = {k: v[1] for k, v in stored.items()}
+    parts = mcore_files.split_parts(layout)
+    with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
+        total = qm_bytes(arch, plan.dtype)
+        with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
+            writer = hf_files.ShardedSafetensorsWriter(tmp, max_shard_bytes, advance)
+            for layer, part in parts.values():
+                loaded = mcore_files.load_part(part, src, dtypes, layer)
+                if layer is None:
+                    hf = qm.mcore_to_hf_globals(loaded, arch)
+                else:
+                    hf = {qm.hf_layer_name(layer, s): t for s, t in qm.mcore_layer_to_hf(loaded, arch).items()}
+                for name, tensor in hf.items():
+                    writer.add(name, tensor.to(plan.dtype))
+                del loaded, hf
+            digests = writer.close()
+        carried_from = Path(hf_config).parent if hf_config else src / "hf"
+        _carry_hf_files(carried_from, tmp, plan)
+        write_manifest(tmp, digests, {"created_by": "dynamo-mega convert mcore-to-hf", "source": str(src.resolve())})
+    return plan.summary()
+
+
+def qm_bytes(arch, dtype: torch.dtype) -> int:
+    """Bytes of the HF checkpoint of `arch` at `dtype` (the progress bar's total)."""
+    return sum(_prod(s) for s in qm.hf_shapes(arch).values()) * dtype.itemsize
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _source_nbytes(plan: Plan, name: str) -> int:
+    shape, dtype = plan.tensors[name]
+    return _prod(shape) * dtype.itemsize
+
+
+def _hf_sources(part: dict, layer: int | None, arch) -> list[str]:
+    """HF tensor names a part is made from."""
+    if layer is not None:
+        return [qm.hf_layer_name(layer, s) for s in qm.hf_layer_shapes(arch)]
+    keys = [mcore_files.part_suffix(k) for k, e in part.items() if type(e).__name__ != "ShardedObject"]
+    return [qm.GLOBAL_HF_NAME[k] for k in keys]
+
+
+def _carry_hf_files(src: Path, out: Path, plan: Plan) -> None:
+    """Copy config/tokenizer/generation files; config.json's dtype follows the converted tensors."""
+    out.mkdir(exist_ok=True)
+    for path in hf_files.carried_files(src) if src.is_dir() else []:
+        if path.name in ("convert.json", "manifest.sha256.json"):
+            continue
+        shutil.copy(path, out / path.name)
+    config = json.loads((out / "config.json").read_text())
+    dtype = str(plan.dtype).removeprefix("torch.")
+    config.update({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _check_layout_matches_mapping(layout: dict, plan: Plan) -> None:
+    """Dry run: megatron's own layout (keys, global shapes) equals what the mapping produces from the source."""
+    arch = plan.arch
+    meta_hf = {s: torch.empty(shape, device="meta") for s, shape in qm.hf_layer_shapes(arch).items()}
+    layer = qm.hf_layer_to_mcore(meta_hf, arch)
+    emb = torch.empty(arch.vocab_size, arch.hidden_size, device="meta")
+    glob = qm.hf_to_mcore_globals({qm.HF_EMBED: emb, qm.HF_NORM: emb[0], qm.HF_LM_HEAD: emb}, arch, plan.padded_rows)
+    for key, entry in layout.items():
+        if entry.__class__.__name__ == "ShardedObject":
+            continue
+        suffix = mcore_files.part_suffix(key)
+        produced = layer.get(suffix) if key.startswith(qm.MCORE_LAYER_PREFIX) else glob.get(suffix)
+        if produced is None or tuple(produced.shape) != tuple(entry.data.shape):
+            got = None if produced is None else tuple(produced.shape)
+            raise AssertionError(f"mapping produces {got} for megatron tensor {key}, megatron expects {tuple(entry.data.shape)}")

@@ -1,0 +1,113 @@
+"""The bridge's export stream (parallel/weight_bridge.py) from TP=2 x PP=2, TP=2 x DP=2 and PP=2 x DP=2
+megatron models (4 gloo processes, one spawn) equals the HF checkpoint the models were loaded from, bit for
+bit; bucket edge cases: a tensor larger than the bucket, bucket boundaries inside a layer, tied embeddings
+(never sent twice, also not from the last stage's copy at PP=2), DP replicas silent, one all_gather per bucket.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _gloo import run_gloo
+from safetensors.torch import load_file
+
+COMMON = dict(vocab_size=151, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+MODELS = {"tied": dict(COMMON, tie_word_embeddings=True), "untied": dict(COMMON, tie_word_embeddings=False)}
+LAYOUTS = [(2, 2), (2, 1), (1, 2)]  # (TP, PP) on 4 ranks: DP = 4 / (TP x PP)
+# fp32 sizes: qkv 32 KiB, o_proj 16 KiB, fc1 48 KiB, fc2 24 KiB, embedding 38 KiB (152 padded rows)
+BUCKET_BYTES = 40 * 1024
+
+
+def _bridge_worker(rank: int, world: int, root: str) -> dict:
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from dynamo_mega.convert.live import load_hf_into_model
+    from dynamo_mega.models import qwen
+    from dynamo_mega.parallel import weight_bridge
+    from dynamo_mega.parallel.groups import init_parallel
+
+    gathers = []
+    real_all_gather = dist.all_gather
+    weight_bridge.dist.all_gather = lambda *a, **k: (gathers.append(1), real_all_gather(*a, **k))[1]
+    out = {}
+    for tp, pp in LAYOUTS:
+        groups = init_parallel(tp, pp, seed=0)
+        for name in MODELS:
+            arch = qwen.arch_from_hf_config(Path(root) / name)
+            config = qwen.transformer_config(arch, tp=tp, pp=pp, params_dtype=torch.float32)
+            config.init_model_with_meta_device = True  # skip megatron's CUDA-only tied-embedding copy; loaded below
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=qwen.layer_spec(arch),
+                vocab_size=qwen.padded_vocab_size(arch.vocab_size, tp),
+                max_sequence_length=64,
+                pre_process=ps.is_pipeline_first_stage(),
+                post_process=ps.is_pipeline_last_stage(),
+                share_embeddings_and_output_weights=arch.tie_word_embeddings,
+                position_embedding_type="rope",
+            )
+            load_hf_into_model(model, Path(root) / name, arch, groups.tp_rank, tp)
+            gathers.clear()
+            stream = dict(tp_size=tp, tp_group=groups.tp_group, dp_rank=groups.dp_rank)
+            buckets = list(weight_bridge.iter_buckets(model, arch, **stream, bucket_bytes=BUCKET_BYTES, version=7))
+            n_gathers = len(gathers)
+            one_bucket = list(weight_bridge.iter_buckets(model, arch, **stream))
+            out[(tp, pp, name)] = {
+                "dp_rank": groups.dp_rank,
+                "buckets": [(dict((n, t.clone()) for n, t in b.tensors()), b.nbytes, b.flat.dtype, b.version) for b in buckets],
+                "gathers": n_gathers,
+                "one_bucket": len(one_bucket),
+            }
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("bridge")
+    for name, cfg in MODELS.items():
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(Qwen2Config(**cfg, num_hidden_layers=4, max_position_embeddings=64)).save_pretrained(root / name)
+    return root, run_gloo(_bridge_worker, 4, str(root))
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bucket_stream_equals_hf_checkpoint(streamed, tp, pp, name):
+    root, ranks = streamed
+    src = load_file(root / name / "model.safetensors")
+    received: dict[str, torch.Tensor] = {}
+    for r in ranks:
+        res = r[(tp, pp, name)]
+        if res["dp_rank"] != 0:
+            assert res["buckets"] == [] and res["gathers"] == 0, "a DP replica sent weights"
+            continue
+        sharded_buckets = 0
+        for tensors, nbytes, dtype, version in res["buckets"]:
+            assert version == 7 and dtype == torch.float32
+            assert nbytes <= BUCKET_BYTES or len(tensors) <= 3, (list(tensors), nbytes)  # oversized: one megatron tensor
+            sharded_buckets += tp > 1 and any("norm" not in n for n in tensors)  # norms are replicated: no gather
+            for hf_name, tensor in tensors.items():
+                if hf_name in received:  # the same tensor from another TP rank of the same stage
+                    assert torch.equal(received[hf_name], tensor), hf_name
+                received[hf_name] = tensor
+        assert res["gathers"] == sharded_buckets  # one all_gather per bucket holding TP-sharded tensors
+        assert res["one_bucket"] == 1  # the default 512 MiB holds a whole stage
+    assert received.keys() == src.keys()
+    for hf_name, tensor in src.items():
+        assert torch.equal(received[hf_name], tensor), hf_name
+    assert ("lm_head.weight" in received) == (name == "untied")
+
+
+def test_buckets_split_inside_layers_and_isolate_oversized_tensors(streamed):
+    _, ranks = streamed
+    buckets = [b[0] for b in ranks[0][(2, 2, "untied")]["buckets"]]
+    layer0 = [i for i, t in enumerate(buckets) if any(n.startswith("model.layers.0.") for n in t)]
+    assert len(layer0) > 1  # a bucket boundary falls inside layer 0
+    assert any(set(t) == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"} for t in buckets)
