@@ -20,10 +20,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Qwen2-architecture policy. With `hf_config` set, the architecture is read from that config.json
-    (a directory or file) and the size fields below are ignored."""
+    """Qwen2-architecture policy. With `hf_checkpoint` (or `hf_config`) set, the architecture is read from that
+    config.json and the size fields below are ignored."""
 
-    hf_config: str | None = None  # path to a Hugging Face config.json (or its directory)
+    hf_checkpoint: str | None = None  # HF model dir: architecture, initial weights (safetensors) and tokenizer
+    hf_config: str | None = None  # path to a Hugging Face config.json (or its directory): architecture only
     vocab_size: int = 32  # embedding rows; >= the tokenizer's size
     hidden_size: int = 128
     num_layers: int = 3
@@ -48,8 +49,8 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet (data.py;
-    training on files is refused until HF tokenizer/checkpoint loading exists)."""
+    """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet (data.py)
+    and renders each problem with model.hf_checkpoint's tokenizer."""
 
     source: str = "synthetic_arithmetic"  # synthetic_arithmetic | file
     train_path: str | None = None  # for source=file
@@ -57,6 +58,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
+    prompt_format: str = "chat"  # source=file: chat (one user turn through the tokenizer's chat template) | raw
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended (chat)
     num_train: int = 4000  # synthetic only
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
@@ -237,7 +240,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     tp = p.tensor_parallel
     _require(tp >= 1, f"parallel.tensor_parallel={tp} must be >= 1")
     _require(p.pipeline_parallel == 1, "parallel.pipeline_parallel: only 1 is supported so far; set parallel.pipeline_parallel=1")
-    if m.hf_config is None:
+    if m.hf_checkpoint is not None:
+        _require((Path(m.hf_checkpoint) / "config.json").is_file(), f"model.hf_checkpoint={m.hf_checkpoint}: no config.json")
+    if m.hf_config is not None or m.hf_checkpoint is not None:
+        from dynamo_mega.models.qwen import arch_from_model_config
+
+        arch = arch_from_model_config(m)
+        for name, value in (("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups)):
+            _require(value % tp == 0, f"parallel.tensor_parallel={tp} does not divide the checkpoint's {name}={value}")
+    else:
         _require(
             m.num_attention_heads % tp == 0,
             f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads={m.num_attention_heads}; pick a divisor",
@@ -263,12 +274,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         cfg.data.source in ("synthetic_arithmetic", "file"), f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file"
     )
     if cfg.data.source == "file":
-        _require(cfg.data.train_path is not None, "data.train_path must be set when data.source=file")
-        # Real prompts need the model's own tokenizer and chat template, which come with HF checkpoint loading.
-        raise ConfigError(
-            "data.source=file: training on data files needs HF checkpoint + tokenizer loading, not built yet; "
-            "use data.source=synthetic_arithmetic"
+        d = cfg.data
+        _require(d.train_path is not None, "data.train_path must be set when data.source=file")
+        for key in ("train_path", "eval_path"):
+            path = getattr(d, key)
+            _require(path is None or Path(path).is_file(), f"data.{key}={path}: file not found")
+        _require(
+            m.hf_checkpoint is not None,
+            "data.source=file needs model.hf_checkpoint: its tokenizer and chat template render the prompts",
         )
+        _require(d.prompt_format in ("chat", "raw"), f"data.prompt_format={d.prompt_format!r}: use chat or raw")
+        _require(not cfg.warmup.enabled, "warmup.enabled: the supervised warm-up exists for the synthetic task only")
     _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
     _require(
         r.prompts_per_step >= 1 and r.samples_per_prompt >= 1,

@@ -41,6 +41,8 @@ class QwenArch:
 
 
 def arch_from_model_config(m: ModelConfig) -> QwenArch:
+    if m.hf_checkpoint is not None:
+        return arch_from_hf_config(m.hf_checkpoint)
     if m.hf_config is not None:
         return arch_from_hf_config(m.hf_config)
     return QwenArch(
