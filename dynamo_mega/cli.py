@@ -20,7 +20,44 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.samples=16 eval.k=[1,16] eval.temperature=0.6")
     ev.add_argument("--config", default=None, help="YAML config whose eval/rollout sections apply (default: built-in defaults)")
     ev.add_argument("--output", default=None, help="results folder (default: runs/eval/<model folder name>)")
+    pn = sub.add_parser("plan", help="per-GPU memory of a config's layout; fits or not, and layouts that fit")
+    pn.add_argument("config")
+    pn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=4")
+    pn.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: launch.nodes x launch.procs_per_node)")
+    pn.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pn.add_argument("--offload", action="store_true", help="training state moved to host memory while vLLM generates")
     return p
+
+
+def _plan(args) -> int:
+    from dynamo_mega.config import ConfigError, load_config
+    from dynamo_mega.models.qwen import arch_from_model_config
+    from dynamo_mega.planner import format_plan, inputs_from_config, layout_problems, plan_memory, suggest_layouts
+
+    try:
+        cfg = load_config(args.config, args.overrides, training=False)
+        arch = arch_from_model_config(cfg.model)
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    gpus = args.gpus or cfg.launch.nodes * cfg.launch.procs_per_node
+    inputs = inputs_from_config(cfg, gpus, args.gpu_mem, offload=args.offload)
+    problems = layout_problems(arch, inputs.tp, inputs.pp, gpus, inputs.vllm_tp)
+    if problems:
+        return _fail(f"{args.config}: " + "; ".join(problems))
+    plan = plan_memory(arch, inputs)
+    print(format_plan(plan))
+    fitting = suggest_layouts(arch, inputs, gpus_per_node=min(cfg.launch.procs_per_node, gpus))
+    if fitting:
+        print(
+            "\nLayouts that fit (fewest model-parallel GPUs first): "
+            + ", ".join(f"TP={m.inputs.tp} PP={m.inputs.pp} ({max(m.train_peak, m.rollout_peak):.1f} GiB)" for m in fitting[:4])
+        )
+    else:
+        print(
+            "\nNo TP/PP layout fits on these GPUs: add GPUs, lower rollout.vllm_gpu_memory_utilization, "
+            "use parallel.recompute=full, or pass --offload"
+        )
+    return 0 if plan.fits else 1
 
 
 def _eval(args) -> int:
@@ -52,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "plot":
         from pathlib import Path
 
