@@ -26,7 +26,30 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: launch.nodes x launch.procs_per_node)")
     pn.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
     pn.add_argument("--offload", action="store_true", help="training state moved to host memory while vLLM generates")
+    la = sub.add_parser("launch", help="run `train CONFIG` under torchrun through nemo-run (local or Slurm, per launch.*)")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*", help="dotted overrides for the launch and the job, e.g. launch.executor=local")
+    la.add_argument("--dry-run", action="store_true", help="print the exact commands (torchrun line or sbatch script)")
     return p
+
+
+def _launch(args) -> int:
+    from dynamo_mega.config import ConfigError, load_config
+    from dynamo_mega.launch import dry_run, launch
+
+    try:
+        cfg = load_config(args.config, args.overrides, training=False)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.dry_run:
+        print(dry_run(cfg, args.config, args.overrides))
+        return 0
+    result = launch(cfg, args.config, args.overrides)
+    print(json.dumps({"experiment_id": result.experiment_id, "state": result.state, "job_dir": result.job_dir}))
+    if cfg.launch.executor == "local" and not result.succeeded:
+        print(f"dynamo-mega: the job {result.state}; logs under {result.job_dir}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _plan(args) -> int:
@@ -91,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "launch":
+        return _launch(args)
     if args.command == "plot":
         from pathlib import Path
 
