@@ -28,7 +28,7 @@ A fixed `overhead_gib` (CUDA context, NCCL buffers, allocator fragmentation) is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dynamo_mega.models.qwen import QwenArch, padded_vocab_size
 
@@ -206,16 +206,10 @@ def suggest_layouts(arch: QwenArch, base: PlanInputs, gpus_per_node: int = 8) ->
         for pp in (q for q in range(1, arch.num_layers + 1) if arch.num_layers % q == 0):
             if layout_problems(arch, tp, pp, base.gpus, base.vllm_tp):
                 continue
-            plan = plan_memory(arch, _replace(base, tp=tp, pp=pp))
+            plan = plan_memory(arch, replace(base, tp=tp, pp=pp))
             if plan.fits:
                 fitting.append(plan)
     return sorted(fitting, key=lambda m: (m.inputs.tp * m.inputs.pp, m.inputs.pp, m.inputs.tp))
-
-
-def _replace(p: PlanInputs, **changes) -> PlanInputs:
-    from dataclasses import replace
-
-    return replace(p, **changes)
 
 
 def format_plan(plan: MemoryPlan, title: str = "") -> str:
