@@ -1,4 +1,5 @@
-"""`dynamo-mega train | plot | convert`: parse, call. User mistakes exit with code 2 and one line on stderr."""
+"""`dynamo-mega train | plot | convert | eval | plan | launch`: parse, call. User mistakes exit with code 2 and one
+line on stderr."""
 
 from __future__ import annotations
 
@@ -18,7 +19,92 @@ def _parser() -> argparse.ArgumentParser:
     from dynamo_mega.convert.cli import add_arguments as add_convert_arguments
 
     add_convert_arguments(sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (any TP/PP)"))
+    ev = sub.add_parser("eval", help="pass@1 / pass@k of an HF checkpoint on the math benchmarks (vLLM + math-verify)")
+    ev.add_argument("model_dir", help="HF checkpoint folder: config.json + *.safetensors (+ tokenizer, or set eval.tokenizer)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.samples=16 eval.k=[1,16] eval.temperature=0.6")
+    ev.add_argument("--config", default=None, help="YAML config whose eval/rollout sections apply (default: built-in defaults)")
+    ev.add_argument("--output", default=None, help="results folder (default: runs/eval/<model folder name>)")
+    pn = sub.add_parser("plan", help="per-GPU memory of a config's layout; fits or not, and layouts that fit")
+    pn.add_argument("config")
+    pn.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=4")
+    pn.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: launch.nodes x launch.procs_per_node)")
+    pn.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pn.add_argument("--offload", action="store_true", help="training state moved to host memory while vLLM generates")
+    la = sub.add_parser("launch", help="run `train CONFIG` under torchrun through nemo-run (local or Slurm, per launch.*)")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*", help="dotted overrides for the launch and the job, e.g. launch.executor=local")
+    la.add_argument("--dry-run", action="store_true", help="print the exact commands (torchrun line or sbatch script)")
     return p
+
+
+def _launch(args) -> int:
+    from dynamo_mega.config import ConfigError, load_config
+    from dynamo_mega.launch import dry_run, launch
+
+    try:
+        cfg = load_config(args.config, args.overrides, training=False)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.dry_run:
+        print(dry_run(cfg, args.config, args.overrides))
+        return 0
+    result = launch(cfg, args.config, args.overrides)
+    print(json.dumps({"experiment_id": result.experiment_id, "state": result.state, "job_dir": result.job_dir}))
+    if cfg.launch.executor == "local" and not result.succeeded:
+        print(f"dynamo-mega: the job {result.state}; logs under {result.job_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plan(args) -> int:
+    from dynamo_mega.config import ConfigError, load_config
+    from dynamo_mega.models.qwen import arch_from_model_config
+    from dynamo_mega.planner import format_plan, inputs_from_config, layout_problems, plan_memory, suggest_layouts
+
+    try:
+        cfg = load_config(args.config, args.overrides, training=False)
+        arch = arch_from_model_config(cfg.model)
+    except (ConfigError, ValueError) as exc:
+        return _fail(str(exc))
+    gpus = args.gpus or cfg.launch.nodes * cfg.launch.procs_per_node
+    inputs = inputs_from_config(cfg, gpus, args.gpu_mem, offload=args.offload)
+    problems = layout_problems(arch, inputs.tp, inputs.pp, gpus, inputs.vllm_tp)
+    if problems:
+        return _fail(f"{args.config}: " + "; ".join(problems))
+    plan = plan_memory(arch, inputs)
+    print(format_plan(plan))
+    fitting = suggest_layouts(arch, inputs, gpus_per_node=min(cfg.launch.procs_per_node, gpus))
+    if fitting:
+        print(
+            "\nLayouts that fit (fewest model-parallel GPUs first): "
+            + ", ".join(f"TP={m.inputs.tp} PP={m.inputs.pp} ({max(m.train_peak, m.rollout_peak):.1f} GiB)" for m in fitting[:4])
+        )
+    else:
+        print(
+            "\nNo TP/PP layout fits on these GPUs: add GPUs, lower rollout.vllm_gpu_memory_utilization, "
+            "use parallel.recompute=full, or pass --offload"
+        )
+    return 0 if plan.fits else 1
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from dynamo_mega.config import ConfigError, load_config
+    from dynamo_mega.eval.runner import run_eval
+
+    try:
+        cfg = load_config(args.config, args.overrides, training=False)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    out = Path(args.output or Path("runs/eval") / Path(args.model_dir).resolve().name)
+    try:
+        metrics = run_eval(args.model_dir, cfg, out)
+    except ValueError as exc:  # not a Qwen checkpoint, missing benchmark files, ...
+        return _fail(str(exc))
+    print((out / "step_000000.md").read_text())
+    print(json.dumps(metrics))
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -32,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         from dynamo_mega.convert.cli import run as run_convert
 
         return run_convert(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "launch":
+        return _launch(args)
     if args.command == "plot":
         from pathlib import Path
 

@@ -45,6 +45,9 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1  # TP size; must divide heads, query groups and the world size
     pipeline_parallel: int = 1  # PP size (only 1 is supported by the training step for now)
+    # Read by the memory planner (planner.py) and recipes; the CPU training step runs without them.
+    recompute: str = "none"  # activation recompute: none | selective (attention core) | full (whole layers)
+    distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over data-parallel ranks
 
 
 @dataclass
@@ -58,8 +61,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
-    prompt_format: str = "chat"  # source=file: chat (one user turn through the tokenizer's chat template) | raw
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # appended (chat)
+    prompt_format: str = "chat"  # source=file: chat (system + user turn through the tokenizer's chat template) | raw
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # chat; "" for none
     num_train: int = 4000  # synthetic only
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
@@ -82,6 +85,9 @@ class RolloutConfig:
     vllm_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     vllm_gpu_memory_utilization: float = 0.5  # on GPU
     vllm_max_num_seqs: int = 1024  # sequences decoded together (vLLM's CPU default of 256 splits a step in waves)
+    vllm_tensor_parallel: int = 1  # GPUs per vLLM engine (planner and recipes; the CPU engine runs TP=1)
+    colocated: bool = True  # vLLM shares the trainer's GPUs (sleep/wake); the planner counts both on one GPU
+    max_prompt_tokens: int = 1024  # longest prompt the planner and the engine's max_model_len allow for
     seed: int = 0
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
@@ -163,6 +169,48 @@ class RunConfig:
     log_samples: int = 8  # rollouts per step written to samples.jsonl (prompt, answer, response, reward)
 
 
+DEFAULT_BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"]
+
+
+@dataclass
+class EvalConfig:
+    """Benchmark evaluation (`dynamo-mega eval`; during training every `interval` steps through
+    dynamo_mega.eval.runner.evaluate_benchmarks). Reports pass@1 (mean accuracy) and unbiased pass@k."""
+
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
+    data_dir: str | None = None  # folder holding <benchmark>/test.jsonl (default: the repo's data/benchmarks)
+    interval: int = 0  # RL steps between benchmark evaluations during training (0: never)
+    samples: int = 1  # responses per problem (n)
+    k: list[int] = field(default_factory=lambda: [1])  # pass@k values reported; each <= samples
+    temperature: float = 0.0  # 0: greedy decoding (then samples must be 1)
+    top_p: float = 1.0
+    max_new_tokens: int = 3072
+    max_problems: int = 0  # evaluate the first rows of each benchmark only (0: all rows)
+    system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    tokenizer: str | None = None  # HF tokenizer folder (default: the model folder)
+    seed: int = 0
+
+
+@dataclass
+class LaunchConfig:
+    """`dynamo-mega launch`: the nemo-run executor that starts `dynamo-mega train` under torchrun (launch.py)."""
+
+    executor: str = "local"  # local (torchrun on this machine) | slurm
+    nodes: int = 1
+    procs_per_node: int = 1  # torchrun processes per node: GPUs per node on a cluster, CPU ranks locally
+    experiment: str = "dynamo-mega"  # nemo-run experiment title
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables for every rank
+    # Slurm only
+    account: str | None = None
+    partition: str | None = None
+    time: str = "04:00:00"  # job time limit, HH:MM:SS
+    container_image: str | None = None  # enroot/pyxis image; None: run on the node's own Python environment
+    container_mounts: list[str] = field(default_factory=list)  # "host_path:container_path"
+    job_dir: str = "runs/nemo_run"  # where nemo-run writes the sbatch script and logs (on the cluster side)
+    ssh_host: str | None = None  # submit through SSH to this login node; None: sbatch on this machine
+    ssh_user: str | None = None
+
+
 @dataclass
 class CheckpointConfig:
     """Training checkpoints (dynamo_mega/checkpoint.py): model + optimizer as a megatron distributed checkpoint
@@ -188,6 +236,8 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -196,8 +246,11 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Default config <- YAML file <- dotted overrides, type-checked, then `validate`d."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, training: bool = True) -> Config:
+    """Default config <- YAML file <- dotted overrides, type-checked, then `validate`d.
+
+    training=False (plan, launch, eval) checks only the sections those commands read (`validate_sections`):
+    recipes for GPU clusters may use settings the training step does not run yet (PP > 1, data files)."""
     schema = OmegaConf.structured(Config)
     layers = []
     if path is not None:
@@ -221,7 +274,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 f"unknown config key: {_one_line(exc)} (check the spelling against dynamo_mega/config.py)"
             ) from None
         raise ConfigError(f"invalid config value: {_one_line(exc)}") from None
-    validate(cfg)
+    validate(cfg) if training else validate_sections(cfg)
     return cfg
 
 
@@ -320,6 +373,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     ck = cfg.checkpoint
     _require(ck.interval >= 0 and ck.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
     _require(bool(ck.resume), "checkpoint.resume must be auto, none, or a checkpoint directory")
+    validate_sections(cfg)
     if world_size is not None:
         _require(
             world_size % (tp * p.pipeline_parallel) == 0,
@@ -327,3 +381,38 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "change parallel.* or the number of processes",
         )
 
+
+def validate_sections(cfg: Config) -> None:
+    """Checks of the sections read outside the training step: parallel sizes, eval and launch."""
+    p, e, la = cfg.parallel, cfg.eval, cfg.launch
+    _require(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1, "parallel.tensor_parallel and pipeline_parallel must be >= 1")
+    _require(p.recompute in ("none", "selective", "full"), f"parallel.recompute={p.recompute!r}: use none, selective or full")
+    _require(cfg.rollout.vllm_tensor_parallel >= 1, "rollout.vllm_tensor_parallel must be >= 1")
+    _require(cfg.rollout.max_prompt_tokens >= 1, "rollout.max_prompt_tokens must be >= 1")
+    unknown = [b for b in e.benchmarks if b not in DEFAULT_BENCHMARKS]
+    _require(not unknown, f"eval.benchmarks: unknown {unknown}; choose from {DEFAULT_BENCHMARKS}")
+    _require(e.interval >= 0, "eval.interval must be >= 0 (0: no benchmark evaluation during training)")
+    _require(e.samples >= 1, "eval.samples must be >= 1")
+    _require(e.temperature >= 0, "eval.temperature must be >= 0 (0: greedy)")
+    _require(
+        e.temperature > 0 or e.samples == 1,
+        f"eval.samples={e.samples} with eval.temperature=0: greedy samples are identical; set eval.temperature > 0",
+    )
+    _require(
+        bool(e.k) and all(1 <= k <= e.samples for k in e.k),
+        f"eval.k={list(e.k)}: every k must be in [1, eval.samples={e.samples}]",
+    )
+    _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p} must be in (0, 1]")
+    _require(e.max_new_tokens >= 1 and e.max_problems >= 0, "eval.max_new_tokens must be >= 1 and eval.max_problems >= 0")
+    _require(la.executor in ("local", "slurm"), f"launch.executor={la.executor!r}: use local or slurm")
+    _require(la.nodes >= 1 and la.procs_per_node >= 1, "launch.nodes and launch.procs_per_node must be >= 1")
+    _require(
+        la.executor == "slurm" or la.nodes == 1,
+        f"launch.nodes={la.nodes}: the local executor runs one node; use launch.executor=slurm",
+    )
+    parts = la.time.split(":")
+    _require(
+        len(parts) in (2, 3) and all(x.isdigit() for x in parts), f"launch.time={la.time!r}: write the time limit as HH:MM:SS"
+    )
+    bad_mounts = [m for m in la.container_mounts if ":" not in m]
+    _require(not bad_mounts, f"launch.container_mounts: {bad_mounts} must be host_path:container_path")

@@ -1,0 +1,166 @@
+"""Evaluate a policy on the math benchmarks: render chat prompts, sample with vLLM, score with math-verify,
+report pass@1 and pass@k as JSON + a markdown table.
+
+Two entry points:
+- `evaluate_benchmarks(engine, tokenizer, eval_cfg, step=..., reward=..., output_dir=...)`: with a running engine
+  (the training loop calls it every `eval.interval` steps on the driver).
+- `run_eval(model_dir, cfg, output_dir)`: `dynamo-mega eval`, starts its own vLLM engine on an HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dynamo_mega.config import Config, EvalConfig
+from dynamo_mega.eval.benchmarks import Problem, load_benchmark
+from dynamo_mega.eval.passk import mean_pass_at_k
+
+
+@dataclass
+class BenchmarkResult:
+    benchmark: str
+    problems: int
+    samples: int  # per problem (n)
+    pass_at_k: dict[str, float]  # "pass@1" -> value
+    mean_response_tokens: float
+    truncated_frac: float  # responses cut at eval.max_new_tokens
+    correct_counts: list[int]  # per problem, in file order
+
+
+def render_prompts(tokenizer, problems: list[Problem], system_prompt: str | None) -> list[list[int]]:
+    """Token ids of each problem as one chat turn (the tokenizer's own chat template), ready for generation."""
+    out = []
+    for p in problems:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p.question}
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus Qwen's <|im_end|> / <|endoftext|> when the vocabulary has them."""
+    ids = {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def _score_benchmark(engine, tokenizer, problems, cfg: EvalConfig, reward, seed: int):
+    """Returns (BenchmarkResult, sample records)."""
+    prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
+    groups = engine.generate(
+        prompts,
+        [cfg.samples] * len(problems),
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop_token_ids=stop_token_ids(tokenizer),
+        seed=None if cfg.temperature == 0 else seed,
+    )
+    completions = [c for group in groups for c in group]
+    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    answers = [p.answer for p in problems for _ in range(cfg.samples)]
+    correct = reward.correctness(texts, answers)
+    counts = [sum(correct[i * cfg.samples : (i + 1) * cfg.samples]) for i in range(len(problems))]
+    result = BenchmarkResult(
+        benchmark=problems[0].benchmark,
+        problems=len(problems),
+        samples=cfg.samples,
+        pass_at_k={f"pass@{k}": mean_pass_at_k(cfg.samples, counts, k) for k in sorted(set(cfg.k))},
+        mean_response_tokens=sum(len(c.token_ids) for c in completions) / len(completions),
+        truncated_frac=sum(not c.finished for c in completions) / len(completions),
+        correct_counts=counts,
+    )
+    records = [
+        {"id": problems[i // cfg.samples].id, "answer": answers[i], "response": texts[i], "correct": correct[i]}
+        for i in range(len(completions))
+    ]
+    return result, records
+
+
+def evaluate_benchmarks(engine, tokenizer, cfg: EvalConfig, *, step: int, reward, output_dir: str | Path) -> dict[str, float]:
+    """Evaluate every benchmark of `cfg` with the engine's current weights.
+
+    engine: anything with VLLMEngine.generate's signature; tokenizer: the policy's HF tokenizer (chat template);
+    reward: a MathVerifyReward (its process pool is reused). Writes OUTPUT_DIR/step_{step:06d}.json, .md and
+    _samples.jsonl; returns flat metrics {"aime24/pass@1": ..., "mean/pass@1": ...} for the run's logger."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results, samples, start = [], [], time.time()
+    for name in cfg.benchmarks:
+        problems = load_benchmark(name, cfg.data_dir, cfg.max_problems)
+        result, records = _score_benchmark(engine, tokenizer, problems, cfg, reward, cfg.seed + step)
+        results.append(result)
+        samples.extend(records)
+    stem = output_dir / f"step_{step:06d}"
+    summary = {
+        "step": step,
+        "wall_s": time.time() - start,
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "tokenizer")},
+        "mean": _mean_row(results),
+        "benchmarks": [asdict(r) for r in results],
+    }
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    stem.with_suffix(".md").write_text(markdown_table(results, step))
+    with open(f"{stem}_samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in samples)
+    metrics = {f"{r.benchmark}/{key}": value for r in results for key, value in r.pass_at_k.items()}
+    metrics.update({f"mean/{key}": value for key, value in summary["mean"].items()})
+    return metrics
+
+
+def _mean_row(results: list[BenchmarkResult]) -> dict[str, float]:
+    """Unweighted mean over benchmarks (each benchmark counts once, as papers report the average)."""
+    keys = results[0].pass_at_k.keys()
+    return {key: sum(r.pass_at_k[key] for r in results) / len(results) for key in keys}
+
+
+def markdown_table(results: list[BenchmarkResult], step: int) -> str:
+    keys = list(results[0].pass_at_k)
+    lines = [
+        f"Benchmark evaluation at step {step} ({results[0].samples} samples per problem)",
+        "",
+        "| benchmark | problems | " + " | ".join(keys) + " | mean response tokens | truncated |",
+        "|---|---|" + "---|" * len(keys) + "---|---|",
+    ]
+    for r in results:
+        cells = " | ".join(f"{r.pass_at_k[k]:.4f}" for k in keys)
+        lines.append(f"| {r.benchmark} | {r.problems} | {cells} | {r.mean_response_tokens:.1f} | {r.truncated_frac:.3f} |")
+    mean = _mean_row(results)
+    lines.append("| **mean** | | " + " | ".join(f"{mean[k]:.4f}" for k in keys) + " | | |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict[str, float]:
+    """`dynamo-mega eval`: start vLLM on the HF checkpoint in `model_dir` and evaluate (step 0)."""
+    from transformers import AutoTokenizer
+
+    from dynamo_mega.models.qwen import arch_from_hf_config
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
+    from dynamo_mega.rl.reward import MathVerifyReward
+
+    model_dir = Path(model_dir)
+    arch = arch_from_hf_config(model_dir)  # ValueError with the fix when the folder is not a Qwen checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or str(model_dir))
+    r = cfg.rollout
+    max_len = min(arch.max_position_embeddings, r.max_prompt_tokens + cfg.eval.max_new_tokens)
+    engine = VLLMEngine(
+        model_dir,
+        dtype=r.vllm_dtype,
+        seed=cfg.eval.seed,
+        max_model_len=max_len,
+        kv_cache_gib=r.vllm_kv_cache_gib,
+        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        max_num_seqs=r.vllm_max_num_seqs,
+    )
+    reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s)
+    try:
+        return evaluate_benchmarks(engine, tokenizer, cfg.eval, step=0, reward=reward, output_dir=output_dir)
+    finally:
+        engine.close()
+        reward.close()
