@@ -61,6 +61,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
+    drop_bad_rows: bool = False  # source=file: skip rows without an answer and exact repeats (counts printed)
     prompt_format: str = "chat"  # source=file: chat (system + user turn through the tokenizer's chat template) | raw
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # chat; "" for none
     num_train: int = 4000  # synthetic only
@@ -338,6 +339,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
         _require(d.prompt_format in ("chat", "raw"), f"data.prompt_format={d.prompt_format!r}: use chat or raw")
         _require(not cfg.warmup.enabled, "warmup.enabled: the supervised warm-up exists for the synthetic task only")
+    _require(
+        cfg.eval.interval == 0 or m.hf_checkpoint is not None,
+        "eval.interval > 0 needs model.hf_checkpoint: benchmark prompts need a real tokenizer and chat template",
+    )
     _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
     _require(
         r.prompts_per_step >= 1 and r.samples_per_prompt >= 1,

@@ -59,6 +59,25 @@ def _answer_text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+def drop_bad_rows(rows: list[dict], *, prompt_key: str, answer_key: str, source: str) -> list[dict]:
+    """Rows without an answer, and repeats of an earlier row with the same prompt AND answer, removed (counts
+    printed). A prompt that appears with two different answers stays in, so that it still fails loudly."""
+    kept, seen, empty, repeats = [], set(), 0, 0
+    for row in rows:
+        if prompt_key in row and not _answer_text(row.get(answer_key)):
+            empty += 1
+            continue
+        key = (str(row.get(prompt_key)), _answer_text(row.get(answer_key)))
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        kept.append(row)
+    if empty or repeats:
+        print(f"dynamo-mega: {source}: dropped {empty} rows without an answer and {repeats} repeated rows", flush=True)
+    return kept
+
+
 def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str) -> list[Prompt]:
     """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text.
     Missing or duplicate ids fail the whole dataset (rl/prompt_stats.validate_prompt_ids names the rows)."""
@@ -70,7 +89,9 @@ def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id
             )
         answer = _answer_text(row[answer_key])
         if not answer:
-            raise ValueError(f"{source} row {row_no}: empty answer in field {answer_key!r}; drop the row or fix the data")
+            raise ValueError(
+                f"{source} row {row_no}: empty answer in field {answer_key!r}; fix the data or set data.drop_bad_rows=true"
+            )
         texts.append(str(row[prompt_key]))
         answers.append(answer)
         ids.append("sha1-" + hashlib.sha1(texts[-1].encode()).hexdigest()[:16] if id_key is None else row.get(id_key))
@@ -100,9 +121,27 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             records_to_prompts(held_out, source="synthetic eval", **keys),
         )
     keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key)
-    train = records_to_prompts(_read_rows(Path(cfg.train_path)), source=cfg.train_path, **keys)
-    held_out = records_to_prompts(_read_rows(Path(cfg.eval_path)), source=cfg.eval_path, **keys) if cfg.eval_path else []
-    return train, held_out
+
+    def read(path: str) -> list[Prompt]:
+        rows = _read_rows(Path(path))
+        if cfg.drop_bad_rows:
+            rows = drop_bad_rows(rows, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, source=path)
+        return records_to_prompts(rows, source=path, **keys)
+
+    return read(cfg.train_path), read(cfg.eval_path) if cfg.eval_path else []
+
+
+def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Prompt]:
+    """Each problem as the text the policy sees: an optional system turn and one user turn through the
+    tokenizer's own chat template, ending with the assistant's generation prompt. Ids and answers unchanged."""
+    out = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p.prompt}
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(Prompt(p.id, text, p.answer))
+    return out
 
 
 class EpochSampler:

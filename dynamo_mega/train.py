@@ -19,7 +19,8 @@ import torch
 from dynamo_mega import config as config_mod
 from dynamo_mega.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
-from dynamo_mega.data import EpochSampler, Prompt, load_splits
+from dynamo_mega.convert.live import load_hf_into_model
+from dynamo_mega.data import EpochSampler, Prompt, load_splits, render_chat
 from dynamo_mega.guards import EngineRestarted, StopSignal, broadcast, on_driver
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
@@ -63,9 +64,10 @@ def setup(cfg: Config) -> Trainer:
     run_dir = Path(cfg.run.output_dir)
     train_set, eval_set = load_splits(cfg.data)
     model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed)
+    if cfg.model.hf_checkpoint is not None:
+        load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
     resume_path = resume_point(cfg, groups)
     resume_step = checkpoint_step(resume_path) if resume_path is not None else None
-    engine = reward = logger = tokenizer = None
     if groups.is_driver:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -73,9 +75,14 @@ def setup(cfg: Config) -> Trainer:
         else:
             truncate_jsonl(run_dir / "samples.jsonl", lambda r: r["step"] <= resume_step)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-        tokenizer = arithmetic.save_tokenizer(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(cfg, run_dir, groups.is_driver)
+    if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
+        train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
+    hf_state = export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
+    engine = reward = logger = None
+    if groups.is_driver:
         _check_vocab(tokenizer, arch.vocab_size)
-        engine = _start_engine(cfg, run_dir, export_hf_state(model, arch, groups), arch, tokenizer)
+        engine = _start_engine(cfg, run_dir, hf_state, arch, tokenizer)
         reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward)
         logger = MetricsLogger(
             run_dir,
@@ -84,12 +91,22 @@ def setup(cfg: Config) -> Trainer:
             progress=cfg.run.progress,
             resume_step=resume_step,
         )
-    else:
-        export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
-        tokenizer = arithmetic.build_tokenizer()
+    del hf_state
     return Trainer(
         cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, engine, reward, logger, resume_path=resume_path
     )
+
+
+def load_tokenizer(cfg: Config, run_dir: Path, is_driver: bool):
+    """The checkpoint's own tokenizer, or the synthetic task's (built locally; the driver saves it in HF format)."""
+    if cfg.model.hf_checkpoint is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
+        if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    return arithmetic.save_tokenizer(run_dir / "tokenizer") if is_driver else arithmetic.build_tokenizer()
 
 
 def _check_vocab(tokenizer, vocab_size: int) -> None:
@@ -181,6 +198,19 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
         acc = sum(correct) / max(len(correct), 1)
         t.logger.log(step, {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}, phase=phase)
         return acc
+
+    return with_engine(t, run)
+
+
+def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
+    """pass@1 / pass@k on the configured math benchmarks (eval.*), files under RUN_DIR/eval, metrics logged."""
+    from dynamo_mega.eval.runner import evaluate_benchmarks
+
+    def run() -> dict[str, float]:
+        out = t.run_dir / "eval"
+        metrics = evaluate_benchmarks(t.engine, t.tokenizer, t.cfg.eval, step=step, reward=t.reward, output_dir=out)
+        t.logger.log(step, {**metrics, "policy_version": t.version}, phase="benchmarks")
+        return metrics
 
     return with_engine(t, run)
 
@@ -441,6 +471,8 @@ def train(cfg: Config) -> dict:
                 t.logger.log(step, stats)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
                 evaluate(t, step)
+            if cfg.eval.interval and step % cfg.eval.interval == 0:
+                evaluate_on_benchmarks(t, step)
             out_of_time = cfg.run.max_minutes and time.time() - rl_start > 60 * cfg.run.max_minutes
             stopped = bool(stop.agreed(t.groups) or out_of_time)
             interval = cfg.checkpoint.interval

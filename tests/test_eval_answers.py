@@ -6,17 +6,19 @@ wrong responses -> known pass@k), and the Qwen chat-template prompts with the re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from dynamo_mega.config import EvalConfig
 from dynamo_mega.eval.benchmarks import BENCHMARKS, last_boxed, load_benchmark
 from dynamo_mega.eval.passk import mean_pass_at_k
-from dynamo_mega.eval.runner import evaluate_benchmarks, render_prompts, stop_token_ids
+from dynamo_mega.eval.runner import evaluate_benchmarks, render_prompts
 from dynamo_mega.rl.engines.vllm_engine import Completion
 from dynamo_mega.rl.reward import MathVerifyReward
+from dynamo_mega.rl.rollout import stop_token_ids
 
-QWEN_DIR = "/work/shared/data/qwen2.5-math-1.5b"  # the real Qwen2.5-Math tokenizer + chat template
+QWEN_DIR = str(Path(__file__).resolve().parents[1] / "data" / "tokenizers" / "qwen2.5-math-1.5b")
 
 EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675}
 

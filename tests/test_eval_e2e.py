@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from dynamo_mega.cli import main
 from dynamo_mega.config import DEFAULT_BENCHMARKS
 
-QWEN_DIR = "/work/shared/data/qwen2.5-math-1.5b"
+QWEN_DIR = str(Path(__file__).resolve().parents[1] / "data" / "tokenizers" / "qwen2.5-math-1.5b")
 
 
 def _tiny_qwen_checkpoint(folder):

@@ -17,6 +17,7 @@ from pathlib import Path
 from dynamo_mega.config import Config, EvalConfig
 from dynamo_mega.eval.benchmarks import Problem, load_benchmark
 from dynamo_mega.eval.passk import mean_pass_at_k
+from dynamo_mega.rl.rollout import stop_token_ids
 
 
 @dataclass
@@ -40,14 +41,6 @@ def render_prompts(tokenizer, problems: list[Problem], system_prompt: str | None
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         out.append(tokenizer.encode(text, add_special_tokens=False))
     return out
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos plus Qwen's <|im_end|> / <|endoftext|> when the vocabulary has them."""
-    ids = {tokenizer.eos_token_id}
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
-    return sorted(i for i in ids if i is not None)
 
 
 def _score_benchmark(engine, tokenizer, problems, cfg: EvalConfig, reward, seed: int):

@@ -54,6 +54,14 @@ class RolloutBatch:
         return len(self.response_tokens)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus Qwen's <|im_end|> / <|endoftext|> when the vocabulary has them."""
+    ids = {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
 def generate_rollouts(
     engine: Generator,
     tokenizer,
@@ -73,7 +81,7 @@ def generate_rollouts(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        stop_token_ids=[tokenizer.eos_token_id],
+        stop_token_ids=stop_token_ids(tokenizer),
         seed=seed,
     )
     batch = RolloutBatch([], [], [], [], [], [], [], engine.version)
