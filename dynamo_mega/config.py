@@ -90,6 +90,7 @@ class RolloutConfig:
     colocated: bool = True  # vLLM shares the trainer's GPUs (sleep/wake); the planner counts both on one GPU
     max_prompt_tokens: int = 1024  # longest prompt the planner and the engine's max_model_len allow for
     seed: int = 0
+    weight_bucket_mb: int = 512  # weight sync: HF-named tensors streamed to the engine in buckets of this size
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
 
@@ -349,6 +350,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1",
     )
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    _require(r.weight_bucket_mb >= 1, f"rollout.weight_bucket_mb={r.weight_bucket_mb} must be >= 1")
     _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
     al = cfg.allocation

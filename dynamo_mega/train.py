@@ -27,6 +27,7 @@ from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
+from dynamo_mega.parallel.weight_bridge import iter_buckets
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocate, allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
@@ -144,10 +145,23 @@ def sync_weights(t: Trainer) -> None:
 
 
 def push_weights(t: Trainer) -> None:
-    """The trainer's current weights into the engine, tagged t.version (collective over TP; the driver loads)."""
-    hf_state = export_hf_state(t.model, t.arch, t.groups)
-    if t.groups.is_driver:
-        t.engine.load_weights(hf_state, t.version)
+    """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
+    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk."""
+    g = t.groups
+    buckets = iter_buckets(
+        t.model,
+        t.arch,
+        tp_size=g.tp_size,
+        tp_group=g.tp_group if g.tp_size > 1 else None,
+        dp_rank=g.dp_rank,
+        bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
+        version=t.version,
+    )
+    if g.is_driver:
+        t.engine.load_buckets(buckets, t.version)
+    else:
+        for _ in buckets:  # TP peers take part in each bucket's all-gather
+            pass
 
 
 def with_engine(t: Trainer, fn):

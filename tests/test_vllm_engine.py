@@ -89,3 +89,20 @@ def test_weight_sync_then_logprobs_equal_trainer(policy_and_engine):
     assert (after - before).abs().max() > 1e-2  # the engine really changed
     torch.testing.assert_close(after, _trainer_logprobs(model, SEQ), rtol=0, atol=1e-4)
     assert engine.version == 7 and engine.worker_versions() == [7]
+
+
+def test_bucket_stream_sync_then_logprobs_equal_trainer(policy_and_engine):
+    """The weight bridge's buckets streamed into the running engine (no file): small buckets, so several buckets
+    and a bucket boundary inside a layer; the tied embedding arrives once and the head is re-tied."""
+    from dynamo_mega.parallel.weight_bridge import iter_buckets
+
+    model, arch, groups, engine = policy_and_engine
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=11))
+    assert len(buckets) > 3
+    sent = engine.load_buckets(buckets, version=11)
+    assert sent == sum(b.nbytes for b in buckets)
+    torch.testing.assert_close(torch.tensor(engine.score([SEQ])[0]), _trainer_logprobs(model, SEQ), rtol=0, atol=1e-4)
+    assert engine.version == 11 and engine.worker_versions() == [11]

@@ -161,9 +161,12 @@ class VLLMEngine:
         self._llm.collective_rpc("begin_policy_update")
         sent = 0
         for b in buckets:
+            # Raw bytes: vLLM's RPC path serialises bytes as they are (a tensor argument would become a list).
+            raw = b.flat.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+            dtype = str(b.flat.dtype).removeprefix("torch.")
             shapes = [list(s) for s in b.shapes]
-            self._llm.collective_rpc("load_policy_bucket", args=(list(b.names), shapes, list(b.offsets), b.flat.contiguous()))
-            sent += b.flat.numel() * b.flat.element_size()
+            self._llm.collective_rpc("load_policy_bucket", args=(list(b.names), shapes, list(b.offsets), dtype, raw))
+            sent += len(raw)
         versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")

@@ -28,8 +28,12 @@ class PolicyWeightsExtension:
 
         initialize_layerwise_reload(self.model_runner.get_model())
 
-    def load_policy_bucket(self, names: list[str], shapes: list[list[int]], offsets: list[int], flat) -> int:
-        """Load HF-named tensors packed back to back in `flat` (1-D); returns how many were loaded."""
+    def load_policy_bucket(self, names: list[str], shapes: list[list[int]], offsets: list[int], dtype: str, raw: bytes) -> int:
+        """Load HF-named tensors packed back to back in `raw` (one flat buffer of `dtype`, e.g. "bfloat16");
+        returns how many were loaded."""
+        import torch
+
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype))
         views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
         self.model_runner.get_model().load_weights(views)
         return len(names)
