@@ -70,10 +70,8 @@ def longest_prompt(tokenizer, cfg: EvalConfig) -> int:
     )
 
 
-def _score_benchmark(engine, tokenizer, problems, cfg: EvalConfig, reward, seed: int, max_model_len: int | None):
-    """Returns (BenchmarkResult, sample records)."""
-    prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
-    _check_lengths(problems, prompts, max_model_len)
+def _score_benchmark(engine, tokenizer, problems, prompts, cfg: EvalConfig, reward, seed: int):
+    """prompts[i]: token ids of problems[i]. Returns (BenchmarkResult, sample records)."""
     groups = engine.generate(
         prompts,
         [cfg.samples] * len(problems),
@@ -116,9 +114,14 @@ def evaluate_benchmarks(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, samples, start = [], [], time.time()
-    for name in cfg.benchmarks:
+    prepared = []
+    for name in cfg.benchmarks:  # every prompt is checked before the first generation
         problems = load_benchmark(name, cfg.data_dir, cfg.max_problems)
-        result, records = _score_benchmark(engine, tokenizer, problems, cfg, reward, cfg.seed + step, max_model_len)
+        prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
+        _check_lengths(problems, prompts, max_model_len)
+        prepared.append((problems, prompts))
+    for problems, prompts in prepared:
+        result, records = _score_benchmark(engine, tokenizer, problems, prompts, cfg, reward, cfg.seed + step)
         results.append(result)
         samples.extend(records)
     stem = output_dir / f"step_{step:06d}"
