@@ -88,7 +88,7 @@ class RolloutConfig:
     vllm_max_num_seqs: int = 1024  # sequences decoded together (vLLM's CPU default of 256 splits a step in waves)
     vllm_tensor_parallel: int = 1  # GPUs per vLLM engine (planner and recipes; the CPU engine runs TP=1)
     colocated: bool = True  # vLLM shares the trainer's GPUs (sleep/wake); the planner counts both on one GPU
-    max_prompt_tokens: int = 1024  # longest prompt the planner and the engine's max_model_len allow for
+    max_prompt_tokens: int = 1024  # prompt tokens per sequence the memory planner budgets for (with max_new_tokens)
     seed: int = 0
     weight_bucket_mb: int = 512  # weight sync: HF-named tensors streamed to the engine in buckets of this size
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run

@@ -222,7 +222,10 @@ def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
 
     def run() -> dict[str, float]:
         out = t.run_dir / "eval"
-        metrics = evaluate_benchmarks(t.engine, t.tokenizer, t.cfg.eval, step=step, reward=t.reward, output_dir=out)
+        metrics = evaluate_benchmarks(
+            t.engine, t.tokenizer, t.cfg.eval, step=step, reward=t.reward, output_dir=out,
+            max_model_len=t.arch.max_position_embeddings,  # the engine's context (_start_engine)
+        )
         t.logger.log(step, {**metrics, "policy_version": t.version}, phase="benchmarks")
         return metrics
 

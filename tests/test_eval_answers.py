@@ -139,3 +139,13 @@ def test_prompts_use_the_qwen_math_chat_template():
     assert text.startswith("<|im_start|>system\nPlease reason step by step")
     assert "<|im_start|>user\nFind the sum of all integer bases" in text and text.endswith("<|im_start|>assistant\n")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+
+
+def test_prompts_longer_than_the_engine_context_fail_before_generating(reward, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_DIR)
+    cfg = EvalConfig(benchmarks=["aime25"], max_problems=2)
+    engine = ScriptedEngine(tokenizer, ["70", "588"], [1, 1])
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        evaluate_benchmarks(engine, tokenizer, cfg, step=0, reward=reward, output_dir=tmp_path, max_model_len=64)

@@ -49,7 +49,6 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
             "eval.k=[1,2]",
             "eval.temperature=1.0",
             "eval.max_new_tokens=8",
-            "rollout.max_prompt_tokens=1024",
             "algo.reward_workers=1",
             "--output",
             str(out),

@@ -43,9 +43,28 @@ def render_prompts(tokenizer, problems: list[Problem], system_prompt: str | None
     return out
 
 
-def _score_benchmark(engine, tokenizer, problems, cfg: EvalConfig, reward, seed: int):
-    """Returns (BenchmarkResult, sample records)."""
-    prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
+def _check_lengths(problems: list[Problem], prompts: list[list[int]], max_model_len: int | None) -> None:
+    if max_model_len is None:
+        return
+    too_long = [(p.id, len(ids)) for p, ids in zip(problems, prompts) if len(ids) >= max_model_len]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} prompts do not fit the engine's max_model_len={max_model_len} (e.g. {too_long[0][0]} has "
+            f"{too_long[0][1]} tokens): raise rollout.max_prompt_tokens, or set eval.max_problems / eval.benchmarks"
+        )
+
+
+def longest_prompt(tokenizer, cfg: EvalConfig) -> int:
+    """Tokens of the longest rendered prompt over the configured benchmarks (sizes the engine's context)."""
+    return max(
+        len(ids)
+        for name in cfg.benchmarks
+        for ids in render_prompts(tokenizer, load_benchmark(name, cfg.data_dir, cfg.max_problems), cfg.system_prompt)
+    )
+
+
+def _score_benchmark(engine, tokenizer, problems, prompts, cfg: EvalConfig, reward, seed: int):
+    """prompts[i]: token ids of problems[i]. Returns (BenchmarkResult, sample records)."""
     groups = engine.generate(
         prompts,
         [cfg.samples] * len(problems),
@@ -76,18 +95,26 @@ def _score_benchmark(engine, tokenizer, problems, cfg: EvalConfig, reward, seed:
     return result, records
 
 
-def evaluate_benchmarks(engine, tokenizer, cfg: EvalConfig, *, step: int, reward, output_dir: str | Path) -> dict[str, float]:
+def evaluate_benchmarks(
+    engine, tokenizer, cfg: EvalConfig, *, step: int, reward, output_dir: str | Path, max_model_len: int | None = None
+) -> dict[str, float]:
     """Evaluate every benchmark of `cfg` with the engine's current weights.
 
     engine: anything with VLLMEngine.generate's signature; tokenizer: the policy's HF tokenizer (chat template);
-    reward: a MathVerifyReward (its process pool is reused). Writes OUTPUT_DIR/step_{step:06d}.json, .md and
-    _samples.jsonl; returns flat metrics {"aime24/pass@1": ..., "mean/pass@1": ...} for the run's logger."""
+    reward: a MathVerifyReward (its process pool is reused); max_model_len: the engine's context, when known, so
+    a prompt that cannot fit fails with a message before any generation. Writes OUTPUT_DIR/step_{step:06d}.json,
+    .md and _samples.jsonl; returns flat metrics {"aime24/pass@1": ..., "mean/pass@1": ...} for the logger."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, samples, start = [], [], time.time()
-    for name in cfg.benchmarks:
+    prepared = []
+    for name in cfg.benchmarks:  # every prompt is checked before the first generation
         problems = load_benchmark(name, cfg.data_dir, cfg.max_problems)
-        result, records = _score_benchmark(engine, tokenizer, problems, cfg, reward, cfg.seed + step)
+        prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
+        _check_lengths(problems, prompts, max_model_len)
+        prepared.append((problems, prompts))
+    for problems, prompts in prepared:
+        result, records = _score_benchmark(engine, tokenizer, problems, prompts, cfg, reward, cfg.seed + step)
         results.append(result)
         samples.extend(records)
     stem = output_dir / f"step_{step:06d}"
@@ -141,7 +168,8 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
     arch = arch_from_hf_config(model_dir)  # ValueError with the fix when the folder is not a Qwen checkpoint
     tokenizer = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or str(model_dir))
     r = cfg.rollout
-    max_len = min(arch.max_position_embeddings, r.max_prompt_tokens + cfg.eval.max_new_tokens)
+    # Room for the longest prompt of the run (OlympiadBench reaches ~1,300 tokens with Qwen's template) + the answer.
+    max_len = min(arch.max_position_embeddings, longest_prompt(tokenizer, cfg.eval) + cfg.eval.max_new_tokens)
     engine = VLLMEngine(
         model_dir,
         dtype=r.vllm_dtype,
@@ -153,7 +181,9 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
     )
     reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s)
     try:
-        return evaluate_benchmarks(engine, tokenizer, cfg.eval, step=0, reward=reward, output_dir=output_dir)
+        return evaluate_benchmarks(
+            engine, tokenizer, cfg.eval, step=0, reward=reward, output_dir=output_dir, max_model_len=max_len
+        )
     finally:
         engine.close()
         reward.close()
