@@ -34,6 +34,11 @@ def run_one(out: Path, seed: int, mode: str, steps: int, eval_every: int, config
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"run {mode} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return collect(out, seed, mode)
+
+
+def collect(out: Path, seed: int, mode: str) -> dict:
+    """Accuracy vs rollouts consumed, and the budget share on zero-variance groups, from a finished run."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     samples = {r["step"]: r["samples"] for r in records if r["phase"] == "train"}
     curve = []
@@ -55,10 +60,23 @@ def main() -> None:
     # Per-prompt history exists only from a prompt's second visit: a smaller train split gives it more epochs.
     ap.add_argument("--override", nargs="*", default=["data.num_train=1024"], help="extra dotted config overrides")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--collect", default=None, help="only tabulate finished runs found as DIR/<mode>_<seed>/")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.steps, args.eval_every = [1], 2, 1
     runs = []
+    if args.collect:
+        for seed in args.seeds:
+            for mode in MODES:
+                if (Path(args.collect) / f"{mode}_{seed}" / "summary.json").is_file():
+                    runs.append(collect(Path(args.collect) / f"{mode}_{seed}", seed, mode))
+        args.seeds = sorted({r["seed"] for r in runs})
+    else:
+        run_all(args, runs)
+    report(args, runs)
+
+
+def run_all(args, runs: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for mode in MODES:
@@ -66,6 +84,9 @@ def main() -> None:
                     Path(tmp) / f"{mode}_{seed}", seed, mode, args.steps, args.eval_every, args.config, args.override
                 ))
                 print(json.dumps({k: runs[-1][k] for k in ("seed", "mode")} | {"final": runs[-1]["curve"][-1]}), flush=True)
+
+
+def report(args, runs: list[dict]) -> None:
     steps = sorted({p["step"] for r in runs for p in r["curve"]})
     table = []
     for step in steps:
