@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from dynamo_mega.cli import main
 from dynamo_mega.config import DEFAULT_BENCHMARKS
 
-QWEN_DIR = str(Path(__file__).resolve().parents[1] / "data" / "tokenizers" / "qwen2.5-math-1.5b")
+REPO = Path(__file__).resolve().parents[1]
+QWEN_DIR = str(REPO / "data" / "tokenizers" / "qwen2.5-math-1.5b")
 
 
 def _tiny_qwen_checkpoint(folder):
@@ -36,25 +39,16 @@ def _tiny_qwen_checkpoint(folder):
         shutil.copy(f"{QWEN_DIR}/{name}", folder / name)
 
 
-def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
+def test_eval_cli_on_a_tiny_model(tmp_path):
     model_dir = tmp_path / "tiny-qwen"
     _tiny_qwen_checkpoint(model_dir)
     out = tmp_path / "results"
-    code = main(
-        [
-            "eval",
-            str(model_dir),
-            "eval.max_problems=2",
-            "eval.samples=2",
-            "eval.k=[1,2]",
-            "eval.temperature=1.0",
-            "eval.max_new_tokens=8",
-            "algo.reward_workers=1",
-            "--output",
-            str(out),
-        ]
-    )
-    assert code == 0
+    args = ["eval", str(model_dir), "eval.max_problems=2", "eval.samples=2", "eval.k=[1,2]", "eval.temperature=1.0",
+            "eval.max_new_tokens=8", "algo.reward_workers=1", "--output", str(out)]
+    # A real process: vLLM's loggers would otherwise keep pytest's captured streams after the test closes them.
+    proc = subprocess.run([sys.executable, "-m", "dynamo_mega.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "step_000000.json").read_text())
     assert [b["benchmark"] for b in report["benchmarks"]] == DEFAULT_BENCHMARKS
     for b in report["benchmarks"]:
@@ -64,7 +58,7 @@ def test_eval_cli_on_a_tiny_model(tmp_path, capsys):
     samples = [json.loads(line) for line in (out / "step_000000_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 * 2 * 2 and all(isinstance(s["response"], str) for s in samples)
     assert samples[0]["id"] == "aime24/60" and samples[0]["answer"] == "204"
-    printed = capsys.readouterr().out
+    printed = proc.stdout
     assert "| aime24 | 2 |" in printed and "| **mean** |" in printed
 
 
