@@ -1,7 +1,7 @@
 """HF -> Megatron distributed checkpoint -> HF is bit-exact; the checkpoint loads into megatron models at TP in
-{1,2} x PP in {1,2} (gloo processes, per-stage models, megatron's own dist_checkpointing.load), which export
-the same tensors and compute transformers' logits (fp32, <= 1e-5); direct HF loading into the running TP/PP
-model gives the same weights as the checkpoint path.
+{1,2} x PP in {1,2} (gloo processes, per-stage models, megatron's own dist_checkpointing.load); their weight
+bridge bucket stream gives back the same tensors, they compute transformers' logits (fp32, <= 1e-5), and
+direct HF loading into the running TP/PP model gives the same weights as the checkpoint path.
 
 Models (built from configs in code): Qwen2 untied (sharded safetensors), Qwen2 tied (single file),
 Qwen3 (q/k norm, no qkv bias). Vocab 151 is odd, so the TP=2 conversion pads it to 152 and export trims it.
@@ -103,9 +103,10 @@ def _load_and_run(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from dynamo_mega.convert.live import iter_hf_layers, load_hf_into_model
+    from dynamo_mega.convert.live import load_hf_into_model
     from dynamo_mega.models.qwen import arch_from_hf_config
     from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.weight_bridge import iter_buckets
 
     groups = init_parallel(tp, pp, seed=0)
     results = {}
@@ -116,8 +117,8 @@ def _load_and_run(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
         model = _stage_model(arch, tp, pp, padded)
         dist_checkpointing.load(model.sharded_state_dict(), str(r / "mcore"))
         exported = {}
-        for _, tensors in iter_hf_layers(model, arch, tp, groups.tp_group):
-            exported.update(tensors)
+        for bucket in iter_buckets(model, arch, tp_size=tp, tp_group=groups.tp_group):
+            exported.update((name, t.clone()) for name, t in bucket.tensors())
         direct = _stage_model(arch, tp, pp, padded)
         load_hf_into_model(direct, r / "hf", arch, groups.tp_rank, tp)
         pairs = zip(model.state_dict().items(), direct.state_dict().items())
