@@ -1,7 +1,8 @@
 """Dry runs and bad input for `dynamo-mega convert`.
 
 Dry runs use the published config.json values of Qwen2.5-0.5B/7B/32B/72B and Qwen3-32B (tests/fixtures/
-qwen_configs) with header-only safetensors files: tensor names and shapes come from transformers' model built
+qwen_configs; the architecture fields transcribed from the Hugging Face Hub, not downloaded: nothing here can
+reach it) with header-only safetensors files: tensor names and shapes come from transformers' model built
 on the meta device, and the files hold no tensor data, so a dry run that read any data would fail.
 """
 
