@@ -1,7 +1,8 @@
 """Dry runs and bad input for `dynamo-mega convert`.
 
 Dry runs use the published config.json values of Qwen2.5-0.5B/7B/32B/72B and Qwen3-32B (tests/fixtures/
-qwen_configs) with header-only safetensors files: tensor names and shapes come from transformers' model built
+qwen_configs; the architecture fields transcribed from the Hugging Face Hub, not downloaded: nothing here can
+reach it) with header-only safetensors files: tensor names and shapes come from transformers' model built
 on the meta device, and the files hold no tensor data, so a dry run that read any data would fail.
 """
 
@@ -85,15 +86,33 @@ def _sum_over_ranks(shapes: dict, tp: int, pp: int, padded_rows: int, tied: bool
     return total
 
 
-def test_dry_run_published_configs_at_tp8(tmp_path):
+def _one_spawn(rank: int, world: int, root: str, cases: list) -> dict:
+    """Everything that needs megatron, in one process (its imports dominate): dry runs, interrupted run."""
+    return {
+        "dry_runs": _dry_runs(rank, world, root + "/published", cases),
+        "interrupted": _interrupted_and_checked(rank, world, root + "/tiny"),
+    }
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("checks")
     cases, shapes = [], {}
     for path in sorted(FIXTURES.glob("*.json")):
         config = json.loads(path.read_text())
         shapes[path.stem] = _hf_shapes(config)
-        _write_headers(tmp_path / path.stem, config, shapes[path.stem])
+        _write_headers(root / "published" / path.stem, config, shapes[path.stem])
         cases += [(path.stem, 8, 2), (path.stem, 8, 4)]
     cases += [("Qwen2.5-0.5B", 2, 4), ("Qwen2.5-7B", 4, 4)]  # the largest TP their 14 / 28 heads allow
-    results = run_gloo(_dry_runs, 1, str(tmp_path), cases)[0]
+    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(root / "tiny" / "hf")
+    return shapes, run_gloo(_one_spawn, 1, str(root), cases)[0]
+
+
+def test_dry_run_published_configs_at_tp8(spawned):
+    shapes, out = spawned
+    results = out["dry_runs"]
     for (name, tp, pp), summary in results.items():
         config = json.loads((FIXTURES / f"{name}.json").read_text())
         if config["num_attention_heads"] % tp:  # Qwen2.5-0.5B (14 heads) and 7B (28 heads) cannot use TP=8
@@ -206,11 +225,8 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
     return {"left": left_after_failure, "intact": intact, "corrupted": corrupted, "mismatch": mismatch}
 
 
-def test_failed_conversion_leaves_nothing_and_manifest_catches_corruption(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path / "hf")
-    out = run_gloo(_interrupted_and_checked, 1, str(tmp_path))[0]
+def test_failed_conversion_leaves_nothing_and_manifest_catches_corruption(spawned):
+    out = spawned[1]["interrupted"]
     assert out["left"] == ["hf"]
     assert out["intact"] == []
     assert len(out["corrupted"]) == 1 and out["corrupted"][0].startswith("part00001")

@@ -1,7 +1,7 @@
 """HF -> Megatron distributed checkpoint -> HF is bit-exact; the checkpoint loads into megatron models at TP in
-{1,2} x PP in {1,2} (gloo processes, per-stage models, megatron's own dist_checkpointing.load), which export
-the same tensors and compute transformers' logits (fp32, <= 1e-5); direct HF loading into the running TP/PP
-model gives the same weights as the checkpoint path.
+{1,2} x PP in {1,2} (gloo processes, per-stage models, megatron's own dist_checkpointing.load); their weight
+bridge bucket stream gives back the same tensors, they compute transformers' logits (fp32, <= 1e-5), and
+direct HF loading into the running TP/PP model gives the same weights as the checkpoint path.
 
 Models (built from configs in code): Qwen2 untied (sharded safetensors), Qwen2 tied (single file),
 Qwen3 (q/k norm, no qkv bias). Vocab 151 is odd, so the TP=2 conversion pads it to 152 and export trims it.
@@ -40,16 +40,17 @@ def _read_hf(folder) -> dict[str, torch.Tensor]:
 
 
 def _convert_all(rank: int, world: int, root: str) -> dict:
+    """Convert every model there and back, then load at TP=1, PP=1 in the same (single) process."""
     from pathlib import Path
 
     from dynamo_mega.convert.run import hf_to_mcore, mcore_to_hf
 
-    out = {}
+    summaries = {}
     for name in MODELS:
         r = Path(root) / name
-        out[name] = hf_to_mcore(r / "hf", r / "mcore", tp=2, pp=2, progress=False)
+        summaries[name] = hf_to_mcore(r / "hf", r / "mcore", tp=2, pp=2, progress=False)
         mcore_to_hf(r / "mcore", r / "hf_back", max_shard_bytes=50_000, progress=False)
-    return out
+    return {"summaries": summaries, "loaded": _load_and_run(rank, world, root, [(1, 1)])}
 
 
 def _stage_model(arch, tp: int, pp: int, padded_rows: int):
@@ -97,15 +98,21 @@ def _pipeline_logits(model, tp: int) -> torch.Tensor | None:
     return torch.cat(shards, dim=-1)
 
 
-def _load_and_run(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
+def _load_and_run(rank: int, world: int, root: str, layouts: list[tuple[int, int]]) -> dict:
+    """For each (TP, PP) layout on this world: load every model's checkpoint, export, run; keyed by layout."""
+    return {layout: _load_and_run_layout(root, *layout) for layout in layouts}
+
+
+def _load_and_run_layout(root: str, tp: int, pp: int) -> dict:
     from pathlib import Path
 
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from dynamo_mega.convert.live import iter_hf_layers, load_hf_into_model
+    from dynamo_mega.convert.live import load_hf_into_model
     from dynamo_mega.models.qwen import arch_from_hf_config
     from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.weight_bridge import iter_buckets
 
     groups = init_parallel(tp, pp, seed=0)
     results = {}
@@ -116,8 +123,8 @@ def _load_and_run(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
         model = _stage_model(arch, tp, pp, padded)
         dist_checkpointing.load(model.sharded_state_dict(), str(r / "mcore"))
         exported = {}
-        for _, tensors in iter_hf_layers(model, arch, tp, groups.tp_group):
-            exported.update(tensors)
+        for bucket in iter_buckets(model, arch, tp_size=tp, tp_group=groups.tp_group):
+            exported.update((name, t.clone()) for name, t in bucket.tensors())
         direct = _stage_model(arch, tp, pp, padded)
         load_hf_into_model(direct, r / "hf", arch, groups.tp_rank, tp)
         pairs = zip(model.state_dict().items(), direct.state_dict().items())
@@ -131,16 +138,21 @@ def _load_and_run(rank: int, world: int, root: str, tp: int, pp: int) -> dict:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """(root, conversion summaries, {(tp, pp): [result of each rank]}): three spawns, imports paid once each."""
     root = tmp_path_factory.mktemp("convert")
     for name, (kind, cfg, shard) in MODELS.items():
         torch.manual_seed(0)
         _hf_model(kind, cfg).save_pretrained(root / name / "hf", max_shard_size=shard)
-    summaries = run_gloo(_convert_all, 1, str(root))[0]
-    return root, summaries
+    (first,) = run_gloo(_convert_all, 1, str(root))
+    loaded = {(1, 1): [first["loaded"][(1, 1)]]}
+    for world, layouts in ((2, [(2, 1), (1, 2)]), (4, [(2, 2)])):
+        ranks = run_gloo(_load_and_run, world, str(root), layouts)
+        loaded.update({layout: [r[layout] for r in ranks] for layout in layouts})
+    return root, first["summaries"], loaded
 
 
 def test_sources_cover_single_file_and_sharded(converted):
-    root, summaries = converted
+    root, summaries, _ = converted
     assert (root / "qwen2_tied" / "hf" / "model.safetensors").is_file()
     assert (root / "qwen2_untied" / "hf" / "model.safetensors.index.json").is_file()
     assert all(s["padded_vocab"] == 152 for s in summaries.values())
@@ -150,7 +162,7 @@ def test_sources_cover_single_file_and_sharded(converted):
 def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(converted, name):
     from transformers import AutoModelForCausalLM
 
-    root, _ = converted
+    root, _, _ = converted
     src, back = _read_hf(root / name / "hf"), _read_hf(root / name / "hf_back")
     assert src.keys() == back.keys()
     for key in src:
@@ -165,8 +177,8 @@ def test_hf_mcore_hf_is_bit_exact_and_loads_in_transformers(converted, name):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_checkpoint_loads_at_tp_pp_and_matches_transformers(converted, tp, pp):
-    root, _ = converted
-    ranks = run_gloo(_load_and_run, tp * pp, str(root), tp, pp)
+    root, _, loaded = converted
+    ranks = loaded[(tp, pp)]
     for name, (kind, cfg, _) in MODELS.items():
         src = _read_hf(root / name / "hf")
         exported = {}

@@ -122,6 +122,9 @@ def plan_hf_to_mcore(src: Path, tp: int, pp: int, dtype: str | None = None, voca
         notes.append("tie_word_embeddings is set: lm_head.weight in the source is ignored (the embedding is the output layer)")
     check_names_and_shapes({k: h.shape for k, h in headers.items()}, qm.hf_shapes(arch), str(src))
     fallback = headers[qm.HF_EMBED].dtype
+    mixed = sorted({str(h.dtype).removeprefix("torch.") for h in headers.values()})
+    if len(mixed) > 1 and dtype is None:
+        notes.append(f"source tensors have dtypes {mixed}: all are written as {str(fallback).removeprefix('torch.')}")
     return Plan(
         arch=arch,
         tp=tp,

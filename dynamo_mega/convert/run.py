@@ -127,7 +127,7 @@ def mcore_to_hf(
                     writer.add(name, tensor.to(plan.dtype))
                 del loaded, hf
             digests = writer.close()
-        carried_from = Path(hf_config).parent if hf_config else src / "hf"
+        carried_from = src / "hf" if not hf_config else Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
         _carry_hf_files(carried_from, tmp, plan)
         write_manifest(tmp, digests, {"created_by": "dynamo-mega convert mcore-to-hf", "source": str(src.resolve())})
     return plan.summary()
