@@ -140,3 +140,23 @@ def test_partial_checkpoints_are_never_selected(tmp_path):
     assert ckpt.resolve_resume("none", tmp_path) is None
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(newer_without_marker), tmp_path)
+
+
+def test_training_checkpoint_converts_to_hf(saved_tp2, tmp_path):
+    """What users leave with: a TP=2 training checkpoint (model + optimizer) -> HF safetensors, bit-exact."""
+    from safetensors.torch import load_file
+
+    from dynamo_mega.cli import main
+    from dynamo_mega.models.qwen import arch_from_model_config, hf_config_dict
+
+    root, ref = saved_tp2
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(hf_config_dict(arch_from_model_config(CFG), "float32", 1)))
+    args = ["convert", "mcore-to-hf", str(root / "step_00000003"), str(tmp_path / "hf"), "--hf-config", str(config)]
+    assert main([*args, "--no-progress"]) == 0
+    exported = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        exported.update(load_file(str(f)))
+    assert exported.keys() == ref["saved"]["param"].keys()
+    for name, value in ref["saved"]["param"].items():
+        assert torch.equal(exported[name], value), name
