@@ -135,6 +135,7 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
         kv_cache_gib=r.vllm_kv_cache_gib,
         gpu_memory_utilization=r.vllm_gpu_memory_utilization,
         max_num_seqs=r.vllm_max_num_seqs,
+        sleep_level=r.vllm_sleep_level,
     )
 
 
@@ -250,6 +251,8 @@ def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> tuple[Roll
         return batch, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
 
     batch, timing = with_engine(t, run)
+    if t.engine is not None:
+        t.engine.sleep()  # colocated on GPU: the trainer gets the memory until the weight sync wakes it
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     t.stats.update(batch.prompt_ids, [float(x > 0) for x in batch.rewards], [len(x) for x in batch.response_tokens])
     return batch, timing

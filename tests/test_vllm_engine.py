@@ -106,3 +106,14 @@ def test_bucket_stream_sync_then_logprobs_equal_trainer(policy_and_engine):
     assert sent == sum(b.nbytes for b in buckets)
     torch.testing.assert_close(torch.tensor(engine.score([SEQ])[0]), _trainer_logprobs(model, SEQ), rtol=0, atol=1e-4)
     assert engine.version == 11 and engine.worker_versions() == [11]
+
+
+def test_sleep_mode_without_gpu_is_a_clear_error(tmp_path):
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine sleep mode is allowed (tests/gpu/test_vllm_sleep_wake.py)")
+    with pytest.raises(ValueError, match="needs a GPU; set it to 0"):
+        VLLMEngine(tmp_path, sleep_level=1)
+    with pytest.raises(ValueError, match="use 0 \\(off\\), 1"):
+        VLLMEngine(tmp_path, sleep_level=3)

@@ -52,7 +52,12 @@ class VLLMEngine:
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.5,
         max_num_seqs: int = 1024,
+        sleep_level: int = 0,
     ):
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"rollout.vllm_sleep_level={sleep_level}: use 0 (off), 1 (free the KV cache) or 2 (also weights)")
+        if sleep_level and not torch.cuda.is_available():
+            raise ValueError("rollout.vllm_sleep_level > 0 frees GPU memory between rollouts and needs a GPU; set it to 0")
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
             # vLLM's CPU backend pins OpenMP threads to cores by default; the trainer shares those cores.
@@ -73,6 +78,10 @@ class VLLMEngine:
             max_num_seqs=max_num_seqs,
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
         )
+        if sleep_level:
+            self._llm_kwargs["enable_sleep_mode"] = True
+        self.sleep_level = sleep_level  # colocated on GPU: sleep while the trainer trains (1: KV cache, 2: + weights)
+        self.asleep = False
         self._llm = self._start(self.model_dir)
         self._scratch = tempfile.mkdtemp(prefix="dynamo_mega_weights_", dir=_scratch_root())
         self.version = 0  # policy version of the weights the engine holds
@@ -83,12 +92,25 @@ class VLLMEngine:
 
         return LLM(model=model_dir, **self._llm_kwargs)
 
+    def sleep(self) -> None:
+        """Give the GPU memory back to the colocated trainer (no-op with sleep_level 0)."""
+        if self.sleep_level and not self.asleep:
+            self._llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Take the memory back before generating or loading weights. After level 2 the weights are gone: the
+        caller loads the current ones right away (the trainer's weight sync always follows)."""
+        if self.asleep:
+            self._llm.wake_up()
+            self.asleep = False
+
     def restart(self) -> None:
         """Replace a dead engine with a fresh one from the initial model directory (version 0): the caller
         pushes the current weights into it (the trainer does, as a collective over its ranks)."""
         self._shutdown()
         self._llm = self._start(self.model_dir)
-        self.version = 0
+        self.version, self.asleep = 0, False
         self.restarts += 1
 
     def generate(
@@ -108,6 +130,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         if len(prompts) != len(counts):
             raise AssertionError(f"{len(prompts)} prompts but {len(counts)} counts")
         keep = [i for i, n in enumerate(counts) if n > 0]
@@ -137,6 +160,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.wake_up()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         return [
@@ -148,6 +172,7 @@ class VLLMEngine:
         path = Path(self._scratch) / "model.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in hf_state.items()}, str(tmp))
+        self.wake_up()
         tmp.replace(path)
         versions = self._llm.collective_rpc("load_policy_weights", args=(self._scratch, version))
         if any(v != version for v in versions):
@@ -158,6 +183,7 @@ class VLLMEngine:
         """Stream weight-bridge buckets (objects with .names, .shapes, .offsets and a flat 1-D .flat tensor,
         see parallel/weight_bridge.py) into the running engine without touching disk; returns the bytes sent.
         Every HF tensor of the model must arrive exactly once across the buckets."""
+        self.wake_up()
         self._llm.collective_rpc("begin_policy_update")
         sent = 0
         for b in buckets:
