@@ -310,7 +310,10 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
         )
         for micro, old in zip(plans, olds, strict=True)
     ]
-    stats = {k: sum(s[k] for s in per_step) / len(per_step) for k in per_step[0]}
+    # Mean over the optimizer steps that report each key: a mini-batch without positive (or any nonzero)
+    # advantages has no modulation factors to report.
+    keys = dict.fromkeys(k for s in per_step for k in s)
+    stats = {k: sum(s[k] for s in per_step if k in s) / sum(k in s for s in per_step) for k in keys}
     stats["skipped_step"] = sum(s["skipped_step"] for s in per_step)  # a count, not a mean
     bounds = [0, *torch.tensor(batch.group_sizes).cumsum(0).tolist()]
     stats.update(allocation_metrics(batch.group_sizes, [batch.rewards[a:b] for a, b in zip(bounds, bounds[1:])]))

@@ -16,9 +16,9 @@ TINY = REPO / "configs" / "tiny_cpu.yaml"
 
 
 def test_tiny_config_loads_with_overrides():
-    cfg = load_config(TINY, ["run.steps=5", "rollout.temperature=0.7", "parallel.tensor_parallel=2"])
+    cfg = load_config(TINY, ["run.steps=5", "rollout.temperature=0.5", "parallel.tensor_parallel=2"])
     assert isinstance(cfg, Config)
-    assert cfg.run.steps == 5 and cfg.rollout.temperature == 0.7 and cfg.parallel.tensor_parallel == 2
+    assert cfg.run.steps == 5 and cfg.rollout.temperature == 0.5 and cfg.parallel.tensor_parallel == 2
     assert cfg.model.hidden_size == 128  # from the YAML file
     assert cfg.algo.eps_high == 0.28  # documented default (clip-higher)
 

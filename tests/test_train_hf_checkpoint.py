@@ -78,6 +78,8 @@ def test_two_rl_steps_on_a_data_file(checkpoint, tmp_path):
         "data.prompt_key=problem", "warmup.enabled=false", "run.steps=2", "run.eval_every=0", "run.progress=false",
         "run.log_samples=100", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
         "allocation.n_low=1", "allocation.n_high=4", "optim.micro_batch_size=8",
+        # periodic benchmark evaluation inside the run: one MATH-500 problem, greedy, 8 tokens
+        "eval.interval=2", "eval.benchmarks=[math500]", "eval.max_problems=1", "eval.max_new_tokens=8",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -85,6 +87,9 @@ def test_two_rl_steps_on_a_data_file(checkpoint, tmp_path):
     train = [r for r in records if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["samples"] == 8 for r in train)
     assert all(r["logprob_mismatch"] < 1e-3 for r in train)  # the engine holds the trainer's (checkpoint) weights
+    bench = [r for r in records if r["phase"] == "benchmarks"]
+    assert [r["step"] for r in bench] == [2] and 0.0 <= bench[0]["math500/pass@1"] <= 1.0
+    assert json.loads((out / "eval" / "step_000002.json").read_text())["benchmarks"][0]["problems"] == 1
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in rows}
     for s in samples:

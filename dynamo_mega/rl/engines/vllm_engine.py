@@ -76,6 +76,9 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=False,
             max_num_seqs=max_num_seqs,
+            # Log-probs of the distribution actually sampled (after temperature), as the trainer computes them;
+            # vLLM's default (raw) ignores temperature, so rollout and trainer log-probs disagree at T != 1.
+            logprobs_mode="processed_logprobs",
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
         )
         if sleep_level:
