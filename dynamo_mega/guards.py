@@ -68,11 +68,12 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, groups: ParallelGroups) -> bool:
-        """True on every rank if any rank was signalled (one MAX all-reduce)."""
+    def agreed(self, groups: ParallelGroups, also: bool = False) -> bool:
+        """True on every rank if any rank was signalled or passed also=True (e.g. its own clock says the time
+        budget is spent: ranks' clocks differ, and a rank that stops alone would leave the others hanging)."""
         if groups.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
+            return self.requested or also
+        flag = torch.tensor([float(self.requested or also)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

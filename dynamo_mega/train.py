@@ -496,8 +496,8 @@ def train(cfg: Config) -> dict:
                 evaluate(t, step)
             if cfg.eval.interval and step % cfg.eval.interval == 0:
                 evaluate_on_benchmarks(t, step)
-            out_of_time = cfg.run.max_minutes and time.time() - rl_start > 60 * cfg.run.max_minutes
-            stopped = bool(stop.agreed(t.groups) or out_of_time)
+            out_of_time = bool(cfg.run.max_minutes) and time.time() - rl_start > 60 * cfg.run.max_minutes
+            stopped = stop.agreed(t.groups, also=out_of_time)
             interval = cfg.checkpoint.interval
             if (interval and step % interval == 0) or stopped or step == cfg.run.steps:
                 save(t, step, trainer_state(t, step, sampler, epoch, summary, time.time() - rl_start))

@@ -41,10 +41,8 @@ def single_process_megatron() -> Iterator[None]:
 
     cpu_compat.apply_if_no_gpu()
     made_dist = not dist.is_initialized()
-    if made_dist:
-        from dynamo_mega.parallel.groups import _free_port
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if made_dist:  # an in-memory store: no port to race for
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     made_mp = False
     try:
         if dist.get_world_size() != 1:

@@ -37,7 +37,7 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) ->
     """Join (or create, for a single process) the default group and build Megatron's TP/PP/DP groups.
 
     Works under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) and as a plain single process (world size 1 on
-    a private TCP store). Backend: nccl with GPUs, gloo otherwise.
+    an in-memory store). Backend: nccl with GPUs, gloo otherwise.
     """
     try:
         from megatron.core import parallel_state
@@ -50,13 +50,15 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) ->
     on_gpu = torch.cuda.is_available()
     cpu_compat.apply_if_no_gpu()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        backend, timeout = ("nccl" if on_gpu else "gloo"), datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun / Slurm: env rendezvous
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # One process: an in-memory store, no port to race for and no RANK/MASTER_PORT written into the
+            # environment, where child processes (vLLM, a test's next CLI run) would inherit them.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel = {tp * pp}")
@@ -89,11 +91,3 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
