@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _timing import free_port, median_time  # bench/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,19 +38,6 @@ MODELS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _timed(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, reps: int) -> None:
@@ -88,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, reps
                     modulation=ModulationConfig())
 
     step()  # warm-up: allocations, AdamW state
-    result = {"forward": _timed(forward, reps), "fwd_bwd": _timed(fwd_bwd, reps), "step": _timed(step, reps)}
+    result = {"forward": median_time(forward, reps), "fwd_bwd": median_time(fwd_bwd, reps), "step": median_time(step, reps)}
     result["params"] = sum(p.numel() for p in model.parameters()) * world  # TP shards (replicas counted twice)
     result["tokens"] = int(mask.sum())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -98,7 +83,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, reps
 
 def measure(model_kw: dict, tp: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(tp, _free_port(), out, model_kw, reps), nprocs=tp, join=True)
+        mp.spawn(_worker, args=(tp, free_port(), out, model_kw, reps), nprocs=tp, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(tp)]
     slowest = {k: max(r[k] for r in ranks) for k in ("forward", "fwd_bwd", "step")}
     return {**slowest, "tokens": ranks[0]["tokens"], "tokens_per_s": ranks[0]["tokens"] / slowest["step"]}

@@ -19,16 +19,14 @@ import argparse
 import json
 import os
 import re
-import socket
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _timing import free_port, median_time  # bench/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1e9
@@ -41,14 +39,6 @@ QUICK = dict(FULL, hidden_size=512, num_layers=4, num_attention_heads=8, num_que
 def _status(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
-
-def _median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _build(tp: int, model_kw: dict):
@@ -71,12 +61,12 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
     tp_group = groups.tp_group if world > 1 else None
     kw = dict(tp_size=world, tp_group=tp_group, bucket_bytes=bucket_bytes)
     produced = sum(b.nbytes for b in iter_buckets(model, arch, **kw))  # warm-up, and the byte count
-    bridge = _median_time(lambda: [None for _ in iter_buckets(model, arch, **kw)], reps)
+    bridge = median_time(lambda: [None for _ in iter_buckets(model, arch, **kw)], reps)
     result = {"bytes": produced, "bridge_s": bridge, "params": sum(p.numel() for p in model.parameters()) * world}
     local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     if world == 1:
         dst = torch.empty_like(local)
-        result["baseline_s"] = _median_time(lambda: dst.copy_(local), reps)
+        result["baseline_s"] = median_time(lambda: dst.copy_(local), reps)
     else:
         pieces = local.split(max(1, bucket_bytes // (world * local.element_size())))
         gathered = [[torch.empty_like(x) for _ in range(world)] for x in pieces]
@@ -85,21 +75,16 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
             for x, out in zip(pieces, gathered):
                 dist.all_gather(out, x, group=tp_group)
 
-        result["baseline_s"] = _median_time(bare_all_gather, reps)
+        result["baseline_s"] = median_time(bare_all_gather, reps)
     if rank == 0:
         Path(out_dir, "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def throughput(tp: int, model_kw: dict, bucket_bytes: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_tp_worker, args=(tp, _free_port(), out, model_kw, bucket_bytes, reps), nprocs=tp, join=True)
+        mp.spawn(_tp_worker, args=(tp, free_port(), out, model_kw, bucket_bytes, reps), nprocs=tp, join=True)
         r = json.loads(Path(out, "result.json").read_text())
     return {
         "tp": tp,
@@ -132,10 +117,10 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dic
     nbytes = sum(b.nbytes for b in iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes))
     peak_extra = _status("VmHWM") - before
     version = iter(range(1, 10_000))
-    stream = _median_time(
+    stream = median_time(
         lambda: engine.load_buckets(iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes), next(version)), reps
     )
-    via_file = _median_time(lambda: engine.load_weights(export_hf_state(model, arch, groups), next(version)), reps)
+    via_file = median_time(lambda: engine.load_weights(export_hf_state(model, arch, groups), next(version)), reps)
     engine.close()
     Path(out_dir, "result.json").write_text(json.dumps(
         {"bytes": nbytes, "stream_s": stream, "file_s": via_file, "peak_extra_bytes": peak_extra}
@@ -145,7 +130,7 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dic
 
 def end_to_end(model_kw: dict, bucket_bytes: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as out:
-        mp.spawn(_engine_worker, args=(1, _free_port(), out, model_kw, bucket_bytes, reps), nprocs=1, join=True)
+        mp.spawn(_engine_worker, args=(1, free_port(), out, model_kw, bucket_bytes, reps), nprocs=1, join=True)
         r = json.loads(Path(out, "result.json").read_text())
     return {**r, "stream_vs_file": r["file_s"] / r["stream_s"], "peak_extra_buckets": r["peak_extra_bytes"] / bucket_bytes}
 
