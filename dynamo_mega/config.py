@@ -136,6 +136,7 @@ class ModulationConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
+    lr_decay: str = "constant"  # after warm-up: constant | linear | cosine, from lr to min_lr at the run's last step
     min_lr: float = 0.0
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -372,6 +373,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(mod.variant in ("centred", "legacy"), f"modulation.variant={mod.variant!r}: use centred or legacy")
     _require(mod.mu_max >= 1 and 0 <= mod.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
+    _require(
+        cfg.optim.lr_decay in ("constant", "linear", "cosine"),
+        f"optim.lr_decay={cfg.optim.lr_decay!r}: use constant, linear or cosine",
+    )
+    _require(
+        0 <= cfg.optim.min_lr <= cfg.optim.lr,
+        f"optim.min_lr={cfg.optim.min_lr} must be in [0, optim.lr={cfg.optim.lr}] (the floor the decay reaches)",
+    )
     _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
     _require(cfg.optim.pack_row_tokens >= 0, "optim.pack_row_tokens must be >= 0 (0 turns packing off)")
     _require(

@@ -24,6 +24,7 @@ from dynamo_mega.data import EpochSampler, Prompt, load_splits, render_chat
 from dynamo_mega.guards import EngineRestarted, StopSignal, broadcast, on_driver
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
+from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
@@ -315,6 +316,7 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     keys = dict.fromkeys(k for s in per_step for k in s)
     stats = {k: sum(s[k] for s in per_step if k in s) / sum(k in s for s in per_step) for k in keys}
     stats["skipped_step"] = sum(s["skipped_step"] for s in per_step)  # a count, not a mean
+    stats["lr"] = t.scheduler.get_last_lr()[0]  # after this step's updates (the next step's lr)
     bounds = [0, *torch.tensor(batch.group_sizes).cumsum(0).tolist()]
     stats.update(allocation_metrics(batch.group_sizes, [batch.rewards[a:b] for a, b in zip(bounds, bounds[1:])]))
     stats.update(
@@ -354,22 +356,10 @@ def mini_batch_indices(group_sizes: list[int], mini_batches: int) -> list[torch.
     return [torch.arange(bounds[a], bounds[b]) for a, b in zip(cuts, cuts[1:])]
 
 
-def build_optimizer(model, lr: float, optim_cfg, total_steps: int):
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), weight_decay=optim_cfg.weight_decay
-    )
-    warmup = max(optim_cfg.warmup_steps, 0)
-
-    def schedule(step: int) -> float:  # linear warm-up, then constant
-        return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
 def supervised_warmup(t: Trainer) -> int:
     """Teacher-forced warm-up on train answers until held-out accuracy reaches warmup.stop_accuracy."""
     w = t.cfg.warmup
-    opt, sched = build_optimizer(t.model, w.lr, t.cfg.optim, w.max_steps)
+    opt, sched = build_optimizer(t.model, w.lr, t.cfg.optim, w.max_steps, decay="constant")
     sampler = EpochSampler(len(t.train_set), t.cfg.run.seed + 1)
     for step in range(1, w.max_steps + 1):
         prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
@@ -465,7 +455,7 @@ def train(cfg: Config) -> dict:
     stop = StopSignal(cfg.checkpoint.save_on_sigterm)
     try:
         start = time.time()
-        t.optimizer, t.scheduler = build_optimizer(t.model, cfg.optim.lr, cfg.optim, cfg.run.steps)
+        t.optimizer, t.scheduler = build_optimizer(t.model, cfg.optim.lr, cfg.optim, cfg.run.steps * cfg.optim.mini_batches)
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
         al = cfg.allocation
         t.stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)

@@ -115,10 +115,6 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_uninterrupted_run(refer
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 3  # keep_last
 
 
-@pytest.mark.skip(
-    reason="KNOWN BUG (issue 7, not done): after the engine-core process is killed the trainer hangs inside vLLM's "
-    "generate instead of getting EngineDeadError, so the restart path never runs"
-)
 def test_dead_rollout_engine_is_restarted_with_current_weights(tmp_path):
     import psutil
 

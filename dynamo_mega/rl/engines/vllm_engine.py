@@ -93,7 +93,11 @@ class VLLMEngine:
     def _start(self, model_dir: str):
         from vllm import LLM
 
-        return LLM(model=model_dir, **self._llm_kwargs)
+        from dynamo_mega.rl.engines.vllm_watchdog import watch_engine
+
+        llm = LLM(model=model_dir, **self._llm_kwargs)
+        self._watchdog = watch_engine(llm)  # a dead engine core raises EngineDeadError instead of hanging
+        return llm
 
     def sleep(self) -> None:
         """Give the GPU memory back to the colocated trainer (no-op with sleep_level 0)."""
@@ -211,6 +215,8 @@ class VLLMEngine:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        if getattr(self, "_watchdog", None) is not None:
+            self._watchdog.set()
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

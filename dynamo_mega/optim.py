@@ -1,0 +1,42 @@
+"""AdamW and its learning-rate schedule: linear warm-up, then constant, linear or cosine decay to min_lr.
+
+The scheduler steps once per optimizer step, so a run's schedule spans run.steps x optim.mini_batches steps.
+On GPU the same semantics are what Megatron's distributed optimizer would carry; on CPU a plain torch AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps (0-based): ramps to 1 over warmup_steps, then
+    decays from 1 to min_ratio at total_steps (held there after)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"optim.lr_decay={decay!r}: use one of {', '.join(LR_DECAYS)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_optimizer(model, lr: float, optim_cfg, total_steps: int, decay: str | None = None):
+    """AdamW over the model's parameters and a LambdaLR with `lr_factor`; `decay` overrides optim_cfg.lr_decay
+    (the supervised warm-up runs at a constant lr until its accuracy stop)."""
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), weight_decay=optim_cfg.weight_decay
+    )
+    kwargs = dict(
+        warmup_steps=max(optim_cfg.warmup_steps, 0),
+        total_steps=total_steps,
+        decay=decay or optim_cfg.lr_decay,
+        min_ratio=optim_cfg.min_lr / lr,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, **kwargs))
