@@ -11,8 +11,9 @@ A directory without COMPLETE, or still under its temporary name, is never select
 crash in the middle of a save leaves the previous checkpoint as the one to resume from.
 
 AdamW moments are saved as sharded tensors that mirror their parameter's sharding (megatron's
-`optim_state_to_sharding_state`), so they reshard with the model. This is the CPU/plain-optimizer path; on GPU
-Megatron's distributed optimizer has its own sharded_state_dict and would plug in at `_optimizer_sharded_state`.
+`optim_state_to_sharding_state`), so they reshard with the model. That is the CPU/plain-optimizer path; on GPU
+Megatron's (distributed) optimizer saves its moments and fp32 master weights in its fully reshardable layout
+(parallel/megatron_optimizer.py).
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(groups)
     model_sharded = _model_sharded_state(model)
-    optim_sharded, adam_step = _optimizer_sharded_state(model_sharded, optimizer)
+    if hasattr(optimizer, "sharded_state_dict"):  # GPU: Megatron's optimizer (its own step counts inside)
+        optim_sharded, adam_step = optimizer.sharded_state_dict(model_sharded), None
+    else:
+        optim_sharded, adam_step = _optimizer_sharded_state(model_sharded, optimizer)
     dist_checkpointing.save({"model": model_sharded, "optimizer": optim_sharded}, str(tmp))
     _barrier(groups)
     if groups.is_driver:
@@ -167,11 +171,18 @@ def load_checkpoint(path: str | Path, model, optimizer: torch.optim.Optimizer, g
 
     path = Path(path)
     model_sharded = _model_sharded_state(model)
-    optim_sharded, _ = _optimizer_sharded_state(model_sharded, optimizer)
+    megatron_optimizer = hasattr(optimizer, "sharded_state_dict")
+    if megatron_optimizer:
+        optim_sharded = optimizer.sharded_state_dict(model_sharded, is_loading=True)
+    else:
+        optim_sharded, _ = _optimizer_sharded_state(model_sharded, optimizer)
     loaded = dist_checkpointing.load({"model": model_sharded, "optimizer": optim_sharded}, str(path))
     model.load_state_dict(loaded["model"], strict=False)
     trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)
-    _load_optimizer(optimizer, loaded["optimizer"], trainer_state["adam_step"])
+    if megatron_optimizer:
+        optimizer.load_sharded(loaded["optimizer"])
+    else:
+        _load_optimizer(optimizer, loaded["optimizer"], trainer_state["adam_step"])
     set_rng_state(trainer_state["rng"])
     return trainer_state
 

@@ -146,6 +146,9 @@ class OptimConfig:
     micro_batch_size: int = 256  # sequences per forward/backward (rows, when packing)
     pack_row_tokens: int = 0  # > 0: pack samples end to end in rows of this many tokens, balanced over DP by tokens
     mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
+    # GPU only: shard fp32 master weights and Adam moments over DP (Megatron's distributed optimizer). CPU runs
+    # always use torch AdamW with the same update (parallel/megatron_optimizer.py explains the equivalence).
+    use_distributed_optimizer: bool = True
 
 
 @dataclass

@@ -75,6 +75,8 @@ def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups,
 
 def sync_and_step(model, optimizer, scheduler, groups: ParallelGroups, grad_clip: float) -> tuple[float, bool]:
     """SUM-all-reduce grads over DP, clip, step. A non-finite gradient norm skips the update (returns False)."""
+    if hasattr(optimizer, "ddp"):  # GPU: Megatron's grad buffers, optimizer and LR schedule (megatron_optimizer.py)
+        return optimizer.step()
     if groups.dp_size > 1:
         for p in model.parameters():
             if p.grad is not None:
