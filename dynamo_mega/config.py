@@ -174,6 +174,8 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True
     log_samples: int = 8  # rollouts per step written to samples.jsonl (prompt, answer, response, reward)
+    wandb_project: str | None = None  # set to log to Weights & Biases too (pip install -e .[wandb])
+    wandb_mode: str = "online"  # online | offline (written under RUN_DIR/wandb for `wandb sync`)
 
 
 DEFAULT_BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"]
@@ -391,6 +393,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",
     )
     _require(cfg.run.steps >= 0, "run.steps must be >= 0")
+    _require(cfg.run.wandb_mode in ("online", "offline"), f"run.wandb_mode={cfg.run.wandb_mode!r}: use online or offline")
     ck = cfg.checkpoint
     _require(ck.interval >= 0 and ck.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
     _require(bool(ck.resume), "checkpoint.resume must be auto, none, or a checkpoint directory")

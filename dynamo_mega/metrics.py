@@ -1,5 +1,5 @@
-"""Run metrics: one JSON line per record in metrics.jsonl, TensorBoard scalars, a rich progress bar, and a PNG
-plot of reward and held-out accuracy per step (`plot_run`). Only the driver rank logs."""
+"""Run metrics: one JSON line per record in metrics.jsonl, TensorBoard scalars, optionally W&B, a rich progress
+bar, and a PNG dashboard per step (`plot_run`). Only the driver rank logs."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ class MetricsLogger:
         progress_total: int | None = None,
         progress: bool = True,
         resume_step: int | None = None,
+        wandb=None,
     ):
+        """`wandb`: an optional sink with log(step, phase, record) and close() (dynamo_mega/wandb_sink.py)."""
+        self._wandb = wandb
         self.path = run_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -74,6 +77,8 @@ class MetricsLogger:
             for key, value in clean.items():
                 if isinstance(value, float) and math.isfinite(value):
                     writer.add_scalar(f"{phase}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, phase, clean)
         if self._progress is not None:
             fields = {}
             if phase == "train" and "reward_mean" in clean:
@@ -87,6 +92,8 @@ class MetricsLogger:
             self._progress.stop()
         for writer in self._tb.values():
             writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
         self._file.close()
 
 

@@ -92,6 +92,7 @@ def setup(cfg: Config) -> Trainer:
             progress_total=cfg.run.steps,
             progress=cfg.run.progress,
             resume_step=resume_step,
+            wandb=_wandb_sink(cfg, run_dir),
         )
     del hf_state
     return Trainer(
@@ -174,6 +175,17 @@ def with_engine(t: Trainer, fn):
             return on_driver(t.groups, fn)
         except EngineRestarted:
             push_weights(t)
+
+
+def _wandb_sink(cfg: Config, run_dir: Path):
+    if not cfg.run.wandb_project:
+        return None
+    from omegaconf import OmegaConf
+
+    from dynamo_mega.wandb_sink import WandbSink
+
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return WandbSink(run_dir, project=cfg.run.wandb_project, mode=cfg.run.wandb_mode, config=config)
 
 
 def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -> RolloutBatch:
