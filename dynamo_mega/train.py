@@ -149,7 +149,8 @@ def sync_weights(t: Trainer) -> None:
 
 def push_weights(t: Trainer) -> None:
     """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
-    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk."""
+    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk, by
+    RPC or by broadcast over the engine's weight group (rollout.weight_transport)."""
     g = t.groups
     buckets = iter_buckets(
         t.model,
@@ -160,7 +161,10 @@ def push_weights(t: Trainer) -> None:
         bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
         version=t.version,
     )
-    if g.is_driver:
+    if g.is_driver and t.cfg.rollout.weight_transport == "broadcast":
+        t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or a new engine
+        t.engine.broadcast_buckets(buckets, t.version)
+    elif g.is_driver:
         t.engine.load_buckets(buckets, t.version)
     else:
         for _ in buckets:  # TP peers take part in each bucket's all-gather

@@ -108,6 +108,27 @@ def test_bucket_stream_sync_then_logprobs_equal_trainer(policy_and_engine):
     assert engine.version == 11 and engine.worker_versions() == [11]
 
 
+def test_broadcast_sync_over_the_weight_group_then_logprobs_equal_trainer(policy_and_engine):
+    """The disaggregated transport: bucket bytes broadcast over a gloo group with the engine's worker (NCCL on
+    GPUs), names and layout by RPC. Twice, so the group is reused."""
+    from dynamo_mega.parallel.weight_bridge import iter_buckets
+
+    model, arch, groups, engine = policy_and_engine
+    assert engine.open_weight_group("gloo") == 2  # the trainer and vLLM's one worker
+    for version in (12, 13):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        before = torch.tensor(engine.score([SEQ])[0])
+        buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=version))
+        sent = engine.broadcast_buckets(buckets, version=version)
+        assert sent == sum(b.nbytes for b in buckets)
+        after = torch.tensor(engine.score([SEQ])[0])
+        assert (after - before).abs().max() > 1e-2
+        torch.testing.assert_close(after, _trainer_logprobs(model, SEQ), rtol=0, atol=1e-4)
+        assert engine.version == version and engine.worker_versions() == [version]
+
+
 def test_sleep_mode_without_gpu_is_a_clear_error(tmp_path):
     from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
 

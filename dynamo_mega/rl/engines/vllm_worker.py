@@ -38,6 +38,31 @@ class PolicyWeightsExtension:
         self.model_runner.get_model().load_weights(views)
         return len(names)
 
+    # Broadcast path (disaggregated engines, rl/engines/weight_group.py): the trainer announces each bucket by
+    # RPC (names and layout, a few KB) and sends its bytes over the weight group (NCCL on GPUs, gloo on CPU).
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
+        """Join the trainer's weight group as rank 1 + this worker's rank; returns that rank."""
+        from dynamo_mega.rl.engines.weight_group import open_group
+
+        rank = 1 + int(self.rank)
+        self._weight_group = open_group(host, port, rank, world_size, backend, timeout_s)
+        return rank
+
+    def receive_policy_bucket(
+        self, names: list[str], shapes: list[list[int]], offsets: list[int], dtype: str, numel: int, src: int
+    ) -> int:
+        """Receive one flat bucket broadcast by rank `src` of the weight group and load its tensors."""
+        import torch
+
+        from dynamo_mega.rl.engines.weight_group import broadcast
+
+        group, _ = self._weight_group
+        flat = torch.empty(numel, dtype=getattr(torch, dtype), device=getattr(self, "device", "cpu"))
+        broadcast(group, flat, src)
+        views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
+        self.model_runner.get_model().load_weights(views)
+        return len(names)
+
     def finish_policy_update(self, version: int) -> int:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
