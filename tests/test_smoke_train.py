@@ -41,6 +41,8 @@ def run_dir(tmp_path_factory):
         "warmup.stop_accuracy=1.0",
         "data.num_train=200",
         "data.num_eval=64",
+        # The disaggregated transport (gloo broadcast to the engine's worker); the other CLI tests use rpc.
+        "rollout.weight_transport=broadcast",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -60,7 +62,7 @@ def test_metrics_per_step(run_dir):
     train = [r for r in records if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     versions = [r["policy_version"] for r in train]
-    assert versions == sorted(versions) and len(set(versions)) == 3  # one weight sync per step
+    assert versions == sorted(versions) and len(set(versions)) == 3  # one weight sync per step (by broadcast)
     for r in train:
         assert r["samples"] == 64 and 0.0 <= r["reward_mean"] <= 1.0
         assert r["logprob_mismatch"] < 1e-3  # vLLM and Megatron agree on the sampled tokens (fp32)
