@@ -138,3 +138,38 @@ def test_sleep_mode_without_gpu_is_a_clear_error(tmp_path):
         VLLMEngine(tmp_path, sleep_level=1)
     with pytest.raises(ValueError, match="use 0 \\(off\\), 1"):
         VLLMEngine(tmp_path, sleep_level=3)
+
+
+_OWNER = """
+import json, sys, time
+from pathlib import Path
+from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
+engine = VLLMEngine(sys.argv[1], dtype="float32", max_model_len=32)
+Path(sys.argv[2]).write_text(json.dumps(engine.worker_pids))
+time.sleep(600)
+"""
+
+
+def test_engine_processes_exit_when_the_trainer_is_sigkilled(policy_and_engine, tmp_path):
+    """A SIGKILLed trainer runs no cleanup: its vLLM engine processes must not live on as orphans."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    engine = policy_and_engine[3]
+    pids_file = tmp_path / "pids.json"
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, engine.model_dir, str(pids_file)], env=os.environ.copy())
+    deadline = time.time() + 600
+    while not pids_file.is_file():
+        assert owner.poll() is None and time.time() < deadline, "the engine owner died or never started its engine"
+        time.sleep(0.5)
+    children = psutil.Process(owner.pid).children(recursive=True)
+    workers = [psutil.Process(pid) for pid in json.loads(pids_file.read_text())]
+    assert children and workers
+    owner.kill()
+    owner.wait()
+    gone, alive = psutil.wait_procs(children + workers, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"orphaned engine processes: {alive}"

@@ -108,6 +108,7 @@ class VLLMEngine:
 
         llm = LLM(model=model_dir, **self._llm_kwargs)
         self._watchdog = watch_engine(llm)  # a dead engine core raises EngineDeadError instead of hanging
+        self.worker_pids = llm.collective_rpc("watch_trainer", args=(os.getpid(),))  # no orphans if we are killed
         return llm
 
     def sleep(self) -> None:
