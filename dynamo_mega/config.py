@@ -92,8 +92,8 @@ class RolloutConfig:
     seed: int = 0
     vllm_sleep_level: int = 0  # GPU, colocated: 1 frees the KV cache while training, 2 also the weights (0: off)
     weight_bucket_mb: int = 512  # weight sync: HF-named tensors streamed to the engine in buckets of this size
-    # rpc: bucket bytes through vLLM's RPC channel (colocated engines); broadcast: over a process group with the
-    # engine's workers, NCCL on GPUs / gloo on CPU (disaggregated engines; rl/engines/weight_group.py)
+    # rpc: bucket bytes through vLLM's RPC channel; ipc: CUDA IPC handles (colocated GPU engines, no host copy);
+    # broadcast: over a process group with the engine's workers, NCCL on GPUs / gloo on CPU (disaggregated)
     weight_transport: str = "rpc"
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
@@ -362,8 +362,15 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     _require(r.weight_bucket_mb >= 1, f"rollout.weight_bucket_mb={r.weight_bucket_mb} must be >= 1")
     _require(
-        r.weight_transport in ("rpc", "broadcast"), f"rollout.weight_transport={r.weight_transport!r}: use rpc or broadcast"
+        r.weight_transport in ("rpc", "ipc", "broadcast"),
+        f"rollout.weight_transport={r.weight_transport!r}: use rpc, ipc (GPU) or broadcast",
     )
+    if r.weight_transport == "ipc":
+        import torch
+
+        _require(
+            torch.cuda.is_available(), "rollout.weight_transport=ipc shares GPU memory, so it needs a GPU: use rpc or broadcast"
+        )
     _require(r.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level={r.vllm_sleep_level}: use 0, 1 or 2")
     _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")

@@ -164,6 +164,8 @@ def push_weights(t: Trainer) -> None:
     if g.is_driver and t.cfg.rollout.weight_transport == "broadcast":
         t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or a new engine
         t.engine.broadcast_buckets(buckets, t.version)
+    elif g.is_driver and t.cfg.rollout.weight_transport == "ipc":
+        t.engine.ipc_buckets(buckets, t.version)
     elif g.is_driver:
         t.engine.load_buckets(buckets, t.version)
     else:

@@ -79,3 +79,16 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, args):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dynamo-mega: error:")]
     assert len(lines) == 1, proc.stderr
     assert not run_dir.exists()
+
+
+def test_ipc_weight_transport_needs_a_gpu():
+    import torch
+
+    from dynamo_mega.config import ConfigError, load_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="rollout.weight_transport=ipc shares GPU memory, so it needs a GPU"):
+        load_config(None, ["rollout.weight_transport=ipc"])
+    with pytest.raises(ConfigError, match="use rpc, ipc .GPU. or broadcast"):
+        load_config(None, ["rollout.weight_transport=nfs"])

@@ -152,7 +152,7 @@ def iter_buckets(
         names, shapes, offsets, total = _hf_layout(group, arch, tp_size)
         if not names:
             continue
-        flat = torch.empty(total, dtype=group[0].param.dtype)
+        flat = torch.empty(total, dtype=group[0].param.dtype, device=group[0].param.device)  # GPU stays on GPU
         where = {n: (o, s) for n, o, s in zip(names, offsets, shapes)}
         for name, full in _gathered(group, tp_size, tp_group):
             for hf_name, tensor in qm.megatron_to_hf({name: full}, arch, tp_size).items():

@@ -4,6 +4,7 @@ The engine starts from an HF-format export of the policy and stays up for the wh
 step the trainer's new weights are loaded in place (no restart) from the weight bridge's buckets
 (parallel/weight_bridge.py), by one of three transports:
 - `load_buckets`: each bucket's bytes through vLLM's RPC channel (the default; colocated engines);
+- `ipc_buckets`: each bucket handed over as a CUDA IPC handle (colocated GPU engines, no host copy);
 - `broadcast_buckets`: each bucket broadcast over a dedicated process group with the engine's workers (NCCL on
   GPUs, gloo on CPU; disaggregated engines), only names and layout through RPC;
 - `load_weights`: a safetensors file in a private directory (on /dev/shm when present), the simplest path,
@@ -212,6 +213,28 @@ class VLLMEngine:
             shapes = [list(s) for s in b.shapes]
             self._llm.collective_rpc("load_policy_bucket", args=(list(b.names), shapes, list(b.offsets), dtype, raw))
             sent += len(raw)
+        versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
+        if any(v != version for v in versions):
+            raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
+        self.version = version
+        return sent
+
+    def ipc_buckets(self, buckets, version: int) -> int:
+        """Like `load_buckets` for an engine on the trainer's own GPU: each bucket (a CUDA tensor) is handed over
+        as a CUDA IPC handle and loaded from the trainer's memory without a copy through the host. Returns the
+        bytes made available."""
+        from dynamo_mega.rl.engines.cuda_ipc import export_handle
+
+        self.wake_up()
+        self._llm.collective_rpc("begin_policy_update")
+        sent = 0
+        for b in buckets:
+            flat = b.flat.detach().contiguous()
+            handle = export_handle(flat)  # raises on CPU tensors
+            layout = (list(b.names), [list(s) for s in b.shapes], list(b.offsets))
+            self._llm.collective_rpc("load_policy_bucket_ipc", args=(*layout, handle))
+            sent += flat.numel() * flat.element_size()
+            del flat  # the workers have finished with it: the RPC returned
         versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")

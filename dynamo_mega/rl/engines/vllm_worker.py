@@ -63,6 +63,16 @@ class PolicyWeightsExtension:
         self.model_runner.get_model().load_weights(views)
         return len(names)
 
+    # CUDA IPC path (colocated GPU engines, rl/engines/cuda_ipc.py): the bucket stays in the trainer's GPU memory
+    # and is mapped here by handle; the trainer keeps it alive until this call returns.
+    def load_policy_bucket_ipc(self, names: list[str], shapes: list[list[int]], offsets: list[int], handle: bytes) -> int:
+        from dynamo_mega.rl.engines.cuda_ipc import open_handle
+
+        flat = open_handle(handle, getattr(self, "device", None))
+        views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
+        self.model_runner.get_model().load_weights(views)
+        return len(names)
+
     def finish_policy_update(self, version: int) -> int:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
