@@ -28,7 +28,7 @@ from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.parallel.weight_bridge import iter_buckets
+from dynamo_mega.parallel.weight_bridge import iter_buckets, iter_pipeline_buckets
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocate, allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
@@ -148,7 +148,8 @@ def sync_weights(t: Trainer) -> None:
 
 def push_weights(t: Trainer) -> None:
     """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
-    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk."""
+    (one TP all-gather per bucket, collective over TP; at PP > 1 the later stages' buckets sent point to point
+    to the driver) streamed into the driver's engine, nothing on disk."""
     g = t.groups
     buckets = iter_buckets(
         t.model,
@@ -159,10 +160,13 @@ def push_weights(t: Trainer) -> None:
         bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
         version=t.version,
     )
+    if g.pp_size > 1:
+        carries = g.tp_rank == 0 and g.dp_rank == 0
+        buckets = iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
     if g.is_driver:
         t.engine.load_buckets(buckets, t.version)
     else:
-        for _ in buckets:  # TP peers take part in each bucket's all-gather
+        for _ in buckets:  # TP peers take part in each bucket's all-gather; later stages send theirs
             pass
 
 

@@ -2,7 +2,8 @@
 with global scope on the last stage, clipped loss through Megatron's 1F1B schedule, tied-embedding gradient sum
 between the stages, clipping over both stages, SGD), then old_logprobs and a supervised step, at PP=2 (2 gloo
 processes, 2 layers per stage) equal one process on the same micro-batches, with tied and untied embeddings;
-every stage reports the same stats."""
+every stage reports the same stats; the weight bridge's pipeline stream brings every stage's weights to the
+first stage."""
 
 from __future__ import annotations
 
@@ -54,7 +55,15 @@ def _steps(rank: int, world: int, pp: int, tied: bool) -> dict:
     logp, entropy = old_logprobs(model, micro, groups, temperature=0.7)
     sft = supervised_step(model, opt, None, micro, groups, grad_clip=0.5)
     after = export_hf_state(model, arch, groups)
-    out = {"stats": stats, "logp": logp, "entropy": entropy, "sft": sft, "before": before, "after": after, "layout": layout}
+    streamed = {}
+    if pp > 1:  # what push_weights feeds the driver's engine: every stage's buckets, small buckets to test the loop
+        from dynamo_mega.parallel.weight_bridge import iter_buckets, iter_pipeline_buckets
+
+        stage = iter_buckets(model, arch, tp_size=1, bucket_bytes=64 << 10)
+        for b in iter_pipeline_buckets(stage, pp_group=groups.pp_group, pp_rank=groups.pp_rank, pp_size=pp, carries=True):
+            streamed.update((name, t.clone()) for name, t in b.tensors())
+    out = {"stats": stats, "logp": logp, "entropy": entropy, "sft": sft, "before": before, "after": after}
+    out.update(layout=layout, streamed=streamed)
     parallel_state.destroy_model_parallel()
     return out
 
@@ -83,4 +92,8 @@ def test_pipeline_two_stages_equal_one_process(runs):
         for name, value in ref["after"].items():
             torch.testing.assert_close(out["after"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(ref["before"][k], ref["after"][k]) for k in ref["after"]), "the steps must change weights"
+    assert stages[1]["streamed"] == {}  # the last stage sent its buckets to the first one
+    assert stages[0]["streamed"].keys() == ref["after"].keys()
+    for name, value in stages[0]["after"].items():
+        assert torch.equal(stages[0]["streamed"][name], value), name
     assert stages[0]["stats"] == stages[1]["stats"] and stages[0]["sft"] == stages[1]["sft"]  # identical on every rank
