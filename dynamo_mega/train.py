@@ -65,7 +65,7 @@ def setup(cfg: Config) -> Trainer:
     config_mod.validate(cfg, groups.world_size)
     run_dir = Path(cfg.run.output_dir)
     train_set, eval_set = load_splits(cfg.data)
-    model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed)
+    model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed, random_init=cfg.model.hf_checkpoint is None)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
     resume_path = resume_point(cfg, groups)

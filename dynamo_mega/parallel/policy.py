@@ -17,22 +17,25 @@ from dynamo_mega.parallel.groups import ParallelGroups
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_policy(model_cfg: ModelConfig, groups: ParallelGroups, *, seed: int):
+def build_policy(model_cfg: ModelConfig, groups: ParallelGroups, *, seed: int, random_init: bool = True):
     """GPTModel (this rank's TP shard of its pipeline stage). Weights depend only on `seed` (full weights are
     initialised on every rank with the same CPU generator and sliced), so TP=1 and TP=2 start from identical
     parameters; at PP > 1 the whole PP=1 model is built first, with the same seed, and the stage's tensors
     copied out of it, so every pipeline layout starts from the same parameters too (one full model per rank
-    for a moment: load an HF checkpoint over it for big models)."""
+    for a moment). random_init=False: the caller loads weights over the model (an HF checkpoint); at PP > 1
+    the stage is then left uninitialised and no full model is built."""
     arch = qwen.arch_from_model_config(model_cfg)
     dtype = _DTYPES[model_cfg.params_dtype]
     torch.manual_seed(seed)
-    config = qwen.transformer_config(arch, tp=groups.tp_size, pp=1, params_dtype=dtype, init_std=model_cfg.init_std)
-    full = _gpt_model(config, arch, groups.tp_size, pre_process=True, post_process=True)
+    full = None
+    if groups.pp_size == 1 or random_init:
+        config = qwen.transformer_config(arch, tp=groups.tp_size, pp=1, params_dtype=dtype, init_std=model_cfg.init_std)
+        full = _gpt_model(config, arch, groups.tp_size, pre_process=True, post_process=True)
     if groups.pp_size == 1:
         return full.to(groups.device), arch
     rng = torch.get_rng_state()
     config = qwen.transformer_config(arch, tp=groups.tp_size, pp=groups.pp_size, params_dtype=dtype, init_std=model_cfg.init_std)
-    config.perform_initialization = False  # every tensor is copied from `full` below
+    config.perform_initialization = False  # every tensor is copied from `full` below (or loaded by the caller)
     # Megatron would sum the tied output copy with the embedding over the embedding group at build time, via
     # weight.data.cuda(); this flag skips that step (it has no other effect on the local layer spec) and the
     # copy gets the embedding's values below instead.
@@ -40,7 +43,8 @@ def build_policy(model_cfg: ModelConfig, groups: ParallelGroups, *, seed: int):
     config.variable_seq_lengths = True  # micro-batches are trimmed to their own length: stages exchange shapes
     config.calculate_per_token_loss = True  # the schedule must not rescale our loss (global token mean, rl/loss.py)
     stage = _gpt_model(config, arch, groups.tp_size, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
-    _copy_stage_from_full(stage, full, arch.tie_word_embeddings)
+    if full is not None:
+        _copy_stage_from_full(stage, full, arch.tie_word_embeddings)
     torch.set_rng_state(rng)
     return stage.to(groups.device), arch
 
