@@ -4,6 +4,9 @@ gradient sync over DP, clipping, AdamW.
 Loss normalisation contract (house rule 7): each micro-batch contributes sum(token losses) / G where G is the
 valid-token count of the whole step on all DP ranks, and gradients are SUM-all-reduced over DP, so any
 micro-batch split and any DP size give the gradient of the same global token mean.
+
+Pipeline parallelism (PP > 1): the same steps run through Megatron's 1F1B schedule (parallel/pipeline.py); the
+loss, modulation and metrics exist on the last stage and every rank gets the last stage's stats.
 """
 
 from __future__ import annotations
