@@ -157,8 +157,9 @@ def grad_norm_sq_local(model, groups: ParallelGroups) -> torch.Tensor:
         dist.all_reduce(sharded, group=groups.tp_group)
     total = sharded + replicated
     if groups.pp_size > 1:
+        total = total.to(groups.device)  # NCCL reduces device tensors only (a no-op on CPU)
         dist.all_reduce(total, group=groups.pp_group)
-    return total
+    return total.cpu()
 
 
 def clip_grad_norm_(model, max_norm: float, groups: ParallelGroups) -> float:
