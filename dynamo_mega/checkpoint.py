@@ -2,8 +2,8 @@
 
 Layout of one checkpoint, ROOT/step_00000012/:
     model and optimizer shards    megatron dist_checkpointing (torch_dist format): every tensor is stored with its
-                                  global shape and offsets, so a checkpoint written at one TP layout (and any DP
-                                  size) loads at another
+                                  global shape and offsets, so a checkpoint written at one TP/PP layout (and
+                                  any DP size) loads at another (PP=2 -> PP=1, PP=2: tests/test_checkpoint_pipeline.py)
     trainer_state.pt              step, policy version, prompt statistics, data cursor, LR schedule, RNG states
     COMPLETE                      written last; the directory is then renamed from ROOT/.tmp.step_00000012
 
@@ -151,7 +151,8 @@ def save_checkpoint(
     _barrier(groups)
     if groups.is_driver:
         torch.save({**trainer_state, "adam_step": adam_step, "rng": rng_state()}, tmp / TRAINER_STATE)
-        meta = {"step": step, "saved_at": time.time(), "tensor_parallel": groups.tp_size, "world_size": groups.world_size}
+        meta = {"step": step, "saved_at": time.time(), "tensor_parallel": groups.tp_size, "pipeline_parallel": groups.pp_size}
+        meta["world_size"] = groups.world_size
         _write_synced(tmp / COMPLETE_MARKER, json.dumps(meta))
         if final.exists():  # an older save of the same step (e.g. a re-run after resume): replace it
             shutil.rmtree(final)

@@ -44,7 +44,7 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1  # TP size; must divide heads, query groups and the world size
-    pipeline_parallel: int = 1  # PP size (only 1 is supported by the training step for now)
+    pipeline_parallel: int = 1  # PP size: must divide the number of layers (1F1B schedule, parallel/pipeline.py)
     # Read by the memory planner (planner.py) and recipes; the CPU training step runs without them.
     recompute: str = "none"  # activation recompute: none | selective (attention core) | full (whole layers)
     distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over data-parallel ranks
@@ -304,7 +304,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     m, p, r = cfg.model, cfg.parallel, cfg.rollout
     tp = p.tensor_parallel
     _require(tp >= 1, f"parallel.tensor_parallel={tp} must be >= 1")
-    _require(p.pipeline_parallel == 1, "parallel.pipeline_parallel: only 1 is supported so far; set parallel.pipeline_parallel=1")
+    pp = p.pipeline_parallel
+    _require(pp >= 1, f"parallel.pipeline_parallel={pp} must be >= 1")
     if m.hf_checkpoint is not None:
         _require((Path(m.hf_checkpoint) / "config.json").is_file(), f"model.hf_checkpoint={m.hf_checkpoint}: no config.json")
     if m.hf_config is not None or m.hf_checkpoint is not None:
@@ -313,6 +314,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         arch = arch_from_model_config(m)
         for name, value in (("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups)):
             _require(value % tp == 0, f"parallel.tensor_parallel={tp} does not divide the checkpoint's {name}={value}")
+        _require(
+            arch.num_layers % pp == 0,
+            f"parallel.pipeline_parallel={pp} does not divide the checkpoint's num_hidden_layers={arch.num_layers}",
+        )
     else:
         _require(
             m.num_attention_heads % tp == 0,
@@ -321,6 +326,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(
             m.num_query_groups % tp == 0,
             f"parallel.tensor_parallel={tp} does not divide model.num_query_groups={m.num_query_groups}; pick a divisor",
+        )
+        _require(
+            m.num_layers % pp == 0,
+            f"parallel.pipeline_parallel={pp} does not divide model.num_layers={m.num_layers}; pick a divisor",
         )
         _require(
             m.num_attention_heads % m.num_query_groups == 0,

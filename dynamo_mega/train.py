@@ -28,7 +28,7 @@ from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.parallel.weight_bridge import iter_buckets
+from dynamo_mega.parallel.weight_bridge import iter_buckets, iter_pipeline_buckets
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocate, allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
@@ -65,7 +65,7 @@ def setup(cfg: Config) -> Trainer:
     config_mod.validate(cfg, groups.world_size)
     run_dir = Path(cfg.run.output_dir)
     train_set, eval_set = load_splits(cfg.data)
-    model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed)
+    model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed, random_init=cfg.model.hf_checkpoint is None)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
     resume_path = resume_point(cfg, groups)
@@ -149,8 +149,9 @@ def sync_weights(t: Trainer) -> None:
 
 def push_weights(t: Trainer) -> None:
     """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
-    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk, by
-    RPC or by broadcast over the engine's weight group (rollout.weight_transport)."""
+    (one TP all-gather per bucket, collective over TP; at PP > 1 the later stages' buckets sent point to point
+    to the driver) streamed into the driver's engine, nothing on disk, by RPC, CUDA IPC or broadcast over the
+    engine's weight group (rollout.weight_transport)."""
     g = t.groups
     buckets = iter_buckets(
         t.model,
@@ -161,6 +162,9 @@ def push_weights(t: Trainer) -> None:
         bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
         version=t.version,
     )
+    if g.pp_size > 1:
+        carries = g.tp_rank == 0 and g.dp_rank == 0
+        buckets = iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
     if g.is_driver and t.cfg.rollout.weight_transport == "broadcast":
         t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or a new engine
         t.engine.broadcast_buckets(buckets, t.version)
@@ -169,7 +173,7 @@ def push_weights(t: Trainer) -> None:
     elif g.is_driver:
         t.engine.load_buckets(buckets, t.version)
     else:
-        for _ in buckets:  # TP peers take part in each bucket's all-gather
+        for _ in buckets:  # TP peers take part in each bucket's all-gather; later stages send theirs
             pass
 
 

@@ -38,6 +38,8 @@ def test_resolved_config_round_trips(tmp_path):
         (["run.steps=many"], "run.steps"),
         (["rollout.temperature=hot"], "rollout.temperature"),
         (["parallel.tensor_parallel=3"], "does not divide model.num_attention_heads"),
+        (["parallel.pipeline_parallel=2"], "parallel.pipeline_parallel=2 does not divide model.num_layers=3"),
+        (["parallel.pipeline_parallel=0"], "parallel.pipeline_parallel=0 must be >= 1"),
         (["modulation.scope=everywhere"], "modulation.scope"),
         (["run.steps"], "section.key=value"),
     ],
@@ -47,6 +49,10 @@ def test_bad_overrides_name_the_problem(overrides, needle):
         load_config(TINY, overrides)
     message = str(err.value)
     assert needle in message and "\n" not in message
+
+
+def test_pipeline_parallel_that_divides_the_layers_is_accepted():
+    assert load_config(TINY, ["parallel.pipeline_parallel=2", "model.num_layers=4"]).parallel.pipeline_parallel == 2
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -64,3 +64,13 @@ def test_rng_tracker_differs_per_tp_rank():
 def test_not_applied_when_a_gpu_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert cpu_compat.apply_if_no_gpu() is False
+
+
+def test_pipeline_schedules_allocate_their_token_counter_on_cpu():
+    from megatron.core.pipeline_parallel import schedules
+
+    counter = schedules.torch.zeros([], dtype=torch.int, device="cuda")  # what the 1F1B schedule allocates
+    assert counter.device.type == "cpu" and counter.dtype == torch.int
+    assert schedules.torch.zeros(2, device="cpu").device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor and schedules.torch.autograd is torch.autograd  # the rest is torch
+    assert torch.zeros(1).device.type == "cpu"  # torch itself is not patched

@@ -58,7 +58,7 @@ def test_local_launch_trains_the_tiny_run_on_two_ranks(tmp_path):
 
 
 def test_failed_job_is_a_failed_launch(tmp_path):
-    # Loads for launching, but the training step refuses PP=2 on CPU: every rank exits 2, so must the launch.
+    # Loads for launching, but PP=2 does not divide the tiny model's 3 layers: every rank exits 2, so must the launch.
     proc = _launch_cli(["configs/tiny_cpu.yaml", *TINY_JOB, "parallel.pipeline_parallel=2"], tmp_path / "nemo_run")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["state"] == "FAILED"

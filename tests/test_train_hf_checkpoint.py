@@ -1,6 +1,6 @@
 """Training from a Hugging Face checkpoint on a data file: a tiny random Qwen2 saved by transformers with the real
 Qwen2.5-Math tokenizer, problems rendered through its chat template, math-verify rewards, two RL steps through the
-CLI; the policy starts from the checkpoint's weights exactly."""
+CLI; the policy starts from the checkpoint's weights exactly (also at PP=2, without the random init)."""
 
 from __future__ import annotations
 
@@ -48,20 +48,25 @@ def _exported(rank: int, world: int, hf_dir: str) -> dict:
     from dynamo_mega.parallel.groups import init_parallel
     from dynamo_mega.parallel.policy import build_policy, export_hf_state
 
-    groups = init_parallel(1, seed=0)
-    model, arch = build_policy(ModelConfig(hf_checkpoint=hf_dir), groups, seed=5)
+    groups = init_parallel(1, world, seed=0)  # PP = world size
+    model, arch = build_policy(ModelConfig(hf_checkpoint=hf_dir), groups, seed=5, random_init=False)
     load_hf_into_model(model, Path(hf_dir), arch, groups.tp_rank, groups.tp_size)
     out = export_hf_state(model, arch, groups)
+    if world > 1 and groups.is_last_stage:  # the last stage's copy of the tied embedding, which it computes logits with
+        out["output copy"] = model.output_layer.weight.detach()[: arch.vocab_size].clone()
     parallel_state.destroy_model_parallel()
     return out
 
 
-def test_policy_starts_from_the_checkpoint(checkpoint):
+@pytest.mark.parametrize("pp", [1, 2])
+def test_policy_starts_from_the_checkpoint(checkpoint, pp):
     from safetensors.torch import load_file
 
-    ours = run_gloo(_exported, 1, str(checkpoint))[0]
+    ours = run_gloo(_exported, pp, str(checkpoint))[-1]
     theirs = load_file(str(checkpoint / "model.safetensors"))
     theirs.pop("lm_head.weight", None)  # tied: the file may or may not carry the shared tensor
+    if pp > 1:
+        assert torch.equal(ours.pop("output copy"), theirs["model.embed_tokens.weight"])
     assert ours.keys() == theirs.keys()
     for name, value in theirs.items():
         assert torch.equal(ours[name], value), name

@@ -10,6 +10,9 @@ when `torch.cuda.is_available()` is False, once per process, by `apply_if_no_gpu
 2. `torch.cuda.synchronize()` is a no-op (dist_checkpointing calls it around saves; nothing to wait for).
 3. The model-parallel RNG tracker keeps CPU generator states instead of CUDA ones: Megatron forks it around
    dropout in attention and around weight init; `CudaRNGStatesTracker.add` calls torch.cuda.manual_seed.
+4. The pipeline schedules (pipeline_parallel/schedules.py) allocate their token counter with
+   `torch.zeros([], ..., device="cuda")`: that module alone sees `torch` through `_TorchWithCpuZeros`,
+   which sends `zeros(device="cuda")` to the CPU and passes every other attribute through to torch.
 The causal mask Megatron builds when `attention_mask=None` is hard-wired to device="cuda"; rather than patch
 torch factories globally, the policy always passes its own mask (parallel/policy.py), so nothing is needed here.
 """
@@ -70,6 +73,17 @@ def _current_device_cpu() -> str:
     return "cpu"
 
 
+class _TorchWithCpuZeros:
+    """`torch` for megatron's schedules module: zeros(device="cuda") -> CPU, everything else unchanged."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply_if_no_gpu() -> bool:
     """Apply the redirections when there is no GPU. Returns True if they are (now or already) in effect."""
     global _APPLIED
@@ -77,12 +91,14 @@ def apply_if_no_gpu() -> bool:
         return False
     if _APPLIED:
         return True
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
     torch.cuda.current_device = _current_device_cpu
     torch.cuda.synchronize = lambda device=None: None
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    schedules.torch = _TorchWithCpuZeros()
     _APPLIED = True
     return True
 

@@ -26,11 +26,26 @@ class ParallelGroups:
     tp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     device: torch.device
+    pp_rank: int = 0
+    pp_size: int = 1
+    pp_group: dist.ProcessGroup | None = None  # None when pp_size == 1
+    pp_last_rank: int = 0  # global rank of the last stage in this rank's pipeline
+    # First and last stage of this pipeline (tied embeddings: the two copies' grads are summed over it);
+    # None when pp_size == 1 or on a middle stage.
+    embedding_group: dist.ProcessGroup | None = None
 
     @property
     def is_driver(self) -> bool:
         """Global rank 0: owns the rollout engine, the reward pool and the run directory."""
         return self.rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) -> ParallelGroups:
@@ -81,6 +96,11 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0, timeout_s: int = 1800) ->
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=pp,
+        pp_group=parallel_state.get_pipeline_model_parallel_group() if pp > 1 else None,
+        pp_last_rank=parallel_state.get_pipeline_model_parallel_last_rank(),
+        embedding_group=parallel_state.get_embedding_group() if pp > 1 and parallel_state.is_rank_in_embedding_group() else None,
     )
 
 

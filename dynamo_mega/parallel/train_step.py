@@ -4,6 +4,9 @@ gradient sync over DP, clipping, AdamW.
 Loss normalisation contract (house rule 7): each micro-batch contributes sum(token losses) / G where G is the
 valid-token count of the whole step on all DP ranks, and gradients are SUM-all-reduced over DP, so any
 micro-batch split and any DP size give the gradient of the same global token mean.
+
+Pipeline parallelism (PP > 1): the same steps run through Megatron's 1F1B schedule (parallel/pipeline.py); the
+loss, modulation and metrics exist on the last stage and every rank gets the last stage's stats.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dynamo_mega.parallel import pipeline
 from dynamo_mega.parallel.groups import ParallelGroups
 from dynamo_mega.parallel.logprobs import vocab_parallel_logprobs_entropy
 from dynamo_mega.parallel.policy import clip_grad_norm_, forward_logits
@@ -67,10 +71,30 @@ def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: f
 
 @torch.no_grad()
 def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
-    """Pre-update (behaviour-policy) log-probs and entropies, one no-grad pass per micro-batch."""
+    """Pre-update (behaviour-policy) log-probs and entropies, one no-grad pass per micro-batch (at PP > 1 one
+    forward-only pass of the pipeline schedule, the last stage's result on every stage)."""
     model.eval()
+    if groups.pp_size > 1:
+        return pipeline.broadcast_from_last_stage(_pipeline_old_logprobs(model, micro_batches, groups, temperature), groups)
     outs = [token_logprobs(model, mb, groups, temperature) for mb in micro_batches]
     return [o[0].detach() for o in outs], [o[1].detach() for o in outs]
+
+
+@torch.no_grad()
+def _pipeline_old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
+    """(log-probs, entropies) per micro-batch on the last stage, None on the others."""
+    model.eval()
+    logp, entropy = [], []
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+
+    def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
+        lp, ent = vocab_parallel_logprobs_entropy(logits_BSV, micro_batches[i].targets, tp_group, temperature=temperature)
+        logp.append(lp.detach())
+        entropy.append(ent.detach())
+        return torch.zeros(())
+
+    pipeline.run_schedule(model, micro_batches, on_logits, forward_only=True)
+    return (logp, entropy) if groups.is_last_stage else None
 
 
 def sync_and_step(model, optimizer, scheduler, groups: ParallelGroups, grad_clip: float) -> tuple[float, bool]:
@@ -106,7 +130,13 @@ def policy_step(
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `old`: the
     pre-update (log-probs, entropies) per micro-batch, required when an earlier optimizer step of the same
-    rollout batch has already changed the weights; computed here otherwise."""
+    rollout batch has already changed the weights; computed here otherwise. At PP > 1 the micro-batches go
+    through Megatron's 1F1B schedule (`_pipeline_policy_step`); the stats are the same on every rank."""
+    if groups.pp_size > 1:
+        return _pipeline_policy_step(
+            model, optimizer, scheduler, micro_batches, groups, algo=algo, temperature=temperature,
+            grad_clip=grad_clip, modulation=modulation, old=old,
+        )
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     if old is not None:
         live, (old_logp, entropy) = None, old
@@ -119,47 +149,96 @@ def policy_step(
     else:
         live = None
         old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
-    advantages = [mb.advantages for mb in micro_batches]
-    mod_metrics = {}
-    if modulation is not None and modulation.enabled:
-        advantages, mod_metrics = modulate_micro_batches(
-            advantages,
-            old_logp,
-            old_logp,
-            entropy,
-            [mb.mask for mb in micro_batches],
-            scope=modulation.scope,
-            dp_group=dp_group,
-            variant=modulation.variant,
-            eps_low=algo.eps_low,
-            eps_high=algo.eps_high,
-            mu_max=modulation.mu_max,
-            lambda_min=modulation.lambda_min,
-            gamma=modulation.gamma,
-            tau=modulation.tau,
-            segments=[mb.segments for mb in micro_batches],
-        )
+    advantages, mod_metrics = _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation)
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
     model.train()
     loss_total, metrics = 0.0, []
     for i, (mb, olp, ent, adv) in enumerate(zip(micro_batches, old_logp, entropy, advantages, strict=True)):
         logp = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)[0]
-        loss, m = policy_loss(
-            logp,
-            olp,
-            adv,
-            mb.mask,
-            eps_low=algo.eps_low,
-            eps_high=algo.eps_high,
-            dual_clip_c=algo.dual_clip_c,
-            num_global_tokens=max(num_tokens, 1.0),
-            entropy=ent,
-        )
+        loss, m = _micro_batch_loss(logp, mb, olp, ent, adv, algo, num_tokens)
         loss.backward()
         loss_total += loss.item()
-        m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
         metrics.append(m)
     grad_norm, stepped = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
+    return _policy_stats(metrics, loss_total, grad_norm, stepped, mod_metrics, dp_group)
+
+
+def _pipeline_policy_step(
+    model, optimizer, scheduler, micro_batches, groups: ParallelGroups, *, algo, temperature, grad_clip, modulation, old
+) -> dict[str, float]:
+    """policy_step at PP > 1: a forward-only schedule pass for the old log-probs and entropies (unless given),
+    modulation and loss on the last stage, the training pass (1F1B) with the loss in the schedule's loss
+    function, the tied-embedding gradient sum, then the usual DP sync, clipping (over all stages) and step."""
+    dp_group = groups.dp_group if groups.dp_size > 1 else None
+    if old is None:
+        old = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
+    num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)  # each stage's DP group
+    if groups.is_last_stage:
+        old_logp, entropy = old
+        advantages, mod_metrics = _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation)
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
+    losses, metrics = [], []
+
+    def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
+        mb = micro_batches[i]
+        logp, _ = vocab_parallel_logprobs_entropy(logits_BSV, mb.targets, tp_group, temperature=temperature)
+        loss, m = _micro_batch_loss(logp, mb, old_logp[i], entropy[i], advantages[i], algo, num_tokens)
+        losses.append(loss.item())
+        metrics.append(m)
+        return loss
+
+    model.train()
+    pipeline.run_schedule(model, micro_batches, on_logits, forward_only=False)
+    pipeline.allreduce_tied_embedding_grad(model, groups)
+    grad_norm, stepped = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
+    stats = None
+    if groups.is_last_stage:
+        stats = _policy_stats(metrics, sum(losses, 0.0), grad_norm, stepped, mod_metrics, dp_group)
+    return pipeline.broadcast_from_last_stage(stats, groups)
+
+
+def _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation):
+    """(token advantages per micro-batch, modulation metrics): DynaMO modulation when enabled."""
+    advantages = [mb.advantages for mb in micro_batches]
+    if modulation is None or not modulation.enabled:
+        return advantages, {}
+    return modulate_micro_batches(
+        advantages,
+        old_logp,
+        old_logp,
+        entropy,
+        [mb.mask for mb in micro_batches],
+        scope=modulation.scope,
+        dp_group=dp_group,
+        variant=modulation.variant,
+        eps_low=algo.eps_low,
+        eps_high=algo.eps_high,
+        mu_max=modulation.mu_max,
+        lambda_min=modulation.lambda_min,
+        gamma=modulation.gamma,
+        tau=modulation.tau,
+        segments=[mb.segments for mb in micro_batches],
+    )
+
+
+def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: float):
+    """Clipped loss of one micro-batch (its share of the global token mean) and its metric sums."""
+    loss, m = policy_loss(
+        logp,
+        olp,
+        adv,
+        mb.mask,
+        eps_low=algo.eps_low,
+        eps_high=algo.eps_high,
+        dual_clip_c=algo.dual_clip_c,
+        num_global_tokens=max(num_tokens, 1.0),
+        entropy=ent,
+    )
+    m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
+    return loss, m
+
+
+def _policy_stats(metrics, loss_total: float, grad_norm: float, stepped: bool, mod_metrics: dict, dp_group) -> dict[str, float]:
     out = reduce_loss_metrics(metrics, dp_group)
     out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(not stepped))
     out["logprob_mismatch"] = out.pop("mismatch_abs", 0.0)  # mean |trainer - engine| log-prob per token
@@ -172,15 +251,26 @@ def policy_step(
 def supervised_step(
     model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups, grad_clip: float
 ) -> dict[str, float]:
-    """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage)."""
+    """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage).
+    At PP > 1 through the 1F1B schedule; the stats are the same on every rank."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     num_tokens = max(global_token_count([mb.mask for mb in micro_batches], dp_group), 1.0)
     model.train()
-    total = 0.0
-    for mb in micro_batches:
-        logp, _ = token_logprobs(model, mb, groups, 1.0)
-        loss = -(logp * mb.mask).sum() / num_tokens
-        loss.backward()
-        total += loss.item()
+    losses = []
+
+    def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
+        tp_group = groups.tp_group if groups.tp_size > 1 else None
+        logp, _ = vocab_parallel_logprobs_entropy(logits_BSV, micro_batches[i].targets, tp_group, temperature=1.0)
+        loss = -(logp * micro_batches[i].mask).sum() / num_tokens
+        losses.append(loss.item())
+        return loss
+
+    if groups.pp_size > 1:
+        pipeline.run_schedule(model, micro_batches, on_logits, forward_only=False)
+        pipeline.allreduce_tied_embedding_grad(model, groups)
+    else:
+        for i, mb in enumerate(micro_batches):
+            on_logits(i, forward_logits(model, mb.input_ids, mb.segments)).backward()
     grad_norm, _ = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
+    total = pipeline.broadcast_from_last_stage(sum(losses, 0.0) if groups.is_last_stage else None, groups)
     return {"sft_loss": total, "grad_norm": grad_norm}

@@ -4,7 +4,8 @@ in flat, dtype-homogeneous buckets of a configured size, ready for a rollout eng
 - TP: the local shards of every tensor in a bucket are flattened into one buffer and gathered with ONE
   all_gather per bucket (not per tensor); each rank's slice is then viewed back and concatenated along the
   tensor's partition dim (models/qwen_mapping.py says which).
-- PP: each stage streams only the layers it holds, named by their global layer id.
+- PP: each stage streams only the layers it holds, named by their global layer id; `iter_pipeline_buckets`
+  forwards the later stages' buckets point to point to the first stage, where the engine is fed.
 - DP: replicas hold identical weights, so only data-parallel rank 0 yields buckets (nothing is sent twice).
 - Names and layouts come from models/qwen_mapping.py: fused qkv / gate-up are split into HF names, vocab
   padding is trimmed, a tied output layer (the last stage's copy of the embedding when PP > 1) is skipped.
@@ -159,3 +160,38 @@ def iter_buckets(
                 offset, shape = where[hf_name]
                 flat[offset : offset + shape.numel()].view(shape).copy_(tensor)
         yield Bucket(flat, names, shapes, offsets, version)
+
+
+def iter_pipeline_buckets(
+    stage_buckets: Iterator[Bucket], *, pp_group, pp_rank: int, pp_size: int, carries: bool
+) -> Iterator[Bucket]:
+    """PP > 1: every stage's buckets, in stage order, on the first stage's carrier (the rank that feeds the
+    engine). `stage_buckets`: this rank's `iter_buckets` stream; carries: this rank moves its stage's stream
+    (TP rank 0 of DP rank 0, one per stage, all in one pipeline group). Every other rank only drives its
+    stream's TP collectives and yields nothing; a later stage's carrier sends each bucket (layout, then the
+    flat tensor) point to point to the first stage's carrier, which receives them after its own buckets.
+    Collective like `iter_buckets`: every rank must iterate to the end."""
+    if not carries:
+        for _ in stage_buckets:
+            pass
+        return
+    first = dist.get_global_rank(pp_group, 0)
+    if pp_rank > 0:
+        for b in stage_buckets:
+            meta = (b.names, b.shapes, b.offsets, b.version, b.flat.dtype, b.flat.numel())
+            dist.send_object_list([meta], dst=first, group=pp_group)
+            dist.send(b.flat.contiguous(), dst=first, group=pp_group)
+        dist.send_object_list([None], dst=first, group=pp_group)  # end of this stage's stream
+        return
+    yield from stage_buckets
+    for stage in range(1, pp_size):
+        src = dist.get_global_rank(pp_group, stage)
+        while True:
+            box = [None]
+            dist.recv_object_list(box, src=src, group=pp_group)
+            if box[0] is None:
+                break
+            names, shapes, offsets, version, dtype, numel = box[0]
+            flat = torch.empty(numel, dtype=dtype)
+            dist.recv(flat, src=src, group=pp_group)
+            yield Bucket(flat, names, shapes, offsets, version)
