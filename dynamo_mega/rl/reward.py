@@ -9,9 +9,12 @@ Results are cached by (response, answer): verification is a pure function of the
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+
+from dynamo_mega.lifeline import exit_with
 
 
 def _gold_candidates(answer: str) -> str:
@@ -47,7 +50,10 @@ class MathVerifyReward:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            # Workers end with the trainer even when it is SIGKILLed (dynamo_mega/lifeline.py).
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=exit_with, initargs=(os.getpid(),)
+            )
         return self._pool
 
     def correctness(self, responses: list[str], answers: list[str]) -> list[bool]:

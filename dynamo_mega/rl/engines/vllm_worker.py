@@ -98,27 +98,10 @@ class PolicyWeightsExtension:
         vLLM's engine processes would otherwise live on as orphans holding cores (and GPU memory); with this
         worker gone, vLLM's engine core stops too. Returns this process id."""
         import os
-        import threading
-        import time
 
-        import psutil
+        from dynamo_mega.lifeline import exit_with
 
-        def started(pid: int) -> float | None:
-            try:
-                proc = psutil.Process(pid)
-                return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
-            except psutil.NoSuchProcess:
-                return None
-
-        trainer_started = started(trainer_pid)  # tells the trainer from a later process given the same pid
-
-        def poll() -> None:
-            while True:
-                time.sleep(poll_s)
-                if started(trainer_pid) != trainer_started:
-                    os._exit(1)
-
-        threading.Thread(target=poll, daemon=True, name="dynamo-mega-trainer-watch").start()
+        exit_with(trainer_pid, poll_s)
         return os.getpid()
 
     def get_policy_version(self) -> int:
