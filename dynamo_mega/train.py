@@ -161,6 +161,7 @@ def push_weights(t: Trainer) -> None:
         dp_rank=g.dp_rank,
         bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
         version=t.version,
+        dtype=getattr(torch, t.cfg.rollout.vllm_dtype),  # what the engine holds: one dtype, full-size buckets
     )
     if g.pp_size > 1:
         carries = g.tp_rank == 0 and g.dp_rank == 0

@@ -111,3 +111,31 @@ def test_buckets_split_inside_layers_and_isolate_oversized_tensors(streamed):
     layer0 = [i for i, t in enumerate(buckets) if any(n.startswith("model.layers.0.") for n in t)]
     assert len(layer0) > 1  # a bucket boundary falls inside layer 0
     assert any(set(t) == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"} for t in buckets)
+
+
+def test_target_dtype_fills_buckets_across_the_models_own_dtypes():
+    """megatron's local spec keeps norm weights in fp32 beside bf16 matrices: without a target dtype every dtype
+    change closes a bucket; with the engine's dtype the stream is one dtype in full-size buckets and carries
+    exactly the tensors the engine would have cast on load."""
+    from dynamo_mega.config import ModelConfig
+    from dynamo_mega.parallel.groups import destroy_parallel, init_parallel
+    from dynamo_mega.parallel.policy import build_policy
+    from dynamo_mega.parallel.weight_bridge import iter_buckets
+
+    groups = init_parallel(1, seed=0)
+    try:
+        cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=3, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=128, max_position_embeddings=32, params_dtype="bfloat16")
+        model, arch = build_policy(cfg, groups, seed=1)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
+        mixed = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20))
+        single = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20, dtype=torch.bfloat16))
+        assert len(single) == 1 and len(mixed) > 3 * arch.num_layers
+        assert single[0].flat.dtype == torch.bfloat16
+        want = {n: t.to(torch.bfloat16) for b in mixed for n, t in b.tensors()}
+        got = dict(single[0].tensors())
+        assert sorted(got) == sorted(want)
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+    finally:
+        destroy_parallel()

@@ -56,8 +56,8 @@ class _Param:
     mapping_key: str  # layer suffix or non-layer name: what qwen_mapping.partition_dim takes
     param: torch.Tensor
 
-    def gathered_bytes(self, tp_size: int) -> int:
-        n = self.param.numel() * self.param.element_size()
+    def gathered_bytes(self, tp_size: int, dtype: torch.dtype | None = None) -> int:
+        n = self.param.numel() * (self.param.element_size() if dtype is None else dtype.itemsize)
         return n * tp_size if qm.partition_dim(self.mapping_key) is not None else n
 
 
@@ -77,13 +77,18 @@ def _stage_params(model, arch: QwenArch) -> list[_Param]:
     return out
 
 
-def plan_buckets(params: list[_Param], tp_size: int, bucket_bytes: int) -> list[list[_Param]]:
-    """Consecutive, same-dtype groups whose gathered size fits `bucket_bytes` (an oversized tensor alone)."""
+def plan_buckets(
+    params: list[_Param], tp_size: int, bucket_bytes: int, dtype: torch.dtype | None = None
+) -> list[list[_Param]]:
+    """Consecutive groups whose gathered size fits `bucket_bytes` (an oversized tensor alone). Without a target
+    `dtype` a group also needs one dtype, so a model mixing dtypes (fp32 norms beside bf16 matrices, as
+    megatron's local layer spec builds them) breaks into several small buckets per layer."""
     groups: list[list[_Param]] = []
     size = 0
     for p in params:
-        nbytes = p.gathered_bytes(tp_size)
-        fits = groups and groups[-1][0].param.dtype == p.param.dtype and size + nbytes <= bucket_bytes
+        nbytes = p.gathered_bytes(tp_size, dtype)
+        same_dtype = dtype is not None or (groups and groups[-1][0].param.dtype == p.param.dtype)
+        fits = groups and same_dtype and size + nbytes <= bucket_bytes
         if fits:
             groups[-1].append(p)
             size += nbytes
@@ -94,21 +99,21 @@ def plan_buckets(params: list[_Param], tp_size: int, bucket_bytes: int) -> list[
 
 
 @torch.no_grad()
-def _gathered(group: list[_Param], tp_size: int, tp_group) -> Iterator[tuple[str, torch.Tensor]]:
-    """(global megatron name, TP-concatenated tensor) for a group, after ONE all_gather of all its shards.
-    Each full tensor is built only when it is reached, so at most one lives beside the gathered buffer."""
+def _gathered(group: list[_Param], tp_size: int, tp_group, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global megatron name, TP-concatenated tensor in `dtype`) for a group, after ONE all_gather of all its
+    shards. Each full tensor is built only when it is reached, so at most one lives beside the gathered buffer."""
     sharded = [p for p in group if tp_size > 1 and qm.partition_dim(p.mapping_key) is not None]
     sharded_ids = {id(p) for p in sharded}
     rank_flats: list[torch.Tensor] = []
     if sharded:
-        local_flat = torch.cat([p.param.detach().reshape(-1) for p in sharded])
+        local_flat = torch.cat([p.param.detach().to(dtype).reshape(-1) for p in sharded])
         rank_flats = [torch.empty_like(local_flat) for _ in range(tp_size)]
         dist.all_gather(rank_flats, local_flat, group=tp_group)
         del local_flat
     offset = 0
     for p in group:
         if id(p) not in sharded_ids:
-            yield p.global_name, p.param.detach()
+            yield p.global_name, p.param.detach().to(dtype)
             continue
         n = p.param.numel()
         shards = [flat[offset : offset + n].view(p.param.shape) for flat in rank_flats]
@@ -142,20 +147,25 @@ def iter_buckets(
     dp_rank: int = 0,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     version: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[Bucket]:
     """Yield this stage's weights as HF-named buckets. Collective over the TP group: every TP rank of the
-    stage must iterate to the end (all of them receive the same buckets). DP ranks > 0 yield nothing."""
+    stage must iterate to the end (all of them receive the same buckets). DP ranks > 0 yield nothing.
+
+    dtype: cast every tensor to it (the engine's dtype: the engine would cast on load anyway, so its weights
+    come out identical) and fill buckets regardless of the model's own dtypes; None keeps each tensor's."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive (got {bucket_bytes})")
     if dp_rank != 0:
         return
-    for group in plan_buckets(_stage_params(model, arch), tp_size, bucket_bytes):
+    for group in plan_buckets(_stage_params(model, arch), tp_size, bucket_bytes, dtype):
         names, shapes, offsets, total = _hf_layout(group, arch, tp_size)
         if not names:
             continue
-        flat = torch.empty(total, dtype=group[0].param.dtype, device=group[0].param.device)  # GPU stays on GPU
+        bucket_dtype = dtype or group[0].param.dtype
+        flat = torch.empty(total, dtype=bucket_dtype, device=group[0].param.device)  # GPU stays on GPU
         where = {n: (o, s) for n, o, s in zip(names, offsets, shapes)}
-        for name, full in _gathered(group, tp_size, tp_group):
+        for name, full in _gathered(group, tp_size, tp_group, bucket_dtype):
             for hf_name, tensor in qm.megatron_to_hf({name: full}, arch, tp_size).items():
                 offset, shape = where[hf_name]
                 flat[offset : offset + shape.numel()].view(shape).copy_(tensor)
