@@ -60,7 +60,7 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
 
     groups, model, arch = _build(world, model_kw)
     tp_group = groups.tp_group if world > 1 else None
-    kw = dict(tp_size=world, tp_group=tp_group, bucket_bytes=bucket_bytes)
+    kw = dict(tp_size=world, tp_group=tp_group, bucket_bytes=bucket_bytes, dtype=torch.bfloat16)  # the engine's dtype
     produced = sum(b.nbytes for b in iter_buckets(model, arch, **kw))  # warm-up, and the byte count
     bridge = median_time(lambda: [None for _ in iter_buckets(model, arch, **kw)], reps)
     result = {"bytes": produced, "bridge_s": bridge, "params": sum(p.numel() for p in model.parameters()) * world}
@@ -81,13 +81,13 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
 
         result["baseline_s"] = median_time(memcpy, reps)
     else:
-        local = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        local = torch.cat([p.detach().to(torch.bfloat16).reshape(-1) for p in model.parameters()])
         pieces = local.split(max(1, bucket_bytes // (world * local.element_size())))
-        gathered = [[torch.empty_like(x) for _ in range(world)] for x in pieces]
+        outs = [torch.empty_like(pieces[0]) for _ in range(world)]  # one bucket's worth, reused
 
         def bare_all_gather():
-            for x, out in zip(pieces, gathered):
-                dist.all_gather(out, x, group=tp_group)
+            for x in pieces:
+                dist.all_gather([o[: x.numel()] for o in outs], x, group=tp_group)
 
         result["baseline_s"] = median_time(bare_all_gather, reps)
     if rank == 0:
@@ -128,16 +128,17 @@ def _engine_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dic
     engine = VLLMEngine(model_dir, dtype="bfloat16", max_model_len=256, kv_cache_gib=1)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     before = _status("VmRSS")
-    nbytes = sum(b.nbytes for b in iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes))
+    kw = dict(tp_size=1, bucket_bytes=bucket_bytes, dtype=torch.bfloat16)
+    nbytes = sum(b.nbytes for b in iter_buckets(model, arch, **kw))
     peak_extra = _status("VmHWM") - before
     version = iter(range(1, 10_000))
     stream = median_time(
-        lambda: engine.load_buckets(iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes), next(version)), reps
+        lambda: engine.load_buckets(iter_buckets(model, arch, **kw), next(version)), reps
     )
     via_file = median_time(lambda: engine.load_weights(export_hf_state(model, arch, groups), next(version)), reps)
     engine.open_weight_group("gloo")
     broadcast = median_time(
-        lambda: engine.broadcast_buckets(iter_buckets(model, arch, tp_size=1, bucket_bytes=bucket_bytes), next(version)),
+        lambda: engine.broadcast_buckets(iter_buckets(model, arch, **kw), next(version)),
         reps,
     )
     engine.close()
