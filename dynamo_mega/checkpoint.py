@@ -12,8 +12,8 @@ crash in the middle of a save leaves the previous checkpoint as the one to resum
 
 AdamW moments are saved as sharded tensors that mirror their parameter's sharding (megatron's
 `optim_state_to_sharding_state`), so they reshard with the model. That is the CPU/plain-optimizer path; on GPU
-Megatron's (distributed) optimizer saves its moments and fp32 master weights in its fully reshardable layout
-(parallel/megatron_optimizer.py).
+Megatron's optimizer saves its moments and fp32 master weights through its own sharded_state_dict
+(parallel/megatron_optimizer.py: the distributed optimizer in Megatron's dp_reshardable layout).
 """
 
 from __future__ import annotations

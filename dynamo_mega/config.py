@@ -47,7 +47,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1  # PP size: must divide the number of layers (1F1B schedule, parallel/pipeline.py)
     # Read by the memory planner (planner.py) and recipes; the CPU training step runs without them.
     recompute: str = "none"  # activation recompute: none | selective (attention core) | full (whole layers)
-    distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over data-parallel ranks
+    # GPU: shard fp32 master weights + Adam moments over data-parallel ranks (Megatron's distributed optimizer,
+    # parallel/megatron_optimizer.py). CPU runs use torch AdamW with the same update and ignore it.
+    distributed_optimizer: bool = False
 
 
 @dataclass
@@ -149,9 +151,6 @@ class OptimConfig:
     micro_batch_size: int = 256  # sequences per forward/backward (rows, when packing)
     pack_row_tokens: int = 0  # > 0: pack samples end to end in rows of this many tokens, balanced over DP by tokens
     mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
-    # GPU only: shard fp32 master weights and Adam moments over DP (Megatron's distributed optimizer). CPU runs
-    # always use torch AdamW with the same update (parallel/megatron_optimizer.py explains the equivalence).
-    use_distributed_optimizer: bool = True
 
 
 @dataclass

@@ -27,16 +27,18 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay: str, min
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def build_optimizer(model, lr: float, optim_cfg, total_steps: int, decay: str | None = None):
+def build_optimizer(
+    model, lr: float, optim_cfg, total_steps: int, decay: str | None = None, distributed: bool = False
+):
     """(optimizer, LR schedule) for the policy; `decay` overrides optim_cfg.lr_decay (the supervised warm-up
-    runs at a constant lr until its accuracy stop).
+    runs at a constant lr until its accuracy stop); `distributed`: parallel.distributed_optimizer (GPU only).
 
     GPU: Megatron's DDP + mixed-precision/distributed AdamW (parallel/megatron_optimizer.py). CPU: torch AdamW
     and a LambdaLR with `lr_factor`; gradients are reduced and clipped by parallel/train_step.sync_and_step."""
     if torch.cuda.is_available():
         from dynamo_mega.parallel.megatron_optimizer import MegatronAdam
 
-        opt = MegatronAdam(model, optim_cfg, lr=lr, total_steps=total_steps, decay=decay)
+        opt = MegatronAdam(model, optim_cfg, lr=lr, total_steps=total_steps, decay=decay, distributed=distributed)
         return opt, opt.schedule
     # No weight decay on biases and norm weights (every 1-D parameter), as Megatron's optimizer does on GPU.
     params = [p for p in model.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ directory; every rank holds one Megatron shard of the policy.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -151,7 +152,21 @@ def push_weights(t: Trainer) -> None:
     """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
     (one TP all-gather per bucket, collective over TP; at PP > 1 the later stages' buckets sent point to point
     to the driver) streamed into the driver's engine, nothing on disk, by RPC, CUDA IPC or broadcast over the
-    engine's weight group (rollout.weight_transport)."""
+    engine's weight group (rollout.weight_transport). Collective. If the engine dies during the push it is
+    replaced and every rank takes part in a full push into the new one."""
+    while True:
+        buckets = _bucket_stream(t)
+        if not t.groups.is_driver:
+            for _ in buckets:  # TP peers take part in each bucket's all-gather; later stages send theirs
+                pass
+        try:
+            on_driver(t.groups, functools.partial(_send_buckets, t, buckets))
+            return
+        except EngineRestarted:
+            continue
+
+
+def _bucket_stream(t: Trainer):
     g = t.groups
     buckets = iter_buckets(
         t.model,
@@ -166,16 +181,30 @@ def push_weights(t: Trainer) -> None:
     if g.pp_size > 1:
         carries = g.tp_rank == 0 and g.dp_rank == 0
         buckets = iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
-    if g.is_driver and t.cfg.rollout.weight_transport == "broadcast":
-        t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or a new engine
-        t.engine.broadcast_buckets(buckets, t.version)
-    elif g.is_driver and t.cfg.rollout.weight_transport == "ipc":
-        t.engine.ipc_buckets(buckets, t.version)
-    elif g.is_driver:
-        t.engine.load_buckets(buckets, t.version)
-    else:
-        for _ in buckets:  # TP peers take part in each bucket's all-gather; later stages send theirs
+    return buckets
+
+
+def _send_buckets(t: Trainer, buckets) -> None:
+    """Driver: the bucket stream into the engine. On any failure the rest of the stream is drained first, so
+    the TP/PP peers finish its collectives; a dead engine is then replaced (EngineRestarted)."""
+    from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
+
+    transport = t.cfg.rollout.weight_transport
+    try:
+        if transport == "broadcast":
+            t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or new engine
+            t.engine.broadcast_buckets(buckets, t.version)
+        elif transport == "ipc":
+            t.engine.ipc_buckets(buckets, t.version)
+        else:
+            t.engine.load_buckets(buckets, t.version)
+    except Exception as exc:
+        for _ in buckets:
             pass
+        if not is_engine_dead(exc):
+            raise
+        _restart_engine(t, exc)
+        raise EngineRestarted() from exc
 
 
 def with_engine(t: Trainer, fn):
@@ -209,14 +238,19 @@ def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -
     except Exception as exc:
         if not is_engine_dead(exc):
             raise
-        if t.engine.restarts >= t.cfg.rollout.max_engine_restarts:
-            raise RuntimeError(
-                f"the rollout engine died and was already restarted {t.engine.restarts} times "
-                f"(rollout.max_engine_restarts); rerun to resume from the newest checkpoint in {checkpoint_root(t.cfg)}"
-            ) from exc
-        print(f"dynamo-mega: rollout engine died ({exc!r}); restarting it with policy version {t.version}", flush=True)
-        t.engine.restart()
+        _restart_engine(t, exc)
         raise EngineRestarted() from exc
+
+
+def _restart_engine(t: Trainer, exc: Exception) -> None:
+    """Replace the dead engine (driver), or stop the run once rollout.max_engine_restarts is spent."""
+    if t.engine.restarts >= t.cfg.rollout.max_engine_restarts:
+        raise RuntimeError(
+            f"the rollout engine died and was already restarted {t.engine.restarts} times "
+            f"(rollout.max_engine_restarts); rerun to resume from the newest checkpoint in {checkpoint_root(t.cfg)}"
+        ) from exc
+    print(f"dynamo-mega: rollout engine died ({exc!r}); restarting it with policy version {t.version}", flush=True)
+    t.engine.restart()
 
 
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
@@ -382,7 +416,9 @@ def mini_batch_indices(group_sizes: list[int], mini_batches: int) -> list[torch.
 def supervised_warmup(t: Trainer) -> int:
     """Teacher-forced warm-up on train answers until held-out accuracy reaches warmup.stop_accuracy."""
     w = t.cfg.warmup
-    opt, sched = build_optimizer(t.model, w.lr, t.cfg.optim, w.max_steps, decay="constant")
+    opt, sched = build_optimizer(
+        t.model, w.lr, t.cfg.optim, w.max_steps, decay="constant", distributed=t.cfg.parallel.distributed_optimizer
+    )
     sampler = EpochSampler(len(t.train_set), t.cfg.run.seed + 1)
     for step in range(1, w.max_steps + 1):
         prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
@@ -478,7 +514,13 @@ def train(cfg: Config) -> dict:
     stop = StopSignal(cfg.checkpoint.save_on_sigterm)
     try:
         start = time.time()
-        t.optimizer, t.scheduler = build_optimizer(t.model, cfg.optim.lr, cfg.optim, cfg.run.steps * cfg.optim.mini_batches)
+        t.optimizer, t.scheduler = build_optimizer(
+            t.model,
+            cfg.optim.lr,
+            cfg.optim,
+            cfg.run.steps * cfg.optim.mini_batches,
+            distributed=cfg.parallel.distributed_optimizer,
+        )
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
         al = cfg.allocation
         t.stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from _gloo import run_gloo
+from _policy_batch import policy_batch
 
 from dynamo_mega.config import AlgoConfig, ModelConfig, ModulationConfig
 
@@ -23,15 +24,7 @@ N, S, MICRO = 12, 14, 5  # samples, padded length, micro-batch size (micro-batch
 
 
 def _batch():
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 32, (N, S), generator=g)
-    prompt_len = 4
-    lengths = torch.randint(2, S - prompt_len, (N,), generator=g)
-    pos = torch.arange(S)
-    mask = (pos[None, :] >= prompt_len - 1) & (pos[None, :] < prompt_len - 1 + lengths[:, None])
-    adv = torch.randn(N, generator=g)
-    rollout_logp = -torch.rand(N, S, generator=g) * mask
-    return ids, ids.roll(-1, 1), mask, adv, rollout_logp
+    return policy_batch(N, S)
 
 
 def _steps(rank: int, world: int, pp: int, tied: bool) -> dict:

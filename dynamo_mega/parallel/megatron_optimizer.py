@@ -1,7 +1,7 @@
 """GPU optimizer path: Megatron's DDP gradient buffers and its mixed-precision (optionally distributed) AdamW.
 
 On GPU the policy trains in bf16 with fp32 master weights and fp32 gradient accumulation; with
-`optim.use_distributed_optimizer` the master weights and Adam moments are sharded over the DP ranks (ZeRO-1),
+`parallel.distributed_optimizer` the master weights and Adam moments are sharded over the DP ranks (ZeRO-1),
 which is what lets a 7B-32B policy fit next to a colocated rollout engine. CPU runs (gloo, CI, the quick start)
 keep the plain torch AdamW path in parallel/train_step.py with the same semantics: SUM of gradients over DP (the
 loss is already a global token mean), global-norm clipping, the same LR schedule (dynamo_mega/optim.py), and a
@@ -46,14 +46,15 @@ class MegatronAdam:
     `param_groups`, `schedule` (the LR schedule), and `sharded_state_dict(model_sharded)` / `load_sharded`
     for checkpoints."""
 
-    def __init__(self, model, optim_cfg, *, lr: float, total_steps: int, decay: str | None = None):
+    def __init__(
+        self, model, optim_cfg, *, lr: float, total_steps: int, decay: str | None = None, distributed: bool = False
+    ):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         if not torch.cuda.is_available():
             raise RuntimeError("MegatronAdam needs CUDA; CPU runs use torch AdamW (dynamo_mega/optim.py)")
         config = model.config
-        distributed = bool(optim_cfg.use_distributed_optimizer)
         # One DDP wrapper per model: its gradient hooks live on the parameters, so a second wrapper (a second
         # optimizer, e.g. RL after the supervised warm-up) would accumulate every gradient twice.
         self.ddp = getattr(model, "_dynamo_mega_ddp", None)

@@ -57,10 +57,10 @@ def _step(model, opt, sched, groups):
                        grad_clip=1.0, modulation=ModulationConfig())
 
 
-def _optim_cfg(**kw):
+def _optim_cfg():
     from dynamo_mega.config import OptimConfig
 
-    return OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, lr_decay="cosine", min_lr=1e-4, **kw)
+    return OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=2, lr_decay="cosine", min_lr=1e-4)
 
 
 def _torch_adamw(model, cfg, total_steps: int):
@@ -90,8 +90,8 @@ def test_bf16_megatron_adam_tracks_fp32_torch_adamw(groups, distributed):
     with torch.no_grad():
         for (_, p), (_, r) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
             p.copy_(r)
-    cfg = _optim_cfg(use_distributed_optimizer=distributed)
-    opt, sched = build_optimizer(model, cfg.lr, cfg, total_steps=6)
+    cfg = _optim_cfg()
+    opt, sched = build_optimizer(model, cfg.lr, cfg, total_steps=6, distributed=distributed)
     assert isinstance(opt, MegatronAdam)
     ref_opt, ref_sched = _torch_adamw(ref, cfg, total_steps=6)  # the CPU path's optimizer, on the GPU in fp32
     start = _params(model)
@@ -137,16 +137,16 @@ def test_checkpoint_with_megatron_optimizer_resumes_exactly(groups, tmp_path, di
     from dynamo_mega.optim import build_optimizer
     from dynamo_mega.parallel.policy import build_policy
 
-    cfg = _optim_cfg(use_distributed_optimizer=distributed)
+    cfg = _optim_cfg()
     model, _ = build_policy(_cfg("bfloat16"), groups, seed=5)
-    opt, sched = build_optimizer(model, cfg.lr, cfg, total_steps=8)
+    opt, sched = build_optimizer(model, cfg.lr, cfg, total_steps=8, distributed=distributed)
     opt.checkpoint_format = fmt
     for _ in range(2):
         _step(model, opt, sched, groups)
     path = save_checkpoint(tmp_path, 2, model, opt, {"scheduler": sched.state_dict()}, groups)
 
     other, _ = build_policy(_cfg("bfloat16"), groups, seed=99)
-    other_opt, other_sched = build_optimizer(other, cfg.lr, cfg, total_steps=8)
+    other_opt, other_sched = build_optimizer(other, cfg.lr, cfg, total_steps=8, distributed=distributed)
     other_opt.checkpoint_format = fmt
     state = load_checkpoint(path, other, other_opt, groups)
     other_sched.load_state_dict(state["scheduler"])
