@@ -44,6 +44,10 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")  # "bfloat16": the worker rebuilds it with getattr(torch, name)
+
+
 def is_engine_dead(exc: BaseException) -> bool:
     """True for the error vLLM raises once its engine process has died (the caller may `restart`)."""
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -203,21 +207,13 @@ class VLLMEngine:
         """Stream weight-bridge buckets (objects with .names, .shapes, .offsets and a flat 1-D .flat tensor,
         see parallel/weight_bridge.py) into the running engine without touching disk; returns the bytes sent.
         Every HF tensor of the model must arrive exactly once across the buckets."""
-        self.wake_up()
-        self._llm.collective_rpc("begin_policy_update")
-        sent = 0
-        for b in buckets:
+
+        def send(b, layout) -> None:
             # Raw bytes: vLLM's RPC path serialises bytes as they are (a tensor argument would become a list).
             raw = b.flat.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
-            dtype = str(b.flat.dtype).removeprefix("torch.")
-            shapes = [list(s) for s in b.shapes]
-            self._llm.collective_rpc("load_policy_bucket", args=(list(b.names), shapes, list(b.offsets), dtype, raw))
-            sent += len(raw)
-        versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
-        if any(v != version for v in versions):
-            raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
-        self.version = version
-        return sent
+            self._llm.collective_rpc("load_policy_bucket", args=(*layout, _dtype_name(b.flat), raw))
+
+        return self._update(buckets, version, send)
 
     def ipc_buckets(self, buckets, version: int) -> int:
         """Like `load_buckets` for an engine on the trainer's own GPU: each bucket (a CUDA tensor) is handed over
@@ -225,16 +221,41 @@ class VLLMEngine:
         bytes made available."""
         from dynamo_mega.rl.engines.cuda_ipc import export_handle
 
+        def send(b, layout) -> None:
+            # The RPC returns once the workers have loaded the bucket: only then may its memory be reused.
+            self._llm.collective_rpc("load_policy_bucket_ipc", args=(*layout, export_handle(b.flat.detach().contiguous())))
+
+        return self._update(buckets, version, send)
+
+    def broadcast_buckets(self, buckets, version: int) -> int:
+        """Like `load_buckets`, but each bucket's bytes travel over the weight group (`open_weight_group`) as one
+        broadcast from the trainer; only names and layout go through vLLM's RPC. Returns the bytes sent."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dynamo_mega.rl.engines.weight_group import broadcast
+
+        if getattr(self, "_weight_group", None) is None:
+            raise RuntimeError("broadcast_buckets needs open_weight_group() first (rollout.weight_transport=broadcast)")
+        group, _ = self._weight_group
+        with ThreadPoolExecutor(1) as pool:  # the workers' RPC blocks in the broadcast the trainer then joins
+
+            def send(b, layout) -> None:
+                args = (*layout, _dtype_name(b.flat), b.flat.numel(), 0)
+                received = pool.submit(self._llm.collective_rpc, "receive_policy_bucket", args=args)
+                broadcast(group, b.flat.detach().contiguous(), src=0)
+                received.result()
+
+            return self._update(buckets, version, send)
+
+    def _update(self, buckets, version: int, send) -> int:
+        """One weight update, whatever carries the bytes: begin -> send(bucket, (names, shapes, offsets)) per
+        bucket -> finish, then check that every worker reports `version`. Returns the bytes sent."""
         self.wake_up()
         self._llm.collective_rpc("begin_policy_update")
         sent = 0
         for b in buckets:
-            flat = b.flat.detach().contiguous()
-            handle = export_handle(flat)  # raises on CPU tensors
-            layout = (list(b.names), [list(s) for s in b.shapes], list(b.offsets))
-            self._llm.collective_rpc("load_policy_bucket_ipc", args=(*layout, handle))
-            sent += flat.numel() * flat.element_size()
-            del flat  # the workers have finished with it: the RPC returned
+            send(b, (list(b.names), [list(s) for s in b.shapes], list(b.offsets)))
+            sent += b.flat.numel() * b.flat.element_size()
         versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
@@ -263,32 +284,6 @@ class VLLMEngine:
         """Open the weight group unless this engine already has one (a restarted engine has none)."""
         if getattr(self, "_weight_group", None) is None:
             self.open_weight_group(backend)
-
-    def broadcast_buckets(self, buckets, version: int) -> int:
-        """Like `load_buckets`, but each bucket's bytes travel over the weight group (`open_weight_group`) as one
-        broadcast from the trainer; only names and layout go through vLLM's RPC. Returns the bytes sent."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from dynamo_mega.rl.engines.weight_group import broadcast
-
-        if getattr(self, "_weight_group", None) is None:
-            raise RuntimeError("broadcast_buckets needs open_weight_group() first (rollout.weight_transport=broadcast)")
-        group, _ = self._weight_group
-        self.wake_up()
-        self._llm.collective_rpc("begin_policy_update")
-        sent = 0
-        with ThreadPoolExecutor(1) as pool:
-            for b in buckets:
-                meta = (list(b.names), [list(s) for s in b.shapes], list(b.offsets), str(b.flat.dtype).removeprefix("torch."))
-                received = pool.submit(self._llm.collective_rpc, "receive_policy_bucket", args=(*meta, b.flat.numel(), 0))
-                broadcast(group, b.flat.detach().contiguous(), src=0)
-                received.result()
-                sent += b.flat.numel() * b.flat.element_size()
-        versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
-        if any(v != version for v in versions):
-            raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
-        self.version = version
-        return sent
 
     def worker_versions(self) -> list[int]:
         """The policy version each vLLM worker holds (as reported by the workers themselves)."""

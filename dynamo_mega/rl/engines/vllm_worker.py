@@ -34,9 +34,7 @@ class PolicyWeightsExtension:
         import torch
 
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype))
-        views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
-        self.model_runner.get_model().load_weights(views)
-        return len(names)
+        return self._load_flat(names, shapes, offsets, flat)
 
     # Broadcast path (disaggregated engines, rl/engines/weight_group.py): the trainer announces each bucket by
     # RPC (names and layout, a few KB) and sends its bytes over the weight group (NCCL on GPUs, gloo on CPU).
@@ -59,16 +57,17 @@ class PolicyWeightsExtension:
         group, _ = self._weight_group
         flat = torch.empty(numel, dtype=getattr(torch, dtype), device=getattr(self, "device", "cpu"))
         broadcast(group, flat, src)
-        views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
-        self.model_runner.get_model().load_weights(views)
-        return len(names)
+        return self._load_flat(names, shapes, offsets, flat)
 
     # CUDA IPC path (colocated GPU engines, rl/engines/cuda_ipc.py): the bucket stays in the trainer's GPU memory
     # and is mapped here by handle; the trainer keeps it alive until this call returns.
     def load_policy_bucket_ipc(self, names: list[str], shapes: list[list[int]], offsets: list[int], handle: bytes) -> int:
         from dynamo_mega.rl.engines.cuda_ipc import open_handle
 
-        flat = open_handle(handle, getattr(self, "device", None))
+        return self._load_flat(names, shapes, offsets, open_handle(handle, getattr(self, "device", None)))
+
+    def _load_flat(self, names: list[str], shapes: list[list[int]], offsets: list[int], flat) -> int:
+        """Load HF-named tensors laid out back to back in `flat` (views, no copies); returns how many."""
         views = ((n, flat[o : o + _numel(s)].view(s)) for n, s, o in zip(names, shapes, offsets))
         self.model_runner.get_model().load_weights(views)
         return len(names)
