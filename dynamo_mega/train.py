@@ -139,6 +139,7 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
         gpu_memory_utilization=r.vllm_gpu_memory_utilization,
         max_num_seqs=r.vllm_max_num_seqs,
         sleep_level=r.vllm_sleep_level,
+        weight_transport=r.weight_transport,
     )
 
 
@@ -189,15 +190,8 @@ def _send_buckets(t: Trainer, buckets) -> None:
     the TP/PP peers finish its collectives; a dead engine is then replaced (EngineRestarted)."""
     from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
 
-    transport = t.cfg.rollout.weight_transport
     try:
-        if transport == "broadcast":
-            t.engine.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first sync, or new engine
-            t.engine.broadcast_buckets(buckets, t.version)
-        elif transport == "ipc":
-            t.engine.ipc_buckets(buckets, t.version)
-        else:
-            t.engine.load_buckets(buckets, t.version)
+        t.engine.push(buckets, t.version)
     except Exception as exc:
         for _ in buckets:
             pass

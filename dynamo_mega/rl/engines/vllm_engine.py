@@ -2,7 +2,7 @@
 
 The engine starts from an HF-format export of the policy and stays up for the whole run; after each optimizer
 step the trainer's new weights are loaded in place (no restart) from the weight bridge's buckets
-(parallel/weight_bridge.py), by one of three transports:
+(parallel/weight_bridge.py) through `push`, by the transport the engine was started with (rollout.weight_transport):
 - `load_buckets`: each bucket's bytes through vLLM's RPC channel (the default; colocated engines);
 - `ipc_buckets`: each bucket handed over as a CUDA IPC handle (colocated GPU engines, no host copy);
 - `broadcast_buckets`: each bucket broadcast over a dedicated process group with the engine's workers (NCCL on
@@ -69,7 +69,11 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         max_num_seqs: int = 1024,
         sleep_level: int = 0,
+        weight_transport: str = "rpc",
     ):
+        if weight_transport not in ("rpc", "ipc", "broadcast"):
+            raise ValueError(f"rollout.weight_transport={weight_transport!r}: use rpc, ipc (GPU) or broadcast")
+        self.weight_transport = weight_transport  # how `push` sends buckets
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"rollout.vllm_sleep_level={sleep_level}: use 0 (off), 1 (free the KV cache) or 2 (also weights)")
         if sleep_level and not torch.cuda.is_available():
@@ -202,6 +206,15 @@ class VLLMEngine:
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
         self.version = version
+
+    def push(self, buckets, version: int) -> int:
+        """A full weight update by this engine's `weight_transport`; returns the bytes sent."""
+        if self.weight_transport == "broadcast":
+            self.ensure_weight_group("nccl" if torch.cuda.is_available() else "gloo")  # first push, or after a restart
+            return self.broadcast_buckets(buckets, version)
+        if self.weight_transport == "ipc":
+            return self.ipc_buckets(buckets, version)
+        return self.load_buckets(buckets, version)
 
     def load_buckets(self, buckets, version: int) -> int:
         """Stream weight-bridge buckets (objects with .names, .shapes, .offsets and a flat 1-D .flat tensor,
