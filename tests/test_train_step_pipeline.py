@@ -90,3 +90,28 @@ def test_pipeline_two_stages_equal_one_process(runs):
     for name, value in stages[0]["after"].items():
         assert torch.equal(stages[0]["streamed"][name], value), name
     assert stages[0]["stats"] == stages[1]["stats"] and stages[0]["sft"] == stages[1]["sft"]  # identical on every rank
+
+
+def _tied_main_grad_sum(rank: int, world: int) -> dict:
+    """Megatron DDP's layout (the GPU optimizer): the gradient in `main_grad`, `.grad` None."""
+    from megatron.core import parallel_state
+
+    from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.pipeline import allreduce_tied_embedding_grad
+    from dynamo_mega.parallel.policy import build_policy
+
+    groups = init_parallel(1, world, seed=0)
+    model, _ = build_policy(replace(CFG, tie_word_embeddings=True), groups, seed=7)
+    weight = model.shared_embedding_or_output_weight()
+    weight.main_grad = torch.full(weight.shape, float(rank + 1))
+    allreduce_tied_embedding_grad(model, groups)
+    out = {"main_grad": weight.main_grad.clone(), "grad": weight.grad}
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_tied_embedding_gradient_in_megatron_main_grad_is_summed_over_the_stages():
+    stages = run_gloo(_tied_main_grad_sum, 2)
+    for out in stages:
+        assert out["grad"] is None  # Megatron's optimizer reads main_grad only
+        assert torch.equal(out["main_grad"], torch.full_like(out["main_grad"], 3.0))  # 1 (first stage) + 2 (last)

@@ -52,10 +52,19 @@ def run_schedule(model, micro_batches: list, on_logits: Callable, *, forward_onl
 
 def allreduce_tied_embedding_grad(model, groups: ParallelGroups) -> None:
     """Tied embeddings at PP > 1: the first stage's embedding and the last stage's output copy are one
-    parameter, so both get the SUM of their gradients (what PP=1 accumulates on its single tensor)."""
+    parameter, so both get the SUM of their gradients (what PP=1 accumulates on its single tensor).
+
+    Under Megatron's DDP (the GPU optimizer, parallel/megatron_optimizer.py) the gradient lives in the
+    parameter's `main_grad` (a view of the fp32 grad buffer) and `.grad` stays None; it is summed in place there.
+    Call this BEFORE the data-parallel gradient reduction: summing over the two stages first and over DP after is
+    the global sum whatever the DP sharding of the buffers (the distributed optimizer reduce-scatters them, and
+    the embedding need not sit in the same buffer range on both stages)."""
     if groups.embedding_group is None or not model.share_embeddings_and_output_weights:
         return
     weight = model.shared_embedding_or_output_weight()
+    if getattr(weight, "main_grad", None) is not None:
+        dist.all_reduce(weight.main_grad, group=groups.embedding_group)
+        return
     grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
     dist.all_reduce(grad, group=groups.embedding_group)
     weight.grad = grad
