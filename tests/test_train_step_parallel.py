@@ -1,5 +1,5 @@
 """The full RL policy step (old log-probs, DynaMO modulation with global scope, clipped loss, DP gradient sum,
-TP-aware clipping, AdamW) at DP=2 and at TP=2 (2 gloo processes) equals one process on the same batch; a
+TP-aware clipping, AdamW) at DP=2, at TP=2 (2 gloo processes) and at TP=2 x DP=2 (4) equals one process on the same batch; a
 non-finite gradient skips the update and is reported."""
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ def test_two_dp_ranks_two_micro_batches_each_equal_one_process(reference):
 
 def test_tensor_parallel_two_equals_one_process(reference):
     results = run_gloo(_step, 2, 2, 5)  # TP=2 (DP=1), micro-batches of 5, 5, 2
+    for out in results:
+        _compare(out, reference)
+
+
+def test_tensor_parallel_two_by_data_parallel_two_equals_one_process(reference):
+    results = run_gloo(_step, 4, 2, 3)  # TP=2 x DP=2 on 4 processes, 6 samples per DP rank in micro-batches of 3
     for out in results:
         _compare(out, reference)
 
