@@ -115,26 +115,3 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_uninterrupted_run(refer
     assert json.loads((run_dir / "summary.json").read_text())["rl_steps"] == STEPS
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 3  # keep_last
 
-
-def test_dead_rollout_engine_is_restarted_with_current_weights(tmp_path):
-    import psutil
-
-    run_dir = tmp_path / "run"
-    # A shorter warm-up still moves the weights well away from the initial export the new engine starts from.
-    proc = _start(run_dir, "warmup.max_steps=10", "warmup.eval_every=10", "checkpoint.interval=0")
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.is_file() and '"phase": "train", "step": 2,' in metrics.read_text()):
-        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before RL step 2"
-        time.sleep(0.2)
-    engines = [c for c in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in c.name() + " ".join(c.cmdline())]
-    assert engines, "no vLLM engine-core process found"
-    for p in engines:
-        p.kill()
-    assert _wait(proc) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    train = list(_train_records(run_dir).values())
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-    assert train[-1]["engine_restarts"] == 1
-    # The new engine starts from the initial weights; a small trainer-vs-engine mismatch on every later step
-    # shows the trained weights were pushed into it before sampling resumed.
-    assert all(r["logprob_mismatch"] < 1e-3 for r in train)
