@@ -100,7 +100,7 @@ def test_bucket_stream_sync_then_logprobs_equal_trainer(policy_and_engine):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=11))
+    buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=11, fresh_buffers=True))
     assert len(buckets) > 3
     sent = engine.load_buckets(buckets, version=11)
     assert sent == sum(b.nbytes for b in buckets)
@@ -120,7 +120,7 @@ def test_broadcast_sync_over_the_weight_group_then_logprobs_equal_trainer(policy
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         before = torch.tensor(engine.score([SEQ])[0])
-        buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=version))
+        buckets = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=48 << 10, version=version, fresh_buffers=True))
         sent = engine.broadcast_buckets(buckets, version=version)
         assert sent == sum(b.nbytes for b in buckets)
         after = torch.tensor(engine.score([SEQ])[0])

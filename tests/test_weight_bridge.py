@@ -6,6 +6,8 @@ bit; bucket edge cases: a tensor larger than the bucket, bucket boundaries insid
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from _gloo import run_gloo
@@ -21,7 +23,6 @@ BUCKET_BYTES = 40 * 1024
 def _bridge_worker(rank: int, world: int, root: str) -> dict:
     from pathlib import Path
 
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -31,8 +32,8 @@ def _bridge_worker(rank: int, world: int, root: str) -> dict:
     from dynamo_mega.parallel.groups import init_parallel
 
     gathers = []
-    real_all_gather = dist.all_gather
-    weight_bridge.dist.all_gather = lambda *a, **k: (gathers.append(1), real_all_gather(*a, **k))[1]
+    real_all_gather = weight_bridge._all_gather_flat
+    weight_bridge._all_gather_flat = lambda *a, **k: (gathers.append(1), real_all_gather(*a, **k))[1]
     out = {}
     for tp, pp in LAYOUTS:
         groups = init_parallel(tp, pp, seed=0)
@@ -53,14 +54,26 @@ def _bridge_worker(rank: int, world: int, root: str) -> dict:
             load_hf_into_model(model, Path(root) / name, arch, groups.tp_rank, tp)
             gathers.clear()
             stream = dict(tp_size=tp, tp_group=groups.tp_group, dp_rank=groups.dp_rank)
-            buckets = list(weight_bridge.iter_buckets(model, arch, **stream, bucket_bytes=BUCKET_BYTES, version=7))
+            buckets = [  # cloned as they come: the stream reuses its bucket buffer
+                (dict((n, t.clone()) for n, t in b.tensors()), b.nbytes, b.flat.dtype, b.version)
+                for b in weight_bridge.iter_buckets(model, arch, **stream, bucket_bytes=BUCKET_BYTES, version=7)
+            ]
             n_gathers = len(gathers)
             one_bucket = list(weight_bridge.iter_buckets(model, arch, **stream))
             out[(tp, pp, name)] = {
                 "dp_rank": groups.dp_rank,
-                "buckets": [(dict((n, t.clone()) for n, t in b.tensors()), b.nbytes, b.flat.dtype, b.version) for b in buckets],
+                "buckets": buckets,
                 "gathers": n_gathers,
                 "one_bucket": len(one_bucket),
+                "target_tp": {  # what vLLM's TP rank r of m holds, for m in {1, 2}
+                    (m, r): {
+                        n: t.clone()
+                        for b in weight_bridge.iter_buckets(model, arch, **stream, bucket_bytes=BUCKET_BYTES, target_tp=(m, r))
+                        for n, t in b.tensors()
+                    }
+                    for m in (1, 2)
+                    for r in range(m)
+                },
             }
         ps.destroy_model_parallel()
     return out
@@ -105,6 +118,60 @@ def test_bucket_stream_equals_hf_checkpoint(streamed, tp, pp, name):
     assert ("lm_head.weight" in received) == (name == "untied")
 
 
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_target_tp_slices_concatenate_to_the_hf_checkpoint(streamed, tp, pp, name):
+    """target_tp=(m, r): each tensor is only vLLM rank r's block; the m blocks, concatenated along the split dim
+    (rows for column-parallel, columns for o_proj / down_proj), are the HF tensor; norms come whole to every rank."""
+    root, ranks = streamed
+    src = load_file(root / name / "model.safetensors")
+    for m in (1, 2):
+        slices: dict[str, list[torch.Tensor]] = {}
+        for res in (r[(tp, pp, name)] for r in ranks):
+            for rank in range(m) if res["dp_rank"] == 0 else ():
+                for hf_name, tensor in res["target_tp"][(m, rank)].items():
+                    have = slices.setdefault(hf_name, [None] * m)
+                    assert have[rank] is None or torch.equal(have[rank], tensor), hf_name  # TP peers agree
+                    have[rank] = tensor
+        assert slices.keys() == src.keys()
+        for hf_name, full in src.items():
+            parts = slices[hf_name]
+            split = [d for d in range(full.dim()) if parts[0].shape[d] != full.shape[d]]
+            if m == 1 or "norm" in hf_name:
+                assert not split and all(torch.equal(p, full) for p in parts), hf_name
+                continue
+            want_dim = 1 if hf_name.endswith(("o_proj.weight", "down_proj.weight")) else 0
+            assert split == [want_dim], (hf_name, split)
+            assert torch.equal(torch.cat(parts, dim=want_dim), full), hf_name
+
+
+def test_vllm_tp_box_follows_vllms_sharding():
+    """Against vLLM's own rules: vocabulary padded to 64 then split evenly (real rows only); k/v heads replicated
+    when TP exceeds the kv heads (rank r holds head r // (TP / kv_heads)); bad TP sizes are refused."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import pad_vocab_size, vocab_range_from_global_vocab_size
+
+    from dynamo_mega.models import qwen_bridge_layout as bl
+    from dynamo_mega.models import qwen_mapping as qm
+    from dynamo_mega.models.qwen import QwenArch
+
+    arch = QwenArch(vocab_size=151, hidden_size=64, num_layers=2, num_attention_heads=8, num_query_groups=2,
+                    ffn_hidden_size=96, max_position_embeddings=64, rope_theta=1e4, rms_norm_eps=1e-6,
+                    tie_word_embeddings=True, qkv_bias=True, qk_layernorm=False, head_dim=8)
+    for tp in (1, 2, 4):
+        for r in range(tp):
+            start, end = vocab_range_from_global_vocab_size(pad_vocab_size(151, 64), r, tp)
+            start, end = min(start, 151), min(end, 151)
+            assert bl.vllm_tp_box(qm.HF_EMBED, arch, tp, r) == ((start, 0), (end - start, 64))
+            k = bl.vllm_tp_box("model.layers.1.self_attn.k_proj.weight", arch, tp, r)
+            head = r // max(1, tp // 2) if tp > 2 else None
+            assert k == (((head * 8, 0), (8, 64)) if head is not None else ((r * 16 // tp, 0), (16 // tp, 64)))
+            assert bl.vllm_tp_box("model.layers.1.mlp.down_proj.weight", arch, tp, r) == ((0, r * 96 // tp), (64, 96 // tp))
+            assert bl.vllm_tp_box("model.layers.1.input_layernorm.weight", arch, tp, r) == ((0,), (64,))
+    for bad, tp in ((replace(arch, num_attention_heads=12, num_query_groups=3), 2), (replace(arch, ffn_hidden_size=100), 8)):
+        with pytest.raises(ValueError, match="cannot hold this model"):
+            bl.vllm_tp_box("model.layers.0.self_attn.q_proj.weight", bad, tp, 0)
+
+
 def test_buckets_split_inside_layers_and_isolate_oversized_tensors(streamed):
     _, ranks = streamed
     buckets = [b[0] for b in ranks[0][(2, 2, "untied")]["buckets"]]
@@ -128,8 +195,8 @@ def test_target_dtype_fills_buckets_across_the_models_own_dtypes():
                           ffn_hidden_size=128, max_position_embeddings=32, params_dtype="bfloat16")
         model, arch = build_policy(cfg, groups, seed=1)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}
-        mixed = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20))
-        single = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20, dtype=torch.bfloat16))
+        mixed = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20, fresh_buffers=True))
+        single = list(iter_buckets(model, arch, tp_size=1, bucket_bytes=1 << 20, dtype=torch.bfloat16, fresh_buffers=True))
         assert len(single) == 1 and len(mixed) > 3 * arch.num_layers
         assert single[0].flat.dtype == torch.bfloat16
         want = {n: t.to(torch.bfloat16) for b in mixed for n, t in b.tensors()}
@@ -137,5 +204,34 @@ def test_target_dtype_fills_buckets_across_the_models_own_dtypes():
         assert sorted(got) == sorted(want)
         for name, value in want.items():
             assert torch.equal(got[name], value), name
+    finally:
+        destroy_parallel()
+
+
+def test_kept_buffers_serve_every_sync():
+    """One BucketBuffers passed to successive syncs (weights changed in between) streams exactly what fresh
+    buffers stream, and reuses its memory instead of allocating again."""
+    from dynamo_mega.config import ModelConfig
+    from dynamo_mega.parallel.groups import destroy_parallel, init_parallel
+    from dynamo_mega.parallel.policy import build_policy
+    from dynamo_mega.parallel.weight_bridge import BucketBuffers, iter_buckets
+
+    groups = init_parallel(1, seed=0)
+    try:
+        cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=128, max_position_embeddings=32)
+        model, arch = build_policy(cfg, groups, seed=1)
+        kept = BucketBuffers()
+        kw = dict(tp_size=1, bucket_bytes=48 << 10)
+        for step in range(2):
+            want = {n: t for b in iter_buckets(model, arch, **kw, fresh_buffers=True) for n, t in b.tensors()}
+            got = {n: t.clone() for b in iter_buckets(model, arch, **kw, buffers=kept) for n, t in b.tensors()}
+            assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+            if step == 0:
+                storage = kept.buffers["bucket"].data_ptr()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(1.0)
+        assert kept.buffers["bucket"].data_ptr() == storage
     finally:
         destroy_parallel()

@@ -13,6 +13,9 @@ ffn F, vocab V padded to Vp):
   [gate_0; up_0; gate_1; up_1; ...] and is converted with `tp` given.
 - the word embedding and output layer are split over the vocabulary (dim 0), padded to Vp rows.
 - layer numbers here are global (0-based); a pipeline stage's module list restarts at 0 (see `stage_layers`).
+
+The weight bridge does not build whole tensors with these functions: models/qwen_bridge_layout.py copies TP
+shards straight into the HF layout, built on the names and shapes here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ _SAME_LAYOUT = {  # megatron layer suffix -> HF layer suffix (identical tensors)
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+MCORE_TO_HF_LAYER_SUFFIXES = {  # megatron layer suffix -> the HF layer suffixes it becomes, in order
+    **{m: (h,) for m, h in _SAME_LAYOUT.items()},
+    "self_attention.linear_qkv.weight": tuple(f"self_attn.{p}_proj.weight" for p in "qkv"),
+    "self_attention.linear_qkv.bias": tuple(f"self_attn.{p}_proj.bias" for p in "qkv"),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 # TP partition dim of each megatron tensor (None: replicated on every TP rank).
 _PARTITION_DIM = {

@@ -1,19 +1,23 @@
 """Export stream of the resharding weight bridge: a live TP/PP/DP-sharded megatron GPTModel -> HF-named tensors
 in flat, dtype-homogeneous buckets of a configured size, ready for a rollout engine's weight loader.
 
-- TP: the local shards of every tensor in a bucket are flattened into one buffer and gathered with ONE
-  all_gather per bucket (not per tensor); each rank's slice is then viewed back and concatenated along the
-  tensor's partition dim (models/qwen_mapping.py says which).
+- Plan first: each bucket's HF names, shapes and flat offsets are known before a byte moves; every block of a
+  (gathered) megatron shard is then copied straight into its place in the bucket (models/qwen_bridge_layout.py:
+  q/k/v and gate/up split, vocab padding trimmed, dtype cast, all in the one strided copy). No whole megatron
+  or HF tensor is ever built.
+- TP: the local shards of every tensor in a bucket are packed into this rank's slot of one flat buffer and
+  gathered with ONE in-place all_gather per bucket (not per tensor); each rank's shard is a view of it.
 - PP: each stage streams only the layers it holds, named by their global layer id; `iter_pipeline_buckets`
   forwards the later stages' buckets point to point to the first stage, where the engine is fed.
 - DP: replicas hold identical weights, so only data-parallel rank 0 yields buckets (nothing is sent twice).
-- Names and layouts come from models/qwen_mapping.py: fused qkv / gate-up are split into HF names, vocab
-  padding is trimmed, a tied output layer (the last stage's copy of the embedding when PP > 1) is skipped.
+- A tied output layer (the last stage's copy of the embedding when PP > 1) is skipped.
+- target_tp=(m, r): each HF tensor is cut down to the block vLLM's TP rank r of m holds (vLLM's loaders are
+  not wired to take such blocks yet: the receivers send whole tensors).
 
 Bucket sizing is by gathered megatron bytes; a single tensor larger than the bucket gets a bucket of its own.
-Peak extra memory: the gathered shards of one bucket + the packed HF bucket + one full tensor being mapped
-(about 2 x bucket_bytes + the largest tensor).
-Not done here: receivers (vLLM colocated / NCCL broadcast) and emitting target-TP slices directly.
+Memory: the stream reuses one bucket buffer (and, at TP > 1, one gather buffer of about the same size), both
+sized once for the largest bucket (`BucketBuffers`, optionally kept across calls): peak extra memory is 1 bucket
+at TP=1 and 2 at TP > 1, plus what the collective backend stages internally (measured by bench/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dynamo_mega.models import qwen_bridge_layout as bl
 from dynamo_mega.models import qwen_mapping as qm
 from dynamo_mega.models.qwen import QwenArch
 
@@ -32,7 +37,8 @@ DEFAULT_BUCKET_BYTES = 512 << 20
 
 @dataclass
 class Bucket:
-    """HF-named tensors packed back to back in one flat 1-D buffer of a single dtype."""
+    """HF-named tensors packed back to back in one flat 1-D buffer of a single dtype. Streams reuse the buffer:
+    a bucket is valid until the stream is asked for the next one."""
 
     flat: torch.Tensor
     names: list[str]
@@ -98,44 +104,116 @@ def plan_buckets(
     return groups
 
 
-@torch.no_grad()
-def _gathered(group: list[_Param], tp_size: int, tp_group, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(global megatron name, TP-concatenated tensor in `dtype`) for a group, after ONE all_gather of all its
-    shards. Each full tensor is built only when it is reached, so at most one lives beside the gathered buffer."""
-    sharded = [p for p in group if tp_size > 1 and qm.partition_dim(p.mapping_key) is not None]
-    sharded_ids = {id(p) for p in sharded}
-    rank_flats: list[torch.Tensor] = []
-    if sharded:
-        local_flat = torch.cat([p.param.detach().to(dtype).reshape(-1) for p in sharded])
-        rank_flats = [torch.empty_like(local_flat) for _ in range(tp_size)]
-        dist.all_gather(rank_flats, local_flat, group=tp_group)
-        del local_flat
-    offset = 0
+@dataclass(frozen=True, eq=False)
+class _Layout:
+    """One bucket, planned before any byte moves: HF names, shapes and flat offsets, and where each megatron
+    tensor's units (models/qwen_bridge_layout.py) sit in the flat buffer: (element offset, view box)."""
+
+    group: list[_Param]
+    names: list[str]
+    shapes: list[torch.Size]  # whole HF tensors, or target-TP slices
+    offsets: list[int]
+    units: dict[str, list[tuple[int, bl.Box]]]  # megatron global name -> per unit (offset, box in its view)
+    total: int  # elements
+
+
+def _layout(group: list[_Param], arch: QwenArch, target_tp: tuple[int, int] | None) -> _Layout:
+    names, shapes, offsets, units, total = [], [], [], {}, 0
     for p in group:
-        if id(p) not in sharded_ids:
-            yield p.global_name, p.param.detach().to(dtype)
+        placed = units[p.global_name] = []
+        for unit in bl.units(p.global_name, arch):
+            boxes = [
+                ((0,) * len(unit.hf_shape), unit.hf_shape) if target_tp is None else bl.vllm_tp_box(n, arch, *target_tp)
+                for n in unit.hf_names
+            ]
+            assert all(box == boxes[0] for box in boxes), boxes  # side-by-side tensors are cut alike
+            placed.append((total, bl.view_box(unit, boxes[0])))
+            for name in unit.hf_names:
+                names.append(name)
+                shapes.append(torch.Size(boxes[0][1]))
+                offsets.append(total)
+                total += shapes[-1].numel()
+    return _Layout(group, names, shapes, offsets, units, total)
+
+
+def _sharded(p: _Param, tp_size: int) -> bool:
+    return tp_size > 1 and qm.partition_dim(p.mapping_key) is not None
+
+
+class BucketBuffers:
+    """The stream's reused byte buffers: the bucket being filled, and the TP all_gather output, each sized for
+    the largest bucket of the plan. Memory that was never touched costs page faults and kernel zeroing on
+    first write (measured here: a copy into fresh memory runs at about a third of a copy into touched memory),
+    so buffers are never allocated per bucket. By default each `iter_buckets` call makes its own and frees them
+    at the end; a caller that syncs every step may pass one `BucketBuffers` to every call to keep them (and
+    their pages) between syncs, at the cost of holding that memory. (On GPUs torch's caching allocator already
+    keeps freed blocks, so per-call buffers cost nothing there.)"""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, what: str, numel: int, dtype: torch.dtype, device: torch.device, reserve_bytes: int) -> torch.Tensor:
+        """A flat [numel] tensor of `dtype` at the start of buffer `what` ("bucket" or "gather"), (re)allocated
+        with `reserve_bytes` (the most any bucket of the stream needs) when missing or too small."""
+        nbytes = numel * dtype.itemsize
+        buf = self.buffers.get(what)
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            self.buffers.pop(what, None)  # free the old one before allocating: never two at once
+            buf = self.buffers[what] = torch.empty(max(nbytes, reserve_bytes), dtype=torch.uint8, device=device)
+        return buf[:nbytes].view(dtype)
+
+
+def _all_gather_flat(out: torch.Tensor, local: torch.Tensor, group) -> None:
+    """One all_gather into the flat `out`; `local` may be a view of this rank's slot of `out` (in place)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, local, group=group)
+
+
+@torch.no_grad()
+def _shards(
+    layout: _Layout, tp_size: int, tp_group, dtype: torch.dtype, buffers: BucketBuffers, gather_reserve: int
+) -> Iterator[tuple[_Param, torch.Tensor, int]]:
+    """(param, shard, TP rank) for every shard the bucket needs, after ONE all_gather of all its TP-sharded
+    tensors: the local shards are cast and packed into this rank's slot of the gather buffer (the gather runs in
+    place), and every rank's shard is a view of that buffer. A replicated tensor is its local copy, once."""
+    sharded = [p for p in layout.group if _sharded(p, tp_size)]
+    gathered = None
+    if sharded:
+        per_rank = sum(p.param.numel() for p in sharded)
+        device = layout.group[0].param.device
+        gathered = buffers.take("gather", per_rank * tp_size, dtype, device, gather_reserve)
+        rank = dist.get_rank(tp_group)
+        local = gathered[rank * per_rank : (rank + 1) * per_rank]
+        offset = 0
+        for p in sharded:
+            local[offset : offset + p.param.numel()].view(p.param.shape).copy_(p.param.detach())
+            offset += p.param.numel()
+        _all_gather_flat(gathered, local, tp_group)
+    offset = 0
+    for p in layout.group:
+        if not _sharded(p, tp_size):
+            yield p, p.param.detach(), 0
             continue
         n = p.param.numel()
-        shards = [flat[offset : offset + n].view(p.param.shape) for flat in rank_flats]
+        for r in range(tp_size):
+            start = r * per_rank + offset
+            yield p, gathered[start : start + n].view(p.param.shape), r
         offset += n
-        yield p.global_name, torch.cat(shards, dim=qm.partition_dim(p.mapping_key))
 
 
-def _hf_layout(group: list[_Param], arch: QwenArch, tp_size: int) -> tuple[list[str], list[torch.Size], list[int], int]:
-    """HF names, shapes and flat offsets a group maps to (the mapping run on meta tensors), and the total."""
-    meta = {}
-    for p in group:
-        shape = list(p.param.shape)
-        dim = qm.partition_dim(p.mapping_key)
-        if dim is not None:
-            shape[dim] *= tp_size
-        meta[p.global_name] = torch.empty(shape, dtype=p.param.dtype, device="meta")
-    hf = qm.megatron_to_hf(meta, arch, tp_size)
-    names, shapes, offsets, total = list(hf), [t.shape for t in hf.values()], [], 0
-    for shape in shapes:
-        offsets.append(total)
-        total += shape.numel()
-    return names, shapes, offsets, total
+def _copy_overlap(dst: torch.Tensor, dst_origin: tuple[int, ...], piece: bl.Piece) -> None:
+    """Copy the part of `piece` inside the box `dst` covers (`dst_origin` in the unit's view), casting to dst's
+    dtype in the same pass."""
+    dst_view, src_view = dst, piece.src
+    for dim, (d0, dn, s0, sn) in enumerate(zip(dst_origin, dst.shape, piece.origin, piece.src.shape)):
+        lo, hi = max(d0, s0), min(d0 + dn, s0 + sn)
+        if lo >= hi:
+            return
+        if (lo, hi) != (d0, d0 + dn):
+            dst_view = dst_view.narrow(dim, lo - d0, hi - lo)
+        if (lo, hi) != (s0, s0 + sn):
+            src_view = src_view.narrow(dim, lo - s0, hi - lo)
+    dst_view.copy_(src_view)
 
 
 def iter_buckets(
@@ -148,28 +226,51 @@ def iter_buckets(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     version: int = 0,
     dtype: torch.dtype | None = None,
+    target_tp: tuple[int, int] | None = None,
+    buffers: BucketBuffers | None = None,
+    fresh_buffers: bool = False,
 ) -> Iterator[Bucket]:
     """Yield this stage's weights as HF-named buckets. Collective over the TP group: every TP rank of the
     stage must iterate to the end (all of them receive the same buckets). DP ranks > 0 yield nothing.
 
+    A bucket is valid until the next one is requested: its buffer is then reused (send or clone it first;
+    `fresh_buffers=True` gives every bucket its own memory, for callers that keep them, e.g. `list(...)`).
+    buffers: keep the stream's buffers across calls (see BucketBuffers); None: this call's own.
     dtype: cast every tensor to it (the engine's dtype: the engine would cast on load anyway, so its weights
-    come out identical) and fill buckets regardless of the model's own dtypes; None keeps each tensor's."""
+    come out identical) and fill buckets regardless of the model's own dtypes; None keeps each tensor's.
+    target_tp=(m, r): every HF tensor is only the block vLLM's TP rank r of m holds (models/qwen_bridge_layout.py
+    `vllm_tp_box`), under its HF name; None: whole tensors."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive (got {bucket_bytes})")
     if dp_rank != 0:
         return
-    for group in plan_buckets(_stage_params(model, arch), tp_size, bucket_bytes, dtype):
-        names, shapes, offsets, total = _hf_layout(group, arch, tp_size)
-        if not names:
-            continue
-        bucket_dtype = dtype or group[0].param.dtype
-        flat = torch.empty(total, dtype=bucket_dtype, device=group[0].param.device)  # GPU stays on GPU
-        where = {n: (o, s) for n, o, s in zip(names, offsets, shapes)}
-        for name, full in _gathered(group, tp_size, tp_group, bucket_dtype):
-            for hf_name, tensor in qm.megatron_to_hf({name: full}, arch, tp_size).items():
-                offset, shape = where[hf_name]
-                flat[offset : offset + shape.numel()].view(shape).copy_(tensor)
-        yield Bucket(flat, names, shapes, offsets, version)
+    groups = plan_buckets(_stage_params(model, arch), tp_size, bucket_bytes, dtype)
+    layouts = [layout for layout in (_layout(g, arch, target_tp) for g in groups) if layout.names]
+    if not layouts:
+        return
+
+    def dtype_of(layout: _Layout) -> torch.dtype:
+        return dtype or layout.group[0].param.dtype
+
+    bucket_reserve = max(lay.total * dtype_of(lay).itemsize for lay in layouts)
+    gather_reserve = max(
+        sum(p.param.numel() for p in lay.group if _sharded(p, tp_size)) * tp_size * dtype_of(lay).itemsize
+        for lay in layouts
+    )
+    buffers = BucketBuffers() if buffers is None else buffers
+    device = layouts[0].group[0].param.device  # GPU stays on GPU
+    for layout in layouts:
+        bucket_dtype = dtype_of(layout)
+        if fresh_buffers:
+            flat = torch.empty(layout.total, dtype=bucket_dtype, device=device)
+        else:
+            flat = buffers.take("bucket", layout.total, bucket_dtype, device, bucket_reserve)
+        for param, shard, rank in _shards(layout, tp_size, tp_group, bucket_dtype, buffers, gather_reserve):
+            placed = layout.units[param.global_name]
+            for piece in bl.shard_pieces(param.global_name, shard, arch, rank):
+                offset, (origin, shape) = placed[piece.unit]
+                _copy_overlap(flat[offset : offset + torch.Size(shape).numel()].view(shape), origin, piece)
+        yield Bucket(flat, list(layout.names), list(layout.shapes), list(layout.offsets), version)
 
 
 def iter_pipeline_buckets(
@@ -194,6 +295,7 @@ def iter_pipeline_buckets(
         dist.send_object_list([None], dst=first, group=pp_group)  # end of this stage's stream
         return
     yield from stage_buckets
+    received = None  # one receive buffer, reused like iter_buckets' (a bucket is valid until the next is asked for)
     for stage in range(1, pp_size):
         src = dist.get_global_rank(pp_group, stage)
         while True:
@@ -202,6 +304,10 @@ def iter_pipeline_buckets(
             if box[0] is None:
                 break
             names, shapes, offsets, version, dtype, numel = box[0]
-            flat = torch.empty(numel, dtype=dtype)
+            nbytes = numel * dtype.itemsize
+            if received is None or received.numel() < nbytes:
+                received = None  # free the smaller buffer before allocating the larger one
+                received = torch.empty(nbytes, dtype=torch.uint8)
+            flat = received[:nbytes].view(dtype)
             dist.recv(flat, src=src, group=pp_group)
             yield Bucket(flat, names, shapes, offsets, version)
