@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.parallel.weight_bridge import iter_buckets, iter_pipeline_buckets
+from dynamo_mega.parallel.weight_bridge import BucketBuffers, iter_buckets, iter_pipeline_buckets
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocate, allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
@@ -59,6 +59,10 @@ class Trainer:
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
+    # The weight stream's bucket buffers, kept between syncs on CPU: writing into memory that was never touched
+    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (two at
+    # TP > 1) of host memory. On GPUs torch's caching allocator keeps freed blocks anyway: None (per-sync buffers).
+    bucket_buffers: BucketBuffers | None = field(default_factory=lambda: None if torch.cuda.is_available() else BucketBuffers())
 
 
 def setup(cfg: Config) -> Trainer:
@@ -178,6 +182,7 @@ def _bucket_stream(t: Trainer):
         bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
         version=t.version,
         dtype=getattr(torch, t.cfg.rollout.vllm_dtype),  # what the engine holds: one dtype, full-size buckets
+        buffers=t.bucket_buffers,
     )
     if g.pp_size > 1:
         carries = g.tp_rank == 0 and g.dp_rank == 0
