@@ -23,7 +23,7 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def _no_record_crc32() -> Iterator[None]:
-    """torch.save without the crc32 of each zip record, for the duration of one save."""
+    """torch.save without the crc32 of each zip record, in THIS thread (torch's config is per thread)."""
     from torch.utils.serialization import config
 
     before = config.save.compute_crc32
@@ -56,7 +56,8 @@ class _HashingStream:
 
 
 def _hashing_file_system(digests: dict[Path, str]):
-    """torch's local FileSystem whose .distcp streams record their sha256 into `digests` once closed."""
+    """torch's local FileSystem whose .distcp streams record their sha256 into `digests` once closed and are
+    written without per-record crc32 by whichever writer thread opened them."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     class HashingFileSystem(FileSystem):
@@ -67,7 +68,8 @@ def _hashing_file_system(digests: dict[Path, str]):
                     yield stream
                     return
                 hashing = _HashingStream(stream)
-                yield hashing
+                with _no_record_crc32():  # called in the writer thread that then torch.saves into it
+                    yield hashing
             digests[Path(path)] = hashing.hexdigest()  # not reached when the write failed
 
     return HashingFileSystem()
