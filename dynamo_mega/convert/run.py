@@ -1,4 +1,4 @@
-"""HF safetensors <-> Megatron distributed checkpoint, streamed one decoder layer at a time in one process.
+"""HF safetensors <-> Megatron distributed checkpoint in one process, a few decoder layers at a time.
 
 hf-to-mcore: read a write group of layers' HF tensors (memory-mapped, one shard open) -> megatron layout ->
 one megatron save per group -> groups merged into one torch_dist checkpoint (see mcore_files.py). Output folder:
