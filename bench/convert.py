@@ -2,7 +2,7 @@
 
 Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54B parameters, bf16, tied
 embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
-process (peak RSS = that process's VmHWM; time = the call itself, imports excluded):
+process after os.sync() (peak RSS = that process's VmHWM; time and CPU time = the call itself, imports excluded):
   floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
   mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -47,10 +49,16 @@ def run_floor(src: Path, dst: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), dst / shard.name, metadata={"format": "pt"})
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (less sensitive to a busy host than wall time)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_child(task: str, src: str, dst: str) -> None:
@@ -63,25 +71,32 @@ def run_child(task: str, src: str, dst: str) -> None:
 
         run.hf_to_mcore  # noqa: B018  (import megatron-facing modules before the clock starts)
         import megatron.core  # noqa: F401
+        import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.models.gpt  # noqa: F401  (imported by the conversion's first call otherwise)
 
         base_rss = _rss_gib()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         if task == "hf-to-mcore":
             run.hf_to_mcore(Path(src), Path(dst), tp=2, pp=2, progress=False)
         else:
             run.mcore_to_hf(Path(src), Path(dst), progress=False)
-        result = {"seconds": time.perf_counter() - start}
+        result = {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
     result.update(peak_rss_gib=_rss_gib(), rss_after_imports_gib=base_rss)
     print(json.dumps(result))
 
 
 def measure(task: str, src: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
+    os.sync()  # the previous step's dirty pages are flushed now, not charged to this step's writes
     cmd = [sys.executable, __file__, "--child", task, str(src), str(dst)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{task} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _loads(loadavg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in loadavg)
 
 
 def main() -> None:
@@ -97,28 +112,40 @@ def main() -> None:
         shutil.rmtree(hf, ignore_errors=True)
         make_checkpoint(args.config, hf)
     src_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+    load_before = os.getloadavg()  # the host is shared: say how busy it was
     rows = {
         "floor (load+save, hf)": measure("floor", hf, args.work / "floor"),
         "hf-to-mcore TP=2 PP=2": measure("hf-to-mcore", hf, args.work / "mcore"),
         "mcore-to-hf": measure("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
     }
-    floor = rows["floor (load+save, hf)"]["seconds"]
+    floor = rows["floor (load+save, hf)"]
     for row in rows.values():
-        row["vs_floor"] = row["seconds"] / floor
+        row["vs_floor"] = row["seconds"] / floor["seconds"]
+        row["cpu_vs_floor"] = row["cpu_seconds"] / floor["cpu_seconds"]
         row["GB_per_s"] = src_bytes / row["seconds"] / 1e9
-    out = {"checkpoint_bytes": src_bytes, "config": str(args.config), "rows": rows}
+    load_after = os.getloadavg()
+    out = {
+        "checkpoint_bytes": src_bytes,
+        "config": str(args.config),
+        "cpus": os.cpu_count(),
+        "loadavg_1_5_15_before": load_before,
+        "loadavg_1_5_15_after": load_after,
+        "rows": rows,
+    }
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "convert.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
+        f"Host: {os.cpu_count()} CPUs, load average (1/5/15 min) {_loads(load_before)} before, {_loads(load_after)} after",
         "",
-        "| step | seconds | x floor | GB/s | peak RSS GiB | RSS after imports GiB |",
-        "|---|---|---|---|---|---|",
+        "| step | seconds | x floor | CPU seconds | x floor CPU | GB/s | peak RSS GiB | RSS after imports GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['GB_per_s']:.2f} | "
+            f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['cpu_seconds']:.1f} | {r['cpu_vs_floor']:.2f} | "
+            f"{r['GB_per_s']:.2f} | "
             f"{r['peak_rss_gib']:.2f} | {r['rss_after_imports_gib']:.2f} |"
         )
     (results / "convert.md").write_text("\n".join(lines) + "\n")

@@ -159,6 +159,43 @@ def test_bad_settings_are_named(tmp_path):
     assert "no model.safetensors or model.safetensors.index.json" in _plan_error(tmp_path / "empty")
 
 
+def test_write_groups_keep_kinds_apart_and_fit_the_budget():
+    from dynamo_mega.convert.write_groups import group_parts
+
+    parts = [("embedding", None), *((f"layer{i}", i) for i in range(5)), ("final_norm", None), ("output", None)]
+    sizes = {"embedding": 50, **{f"layer{i}": 10 for i in range(5)}, "final_norm": 1, "output": 50}
+    layers = [[f"layer{i}" for i in group] for group in ((0, 1), (2, 3), (4,))]
+    assert group_parts(parts, sizes, 25) == [["embedding"], *layers, ["final_norm"], ["output"]]
+    assert group_parts(parts, sizes, 1000) == [["embedding"], [f"layer{i}" for i in range(5)], ["final_norm", "output"]]
+    with pytest.raises(ValueError, match="must be positive"):
+        group_parts(parts, sizes, 0)
+
+
+def test_fc1_is_written_from_the_hf_blocks_the_mapping_would_concatenate(tmp_path):
+    """hf-to-mcore hands megatron linear_fc1 as the HF (gate, up) tensors instead of the mapping's copy; the
+    values must be the mapping's, and a factory's view of them must be read without a copy where it can."""
+    from dynamo_mega.convert.mcore_files import RowBlocks, _real_view
+    from dynamo_mega.convert.run import _mcore_tensors
+    from dynamo_mega.models import qwen_mapping as qm
+    from dynamo_mega.models.qwen import arch_from_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    arch = arch_from_hf_config(tmp_path / "config.json")
+    gen = torch.Generator().manual_seed(0)
+    hf = {s: torch.randn(shape, generator=gen) for s, shape in qm.hf_layer_shapes(arch).items()}
+    written = _mcore_tensors({qm.hf_layer_name(1, s): t for s, t in hf.items()}, 1, arch, arch.vocab_size)
+    expected = qm.hf_layer_to_mcore(hf, arch)
+    assert written.keys() == expected.keys()
+    for name, tensor in written.items():
+        assert torch.equal(tensor.materialize() if isinstance(tensor, RowBlocks) else tensor, expected[name]), name
+    a, b = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    blocks, full, meta = RowBlocks((a, b)), torch.cat([a, b]), torch.empty(8, 4, device="meta")
+    for view in (meta[0:3], meta[3:8], meta[2:6], meta[:, 1:3], meta.t()):
+        want = full.as_strided(view.shape, view.stride(), view.storage_offset())
+        assert torch.equal(_real_view(view, blocks, []), want)
+    assert _real_view(meta[3:8], blocks, []).data_ptr() == b.data_ptr()  # a whole block: no copy
+
+
 def _convert(capsys, *args: str) -> tuple[int, str]:
     """`dynamo-mega convert ARGS` in this process (the CLI's own entry function): exit code, stderr."""
     from dynamo_mega.cli import main
@@ -193,7 +230,7 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
     from dynamo_mega.convert.output_dir import verify_manifest
 
     root = Path(root)
-    real_save, calls = mcore_files.save_part, []
+    real_save, calls = mcore_files.save_group, []
 
     def failing_save(*args):
         calls.append(1)
@@ -201,12 +238,12 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
             raise RuntimeError("disk full (simulated)")
         real_save(*args)
 
-    mcore_files.save_part = failing_save
+    mcore_files.save_group = failing_save
     try:
         run.hf_to_mcore(root / "hf", root / "mcore", progress=False)
     except RuntimeError:
         pass
-    mcore_files.save_part = real_save
+    mcore_files.save_group = real_save
     left_after_failure = sorted(p.name for p in root.iterdir())
     run.hf_to_mcore(root / "hf", root / "mcore", progress=False)
     intact = verify_manifest(root / "mcore")

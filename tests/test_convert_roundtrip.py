@@ -48,7 +48,8 @@ def _convert_all(rank: int, world: int, root: str) -> dict:
     summaries = {}
     for name in MODELS:
         r = Path(root) / name
-        summaries[name] = hf_to_mcore(r / "hf", r / "mcore", tp=2, pp=2, progress=False)
+        # a write group of 3 fp32 layers (124 KB each): layers 0-2 and 3 are saved apart and merged
+        summaries[name] = hf_to_mcore(r / "hf", r / "mcore", tp=2, pp=2, progress=False, write_group_bytes=380_000)
         mcore_to_hf(r / "mcore", r / "hf_back", max_shard_bytes=50_000, progress=False)
     return {"summaries": summaries, "loaded": _load_and_run(rank, world, root, [(1, 1)])}
 

@@ -19,15 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=1, help="pad vocab rows to a multiple of this x TP")
     p.add_argument("--hf-config", help="mcore-to-hf: config.json to use when SRC has no hf/ folder")
     p.add_argument("--max-shard-size", default="2GB", help="mcore-to-hf: largest safetensors shard, e.g. 500MB, 2GB")
+    p.add_argument(
+        "--write-group-size", default="1GiB", help="hf-to-mcore: source bytes written per megatron save (memory vs speed)"
+    )
     p.add_argument("--dry-run", action="store_true", help="check names/shapes from config.json and headers only")
     p.add_argument("--overwrite", action="store_true", help="replace a DST that holds a previous conversion")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size like 500MB or 2GB")
+        raise ValueError(f"{flag} {text!r}: expected a size like 500MB or 2GB")
     unit = (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(match.group(1)) * scale)
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if args.direction == "hf-to-mcore":
             summary = hf_to_mcore(
                 Path(args.src), Path(args.dst or "."), tp=args.tp, pp=args.pp,
-                vocab_divisible_by=args.make_vocab_size_divisible_by, **common,
+                vocab_divisible_by=args.make_vocab_size_divisible_by,
+                write_group_bytes=parse_size(args.write_group_size, "--write-group-size"), **common,
             )  # fmt: skip
         else:
             summary = mcore_to_hf(

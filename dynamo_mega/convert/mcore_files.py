@@ -1,4 +1,4 @@
-"""Megatron distributed checkpoints (megatron.core.dist_checkpointing, torch_dist backend), one layer at a time.
+"""Megatron distributed checkpoints (megatron.core.dist_checkpointing, torch_dist backend), a few layers at a time.
 
 The torch_dist format stores every tensor by its GLOBAL shape (decoder layers stacked on a leading layer axis,
 fc1 as [gate; up], vocab rows padded), so a checkpoint is independent of the TP/PP that wrote it and any TP/PP
@@ -7,12 +7,13 @@ PP=1 GPTModel built on the meta device (no memory) yields the exact keys, global
 `sharded_state_dict()`.
 
 Memory bound. megatron's writer stages every tensor of one `dist_checkpointing.save` call in host memory, so
-saving the whole model at once would hold the whole model (65 GB for Qwen2.5-32B in bf16). Instead each part
-(the non-layer tensors, then each decoder layer) is saved by megatron as its own small checkpoint, with the
-layer axis collapsed to length 1, and the parts' torch.distributed.checkpoint metadata are merged into one
-checkpoint (chunk offsets moved back to the layer's index, file names made unique). The result is exactly
-what one save of the whole model writes: tests load it with `dist_checkpointing.load` into TP/PP models.
-Reading goes the same way: `dist_checkpointing.load` of one layer's entries reads only that layer's chunks.
+saving the whole model at once would hold the whole model (65 GB for Qwen2.5-32B in bf16). Instead the model
+is saved in write groups (write_groups.py: consecutive decoder layers, or the tensors outside them, up to a
+byte budget), each by megatron as its own small checkpoint with the layer axis cut to the group's layers,
+and the groups' torch.distributed.checkpoint metadata are merged into one checkpoint (chunk offsets moved
+back to the layers' indices, file names made unique). The result is what one save of the whole model
+writes: tests load it with `dist_checkpointing.load` into TP/PP models. Reading goes one layer at a time:
+`dist_checkpointing.load` of one layer's entries reads only that layer's chunks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dynamo_mega.convert.mcore_writer import local_torch_dist_strategy
 from dynamo_mega.models import qwen
 from dynamo_mega.models.qwen_mapping import MCORE_LAYER_PREFIX, split_layer_name
 
@@ -101,41 +104,116 @@ def part_suffix(key: str) -> str:
 
 # ---------------------------------------------------------------- writing
 
-
-def _collapse_layer_axis(sharded_tensor):
-    """A layer-stacked ShardedTensor [L, ...] at offset i -> the same data as a complete [1, ...] tensor."""
-    if sharded_tensor.prepend_axis_num == 0:
-        return sharded_tensor
-    assert sharded_tensor.prepend_axis_num == 1, sharded_tensor.key
-    return dataclasses.replace(
-        sharded_tensor,
-        global_shape=(1,) + tuple(sharded_tensor.global_shape[1:]),
-        global_offset=(0,) + tuple(sharded_tensor.global_offset[1:]),
-        axis_fragmentations=(1,) + tuple(sharded_tensor.axis_fragmentations[1:]),
-    )
+# Data files per save, each written and hashed by its own thread: hashing (sha256 for the manifest) costs
+# about as much CPU as the write itself, so one thread per core up to 4 runs both side by side.
+WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-def save_part(part: dict, tensors: dict[str, torch.Tensor], part_dir: Path) -> None:
-    """Fill one part's layout with `tensors` (mapping name -> full tensor) and save it with megatron."""
-    from megatron.core import dist_checkpointing
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """A tensor given as blocks stacked along dim 0, concatenated only if a write needs rows of two blocks.
+
+    megatron writes linear_fc1 as two chunks (gate rows, up rows): handing it the HF gate and up tensors as
+    blocks lets each chunk be written straight from the memory-mapped source, where a concatenated fc1
+    would be copied once to build it and once more by the writer (a chunk view shares a larger storage)."""
+
+    blocks: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(b.shape[0] for b in self.blocks), *self.blocks[0].shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        pieces, offset = [], 0
+        for block in self.blocks:
+            lo, hi = max(start, offset), min(stop, offset + block.shape[0])
+            if lo < hi:
+                pieces.append(block[lo - offset : hi - offset])
+            offset += block.shape[0]
+        return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+def _real_view(view_meta: torch.Tensor, source: RowBlocks, full: list) -> torch.Tensor:
+    """The data a factory's meta view of the full tensor stands for: a row range straight from the blocks,
+    or (any other view) the same view of the materialised tensor, built once into `full`."""
+    row = int(torch.Size(view_meta.shape[1:]).numel())
+    offset = view_meta.storage_offset()
+    if view_meta.is_contiguous() and view_meta.shape[1:] == source.shape[1:] and offset % row == 0:
+        return source.rows(offset // row, offset // row + view_meta.shape[0])
+    if not full:
+        full.append(source.materialize())
+    return full[0].as_strided(view_meta.shape, view_meta.stride(), offset)
+
+
+def _filled_entries(part: dict, tensors: dict) -> dict:
+    """One part's layout entries with data: `tensors` maps a mapping name to a full tensor or RowBlocks."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
-    filled = {}
+    filled, blocks = {}, {}
     for key, entry in part.items():
         if isinstance(entry, ShardedObject):
             filled[key] = entry
             continue
-        tensor = tensors[part_suffix(key)].contiguous()
+        tensor = tensors[part_suffix(key)]
         assert tuple(tensor.shape) == tuple(entry.data.shape), (key, tensor.shape, entry.data.shape)
-        if isinstance(entry, ShardedTensor):
-            filled[key] = dataclasses.replace(entry, data=tensor, dtype=tensor.dtype)
-        else:  # a ShardedTensorFactory (fc1's gate/up split): builds its ShardedTensors from .data
-            filled[key] = dataclasses.replace(entry, data=tensor)
+        if isinstance(tensor, RowBlocks) and isinstance(entry, ShardedTensor):
+            tensor = tensor.materialize()
+        if isinstance(tensor, RowBlocks):  # a factory (fc1's gate/up split) splits a meta stand-in
+            blocks[key] = tensor
+            filled[key] = dataclasses.replace(entry, data=torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+        elif isinstance(entry, ShardedTensor):
+            filled[key] = dataclasses.replace(entry, data=tensor.contiguous(), dtype=tensor.dtype)
+        else:  # a ShardedTensorFactory: builds its ShardedTensors from .data
+            filled[key] = dataclasses.replace(entry, data=tensor.contiguous())
     apply_factories(filled)
-    collapse = lambda v: _collapse_layer_axis(v) if isinstance(v, ShardedTensor) else v
-    filled = {k: [collapse(t) for t in v] if isinstance(v, list) else collapse(v) for k, v in filled.items()}
-    part_dir.mkdir(parents=True)
-    dist_checkpointing.save(filled, str(part_dir), validate_access_integrity=False)
+    for key, source in blocks.items():
+        built, full = filled[key], []
+        fill = lambda t: dataclasses.replace(t, data=_real_view(t.data, source, full))  # noqa: B023
+        filled[key] = [fill(t) for t in built] if isinstance(built, list) else fill(built)
+    return filled
+
+
+def _collapse_layer_axis(sharded_tensor, first_layer: int, num_layers: int):
+    """A layer-stacked ShardedTensor [L, ...] at layer i -> the same data at i - first_layer of [num_layers, ...]."""
+    if sharded_tensor.prepend_axis_num == 0:
+        return sharded_tensor
+    assert sharded_tensor.prepend_axis_num == 1, sharded_tensor.key
+    layer = sharded_tensor.global_offset[0]
+    assert first_layer <= layer < first_layer + num_layers, (sharded_tensor.key, layer, first_layer, num_layers)
+    return dataclasses.replace(
+        sharded_tensor,
+        global_shape=(num_layers,) + tuple(sharded_tensor.global_shape[1:]),
+        global_offset=(layer - first_layer,) + tuple(sharded_tensor.global_offset[1:]),
+        axis_fragmentations=(num_layers,) + tuple(sharded_tensor.axis_fragmentations[1:]),
+    )
+
+
+def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, digests: dict[Path, str] | None = None) -> None:
+    """Save several parts with ONE megatron save: units are (layer or None, part, mapping name -> tensor or
+    RowBlocks). Decoder layers must be consecutive and are stored on a layer axis of the group's length
+    (merge_parts moves them to their place); parts without a layer are stored as they are. The sha256 of
+    the data files written goes into `digests` where the writer could hash them (mcore_writer.py)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    layers = [layer for layer, _, _ in units if layer is not None]
+    assert not layers or (len(layers) == len(units) and layers == list(range(layers[0], layers[0] + len(layers)))), layers
+    first = layers[0] if layers else 0
+    collapse = lambda v: _collapse_layer_axis(v, first, len(layers)) if isinstance(v, ShardedTensor) else v
+    filled = {}
+    for _, part, tensors in units:
+        for key, value in _filled_entries(part, tensors).items():
+            filled[key] = [collapse(t) for t in value] if isinstance(value, list) else collapse(value)
+    group_dir.mkdir(parents=True)
+    strategy = local_torch_dist_strategy(WRITER_THREADS, digests)
+    dist_checkpointing.save(filled, str(group_dir), sharded_strategy=strategy, validate_access_integrity=False)
 
 
 def _renamed(path: str, part_no: int) -> str:
@@ -143,27 +221,30 @@ def _renamed(path: str, part_no: int) -> str:
 
 
 def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[tuple[Path, Path]]:
-    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, layer index or None).
+    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, first layer of its group or None).
 
-    Tensors saved with a collapsed layer axis get their [L, ...] global size back and chunk offsets at their
-    layer; everything else is carried unchanged. Returns (source, target) of every file moved or copied."""
+    Tensors of a layer group get their [L, ...] global size back and their chunk offsets moved by the group's
+    first layer; everything else is carried unchanged. Returns (source, target) of every file moved or copied."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
+    def moved(offsets: torch.Size, first: int) -> torch.Size:
+        return torch.Size((offsets[0] + first, *offsets[1:]))
+
     merged = None
     written = []
-    for part_no, (part_dir, layer) in enumerate(part_dirs):
+    for part_no, (part_dir, first) in enumerate(part_dirs):
         meta = FileSystemReader(str(part_dir)).read_metadata()
         tensors = [fqn for fqn, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)]
-        stacked = set(tensors) if layer is not None else set()
+        stacked = set(tensors) if first is not None else set()
         for fqn in stacked:
             m = meta.state_dict_metadata[fqn]
             m.size = torch.Size((num_layers, *m.size[1:]))
-            m.chunks = [ChunkStorageMetadata(torch.Size((layer, *c.offsets[1:])), c.sizes) for c in m.chunks]
+            m.chunks = [ChunkStorageMetadata(moved(c.offsets, first), c.sizes) for c in m.chunks]
         storage = {}
         for index, info in meta.storage_data.items():
             if index.fqn in stacked:
-                index = MetadataIndex(index.fqn, torch.Size((layer, *index.offset[1:])), index.index)
+                index = MetadataIndex(index.fqn, moved(index.offset, first), index.index)
             storage[index] = dataclasses.replace(info, relative_path=_renamed(info.relative_path, part_no))
         for file in sorted({info.relative_path for info in meta.storage_data.values()}):
             target = out_dir / _renamed(file, part_no)

@@ -1,7 +1,7 @@
-"""HF safetensors <-> Megatron distributed checkpoint, streamed one decoder layer at a time in one process.
+"""HF safetensors <-> Megatron distributed checkpoint in one process, a few decoder layers at a time.
 
-hf-to-mcore: read one layer's HF tensors (one shard open) -> megatron layout -> megatron saves that layer as
-a part -> parts merged into one torch_dist checkpoint (see mcore_files.py). Output folder:
+hf-to-mcore: read a write group of layers' HF tensors (memory-mapped, one shard open) -> megatron layout ->
+one megatron save per group -> groups merged into one torch_dist checkpoint (see mcore_files.py). Output folder:
     DST/metadata.json, .metadata, common.pt, part*.distcp   the megatron distributed checkpoint
     DST/hf/                                                 config.json, generation config, tokenizer files
     DST/convert.json                                        what was converted, at which padded vocab
@@ -27,9 +27,11 @@ from dynamo_mega.convert.output_dir import (
     write_manifest,
 )
 from dynamo_mega.convert.plan import Plan, check_names_and_shapes, expected_stored, plan_hf_to_mcore, plan_mcore_to_hf
+from dynamo_mega.convert.write_groups import DEFAULT_GROUP_BYTES, group_parts
 from dynamo_mega.models import qwen_mapping as qm
 
 CONVERT_JSON = "convert.json"
+_GATE, _UP, _FC1 = "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"
 
 
 def hf_to_mcore(
@@ -43,9 +45,11 @@ def hf_to_mcore(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    write_group_bytes: int = DEFAULT_GROUP_BYTES,
 ) -> dict:
     """Convert an HF Qwen2/Qwen3 folder into a megatron distributed checkpoint that loads at TP=tp, PP=pp
-    (and at any other TP/PP with the same padded vocabulary). Returns the plan summary."""
+    (and at any other TP/PP with the same padded vocabulary). Parts of the model whose source tensors fit
+    `write_group_bytes` are written by one megatron save (write_groups.py). Returns the plan summary."""
     src, dst = Path(src), Path(dst)
     plan = plan_hf_to_mcore(src, tp, pp, dtype, vocab_divisible_by)
     if dry_run:
@@ -60,25 +64,27 @@ def hf_to_mcore(
     arch, cast = plan.arch, lambda t: t.to(plan.dtype)
     with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
         parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
+        sources = {name: _hf_sources(part, layer, arch) for name, (layer, part) in parts.items()}
+        part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
+        groups = group_parts([(name, layer) for name, (layer, _) in parts.items()], part_bytes, write_group_bytes)
         staging = tmp / ".parts"
-        part_dirs, hasher = [], BackgroundHasher()
+        group_dirs, hasher, digests = [], BackgroundHasher(), {}
         with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
-            for part_name, (layer, part) in parts.items():
-                names = _hf_sources(part, layer, arch)
-                hf = {n: cast(reader.get(n)) for n in names}
-                if layer is None:
-                    mcore = qm.hf_to_mcore_globals(hf, arch, plan.padded_rows)
-                else:
-                    prefix = len(qm.hf_layer_name(layer, ""))
-                    mcore = qm.hf_layer_to_mcore({n[prefix:]: t for n, t in hf.items()}, arch)
-                part_dirs.append((staging / part_name, layer))
-                mcore_files.save_part(part, mcore, part_dirs[-1][0])
-                for file in part_dirs[-1][0].glob("*.distcp"):
-                    hasher.submit(file)
-                advance(sum(_source_nbytes(plan, n) for n in names))
-                del hf, mcore
-        digests = hasher.wait()  # before merge_parts moves the files
-        moved = mcore_files.merge_parts(part_dirs, tmp, arch.num_layers)
+            for group in groups:
+                units = []
+                for name in group:
+                    layer, part = parts[name]
+                    hf = {n: cast(reader.get(n)) for n in sources[name]}
+                    units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
+                group_dirs.append((staging / group[0], units[0][0]))
+                mcore_files.save_group(units, group_dirs[-1][0], digests)
+                for file in group_dirs[-1][0].glob("*.distcp"):
+                    if file not in digests:  # the writer could not hash it as it wrote
+                        hasher.submit(file)
+                advance(sum(part_bytes[name] for name in group))
+                del hf, units
+        digests.update(hasher.wait())  # before merge_parts moves the files
+        moved = mcore_files.merge_parts(group_dirs, tmp, arch.num_layers)
         known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
         shutil.rmtree(staging)
         _carry_hf_files(src, tmp / "hf", plan)
@@ -148,6 +154,22 @@ def _prod(shape) -> int:
 def _source_nbytes(plan: Plan, name: str) -> int:
     shape, dtype = plan.tensors[name]
     return _prod(shape) * dtype.itemsize
+
+
+def _mcore_tensors(hf: dict[str, torch.Tensor], layer: int | None, arch, padded_rows: int) -> dict:
+    """One part's HF tensors -> megatron mapping name -> tensor, with a layer's linear_fc1 left as its HF gate
+    and up blocks (mcore_files.RowBlocks): the mapping builds it from meta stand-ins, so it still decides the
+    shape, and tests check that [gate; up] is what the mapping's merge_fc1 produces at TP=1."""
+    if layer is None:
+        return qm.hf_to_mcore_globals(hf, arch, padded_rows)
+    prefix = len(qm.hf_layer_name(layer, ""))
+    hf = {n[prefix:]: t for n, t in hf.items()}
+    gate, up = hf[_GATE], hf[_UP]
+    mcore = qm.hf_layer_to_mcore({**hf, _GATE: gate.to("meta"), _UP: up.to("meta")}, arch)
+    blocks = mcore_files.RowBlocks((gate, up))
+    assert mcore[_FC1].shape == blocks.shape, (mcore[_FC1].shape, blocks.shape)
+    mcore[_FC1] = blocks
+    return mcore
 
 
 def _hf_sources(part: dict, layer: int | None, arch) -> list[str]:
