@@ -78,14 +78,17 @@ def _build(tp: int, model_kw: dict):
     return groups, model, arch
 
 
-def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, bucket_bytes: int, reps: int) -> None:
+def _tp_worker(
+    rank: int, world: int, port: int, out_dir: str, model_kw: dict, bucket_bytes: int, reps: int, chunks: int
+) -> None:
     torch.set_num_threads(max(1, 2 // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from dynamo_mega.parallel.weight_bridge import BucketBuffers, iter_buckets
 
     groups, model, arch = _build(world, model_kw)
     tp_group = groups.tp_group if world > 1 else None
-    kw = dict(tp_size=world, tp_group=tp_group, bucket_bytes=bucket_bytes, dtype=torch.bfloat16)  # the engine's dtype
+    kw = dict(tp_size=world, tp_group=tp_group, bucket_bytes=bucket_bytes, dtype=torch.bfloat16,  # the engine's dtype
+              gather_chunks=chunks)
     one_bucket = _peak_extra_bytes(lambda: torch.empty(bucket_bytes, dtype=torch.uint8).fill_(1))  # method check
     produced = []  # the first stream of this process: its peak memory, the byte count, the warm-up
     peak = _peak_extra_bytes(lambda: produced.extend(b.nbytes for b in iter_buckets(model, arch, **kw)))
@@ -100,6 +103,12 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
 
     def bridge_kept():  # the same, with the bucket and gather buffers kept across calls
         for _ in iter_buckets(model, arch, **kw, buffers=kept):
+            pass
+
+    kept_one = BucketBuffers()
+
+    def bridge_kept_one_gather():  # kept buffers, one all_gather per bucket: the reference for --gather-chunks
+        for _ in iter_buckets(model, arch, **dict(kw, gather_chunks=1), buffers=kept_one):
             pass
 
     if world == 1:
@@ -131,20 +140,25 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str, model_kw: dict, b
                 _all_gather_flat(out[: world * x.numel()], x, tp_group)
 
     # Interleaved (bridge, baseline) pairs: on a shared machine both see the same load.
-    result["bridge_s"], result["bridge_kept_s"], result["baseline_s"] = median_times_interleaved(
-        [bridge, bridge_kept, baseline], reps
-    )
+    fns = [bridge, bridge_kept, baseline] + ([bridge_kept_one_gather] if world > 1 and chunks != 1 else [])
+    times = median_times_interleaved(fns, reps)
+    result["bridge_s"], result["bridge_kept_s"], result["baseline_s"] = times[:3]
+    if len(times) > 3:
+        result["bridge_kept_one_gather_s"] = times[3]
     if rank == 0:
         Path(out_dir, "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 
-def throughput(tp: int, model_kw: dict, bucket_bytes: int, reps: int) -> dict:
+def throughput(tp: int, model_kw: dict, bucket_bytes: int, reps: int, chunks: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_tp_worker, args=(tp, free_port(), out, model_kw, bucket_bytes, reps), nprocs=tp, join=True)
+        mp.spawn(_tp_worker, args=(tp, free_port(), out, model_kw, bucket_bytes, reps, chunks), nprocs=tp, join=True)
         r = json.loads(Path(out, "result.json").read_text())
-    return {
+    extra = {}
+    if "bridge_kept_one_gather_s" in r:
+        extra = {"gather_chunks": chunks, "ratio_kept_one_gather": r["baseline_s"] / r["bridge_kept_one_gather_s"]}
+    return {**extra,
         "tp": tp,
         "params": r["params"],
         "bytes": r["bytes"],
@@ -212,11 +226,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--only-b", action="store_true", help="only part (b), TP=2, with its peak memory; writes no results")
+    ap.add_argument("--gather-chunks", type=int, default=None,
+                    help="the bridge's gather_chunks (default: its own); != 1 also times 1 chunk interleaved")
     args = ap.parse_args()
     model_kw = QUICK if args.quick else FULL
     reps = 1 if args.quick else args.reps
     bucket = args.bucket_mb << 20
-    rows = [throughput(tp, model_kw, bucket, reps) for tp in (1, 2)]
+    from dynamo_mega.parallel.weight_bridge import DEFAULT_GATHER_CHUNKS
+
+    chunks = DEFAULT_GATHER_CHUNKS if args.gather_chunks is None else args.gather_chunks
+    if args.only_b:
+        print(json.dumps(throughput(2, model_kw, bucket, reps, chunks)), flush=True)
+        return
+    rows = [throughput(tp, model_kw, bucket, reps, chunks) for tp in (1, 2)]
     for r in rows:
         print(json.dumps(r), flush=True)
     e2e = end_to_end(model_kw, bucket, reps)
@@ -260,6 +283,11 @@ def main() -> None:
         "through /proc/self/clear_refs minus VmRSS at the reset; the same method reads one bucket-sized allocation "
         f"as {rows[0]['one_bucket_alloc_reads_buckets']:.2f} buckets. At TP=2 it includes what gloo's all_gather "
         f"stages internally, measured alone the same way: {rows[1]['transport_peak_buckets']:.2f} buckets per gather.",
+    ] + [
+        f"TP=2 gathers each bucket in up to {r['gather_chunks']} async all_gathers (gather_chunks); with one all_gather "
+        f"per bucket, timed interleaved in the same run, kept buffers reach {r['ratio_kept_one_gather']:.2f}x."
+        for r in rows if "gather_chunks" in r
+    ] + [
         f"1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores (the machine is shared: compare the "
         "ratios, measured side by side).",
     ]

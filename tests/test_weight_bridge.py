@@ -59,8 +59,18 @@ def _bridge_worker(rank: int, world: int, root: str) -> dict:
                 for b in weight_bridge.iter_buckets(model, arch, **stream, bucket_bytes=BUCKET_BYTES, version=7)
             ]
             n_gathers = len(gathers)
-            one_bucket = list(weight_bridge.iter_buckets(model, arch, **stream))
+            one_bucket = [
+                dict((n, t.clone()) for n, t in b.tensors()) for b in weight_bridge.iter_buckets(model, arch, **stream)
+            ]
+            gathers.clear()
+            chunked = [  # the same whole-stage bucket, its gather split into async chunks
+                dict((n, t.clone()) for n, t in b.tensors())
+                for b in weight_bridge.iter_buckets(model, arch, **stream, gather_chunks=3)
+            ]
             out[(tp, pp, name)] = {
+                "chunked_equal": len(chunked) == len(one_bucket)
+                and all(c.keys() == o.keys() and all(torch.equal(c[n], o[n]) for n in c) for c, o in zip(chunked, one_bucket)),
+                "chunked_gathers": len(gathers),
                 "dp_rank": groups.dp_rank,
                 "buckets": buckets,
                 "gathers": n_gathers,
@@ -93,6 +103,8 @@ def streamed(tmp_path_factory):
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bucket_stream_equals_hf_checkpoint(streamed, tp, pp, name):
+    from dynamo_mega.parallel.weight_bridge import DEFAULT_GATHER_CHUNKS
+
     root, ranks = streamed
     src = load_file(root / name / "model.safetensors")
     received: dict[str, torch.Tensor] = {}
@@ -110,8 +122,11 @@ def test_bucket_stream_equals_hf_checkpoint(streamed, tp, pp, name):
                 if hf_name in received:  # the same tensor from another TP rank of the same stage
                     assert torch.equal(received[hf_name], tensor), hf_name
                 received[hf_name] = tensor
-        assert res["gathers"] == sharded_buckets  # one all_gather per bucket holding TP-sharded tensors
+        # one to DEFAULT_GATHER_CHUNKS all_gathers per bucket holding TP-sharded tensors (a lone tensor is not cut)
+        assert sharded_buckets <= res["gathers"] <= DEFAULT_GATHER_CHUNKS * sharded_buckets
         assert res["one_bucket"] == 1  # the default 512 MiB holds a whole stage
+        assert res["chunked_equal"]  # gathering in async chunks changes no bit
+        assert res["chunked_gathers"] == (3 if tp > 1 else 0)  # a whole stage has more than 3 sharded tensors
     assert received.keys() == src.keys()
     for hf_name, tensor in src.items():
         assert torch.equal(received[hf_name], tensor), hf_name
