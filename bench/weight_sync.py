@@ -275,8 +275,9 @@ def main() -> None:
         f"| file / RPC stream | {e2e['stream_vs_file']:.2f}x |",
         f"| file / broadcast | {e2e['broadcast_vs_file']:.2f}x |",
         "",
-        "Buffers per call: how the training loop calls `iter_buckets` today; kept: one `BucketBuffers` passed to every "
-        "call (what torch's caching allocator gives on GPUs), like the baselines' preallocated buffers. "
+        "Buffers per call: `iter_buckets` without `buffers=` (the training loop on GPUs); kept: one `BucketBuffers` "
+        "passed to every call (the training loop on CPU; what torch's caching allocator gives on GPUs), like the "
+        "baselines' preallocated buffers. "
         "Timings are interleaved (bridge, bridge kept, baseline) x reps; medians.",
         "",
         "Peak extra memory: the first full bucket stream of a fresh process (TP=2: rank 0), VmHWM after resetting it "
