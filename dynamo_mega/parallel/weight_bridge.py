@@ -335,6 +335,8 @@ def iter_pipeline_buckets(
         return
     yield from stage_buckets
     received = None  # one receive buffer, reused like iter_buckets' (a bucket is valid until the next is asked for)
+    # Where the later stages' buckets live: the GPU under NCCL (which only moves CUDA tensors), else the host.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     for stage in range(1, pp_size):
         src = dist.get_global_rank(pp_group, stage)
         while True:
@@ -346,7 +348,7 @@ def iter_pipeline_buckets(
             nbytes = numel * dtype.itemsize
             if received is None or received.numel() < nbytes:
                 received = None  # free the smaller buffer before allocating the larger one
-                received = torch.empty(nbytes, dtype=torch.uint8)
+                received = torch.empty(nbytes, dtype=torch.uint8, device=device)
             flat = received[:nbytes].view(dtype)
             dist.recv(flat, src=src, group=pp_group)
             yield Bucket(flat, names, shapes, offsets, version)
