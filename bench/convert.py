@@ -2,13 +2,16 @@
 
 Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54B parameters, bf16, tied
 embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
-process after os.sync() (peak RSS = that process's VmHWM; time and CPU time = the call itself, imports excluded):
+process after os.sync(), with the same amount of host memory freshly touched and freed right before the clock
+starts (see _warm_host_memory), so no step inherits warmer memory than another (peak RSS = that process's VmHWM
+from then on; time and CPU time = the call itself, imports excluded). The three steps run --repeat times,
+interleaved; the table gives each step's median and every run:
   floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
   mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
 Writes bench/results/convert.json and bench/results/convert.md.
 
-    PYTHONPATH=. python bench/convert.py [--config PATH/config.json] [--work /tmp/convert_bench]
+    PYTHONPATH=. python bench/convert.py [--config PATH/config.json] [--work /tmp/convert_bench] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"
+WARM_GIB = 5  # more than any step writes (3.1 GB) plus what it allocates
 
 
 def _rss_gib() -> float:
@@ -61,10 +66,26 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _warm_host_memory(gib: int) -> None:
+    """Touch and free `gib` GiB, then reset this process's peak RSS.
+
+    On this VM, memory the guest freed a few seconds ago is handed back to the host: the next first touch of it
+    (a new page-cache page for a file written, a new tensor) runs at ~0.5 GB/s instead of ~5 GB/s (measured:
+    2 GiB touched right after a free at 5.6 GB/s, after 10 s idle at 0.47 GB/s). Every step writes ~3 GB of new
+    files, and the conversions import megatron (seconds) before their clock starts while the floor imports
+    safetensors only, so without this the floor would find warm memory and the conversions cold memory."""
+    import numpy as np
+
+    block = np.ones(gib << 30, dtype=np.uint8)  # large: mmap-backed, so freed straight back to the kernel
+    del block
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
 def run_child(task: str, src: str, dst: str) -> None:
     """Executed in a fresh process: one measurement, printed as JSON on the last line."""
     base_rss = _rss_gib()
     if task == "floor":
+        _warm_host_memory(WARM_GIB)
         result = run_floor(Path(src), Path(dst))
     else:
         from dynamo_mega.convert import run
@@ -75,6 +96,7 @@ def run_child(task: str, src: str, dst: str) -> None:
         import megatron.core.models.gpt  # noqa: F401  (imported by the conversion's first call otherwise)
 
         base_rss = _rss_gib()
+        _warm_host_memory(WARM_GIB)
         start, cpu = time.perf_counter(), _cpu_seconds()
         if task == "hf-to-mcore":
             run.hf_to_mcore(Path(src), Path(dst), tp=2, pp=2, progress=False)
@@ -95,6 +117,11 @@ def measure(task: str, src: Path, dst: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """Per field, the median over runs."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def _loads(loadavg: tuple[float, float, float]) -> str:
     return "/".join(f"{x:.1f}" for x in loadavg)
 
@@ -103,6 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--work", type=Path, default=Path("/tmp/convert_bench"))
+    p.add_argument("--repeat", type=int, default=3, help="runs of each step, interleaved; the table has the medians")
     p.add_argument("--child", nargs=3, metavar=("TASK", "SRC", "DST"))
     args = p.parse_args()
     if args.child:
@@ -113,16 +141,22 @@ def main() -> None:
         make_checkpoint(args.config, hf)
     src_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
     load_before = os.getloadavg()  # the host is shared: say how busy it was
-    rows = {
-        "floor (load+save, hf)": measure("floor", hf, args.work / "floor"),
-        "hf-to-mcore TP=2 PP=2": measure("hf-to-mcore", hf, args.work / "mcore"),
-        "mcore-to-hf": measure("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
+    steps = {
+        "floor (load+save, hf)": ("floor", hf, args.work / "floor"),
+        "hf-to-mcore TP=2 PP=2": ("hf-to-mcore", hf, args.work / "mcore"),
+        "mcore-to-hf": ("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
     }
+    runs = {name: [] for name in steps}
+    for _ in range(args.repeat):
+        for name, step in steps.items():
+            runs[name].append(measure(*step))
+    rows = {name: _median_row(r) for name, r in runs.items()}
     floor = rows["floor (load+save, hf)"]
-    for row in rows.values():
+    for name, row in rows.items():
         row["vs_floor"] = row["seconds"] / floor["seconds"]
         row["cpu_vs_floor"] = row["cpu_seconds"] / floor["cpu_seconds"]
         row["GB_per_s"] = src_bytes / row["seconds"] / 1e9
+        row["runs"] = runs[name]
     load_after = os.getloadavg()
     out = {
         "checkpoint_bytes": src_bytes,
@@ -139,14 +173,16 @@ def main() -> None:
         f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
         f"Host: {os.cpu_count()} CPUs, load average (1/5/15 min) {_loads(load_before)} before, {_loads(load_after)} after",
         "",
-        "| step | seconds | x floor | CPU seconds | x floor CPU | GB/s | peak RSS GiB | RSS after imports GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Medians of {args.repeat} interleaved runs per step; every run's seconds in the last column.",
+        "",
+        "| step | seconds | x floor | CPU seconds | x floor CPU | GB/s | peak RSS GiB | RSS after imports GiB | runs (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        every = ", ".join(f"{run['seconds']:.1f}" for run in r["runs"])
         lines.append(
             f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['cpu_seconds']:.1f} | {r['cpu_vs_floor']:.2f} | "
-            f"{r['GB_per_s']:.2f} | "
-            f"{r['peak_rss_gib']:.2f} | {r['rss_after_imports_gib']:.2f} |"
+            f"{r['GB_per_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['rss_after_imports_gib']:.2f} | {every} |"
         )
     (results / "convert.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -3,7 +3,7 @@
 Reading never holds more than the tensors asked for: shards are opened lazily (memory-mapped by safetensors)
 and only one is kept open, so a layer-ordered walk touches one shard at a time. Headers (names, dtypes,
 shapes) are read from the safetensors header alone (8-byte little-endian length + JSON), which is what the
-dry run uses. Writing buffers tensors up to a shard-size limit, then writes one shard and its sha256.
+dry run uses. Writing: hf_writer.py.
 """
 
 from __future__ import annotations
@@ -119,54 +119,3 @@ def carried_files(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES
     )
-
-
-class ShardedSafetensorsWriter:
-    """Writes HF-named tensors into `folder` as shards of at most `max_shard_bytes` (one tensor may exceed it),
-    named like transformers' save_pretrained; a single shard is written as model.safetensors with no index."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int, on_bytes=None):
-        from dynamo_mega.convert.output_dir import BackgroundHasher
-
-        self.folder, self.max_shard_bytes, self.on_bytes = folder, max_shard_bytes, on_bytes or (lambda n: None)
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self._hasher = BackgroundHasher()
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._buffer, path, metadata={"format": "pt"})  # writes from the tensors' memory, no copy
-        self._hasher.submit(path)
-        self._shards.append((path, list(self._buffer)))
-        self.total_bytes += self._buffer_bytes
-        self.on_bytes(self._buffer_bytes)
-        self._buffer, self._buffer_bytes = {}, 0
-
-    def close(self) -> dict[str, str]:
-        """Write the last shard, name the shards, write the index; returns file name -> sha256."""
-        if self._buffer:
-            self._flush()
-        n = len(self._shards)
-        sha256 = self._hasher.wait()
-        names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        digests = {}
-        weight_map = {}
-        for (path, tensor_names), final in zip(self._shards, names):
-            path.rename(self.folder / final)
-            digests[final] = sha256[path]
-            weight_map.update(dict.fromkeys(tensor_names, final))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return digests

@@ -12,8 +12,8 @@ is saved in write groups (write_groups.py: consecutive decoder layers, or the te
 byte budget), each by megatron as its own small checkpoint with the layer axis cut to the group's layers,
 and the groups' torch.distributed.checkpoint metadata are merged into one checkpoint (chunk offsets moved
 back to the layers' indices, file names made unique). The result is what one save of the whole model
-writes: tests load it with `dist_checkpointing.load` into TP/PP models. Reading goes one layer at a time:
-`dist_checkpointing.load` of one layer's entries reads only that layer's chunks.
+writes: tests load it with `dist_checkpointing.load` into TP/PP models. Reading goes one layer at a time,
+each tensor a view of its memory-mapped chunk (distcp_reader.py).
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def part_suffix(key: str) -> str:
 
 
 # ---------------------------------------------------------------- writing
+
+FC1 = "mlp.linear_fc1.weight"  # stored as [gate; up] (TP=1 layout)
 
 # Data files per save, each written and hashed by its own thread: hashing (sha256 for the manifest) costs
 # about as much CPU as the write itself, so one thread per core up to 4 runs both side by side.
@@ -292,55 +294,27 @@ def stored_tensors(ckpt_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dty
     }
 
 
-def load_part(part: dict, ckpt_dir: Path, dtypes: dict[str, torch.dtype], layer: int | None) -> dict[str, torch.Tensor]:
-    """Read one part from the checkpoint: mapping name -> full TP=1 layout tensor (fc1 as [gate; up]).
-
-    Reads through torch.distributed.checkpoint with a planner that asks for the layer's slice [i:i+1] of each
-    stacked tensor. (megatron's own load cannot do this in one process: it describes a request as a regular
-    grid of shards and would expect every layer of the grid to be local.)"""
+def read_part(reader, part: dict, layer: int | None) -> dict[str, torch.Tensor]:
+    """One part from the checkpoint (reader: distcp_reader.DistcpReader): mapping name -> full TP=1 layout
+    tensor; layer `layer`'s slice of the stacked tensors; linear_fc1 as RowBlocks (gate rows, up rows), since
+    megatron stores those as separate chunks. Views of the files where one stored chunk holds a region, else
+    assembled from the chunks that do (a checkpoint written at TP > 1)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
 
-    slices, names = {}, {}
+    def read(key: str, start: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        if layer is None:
+            return reader.read(key, start, shape)
+        return reader.read(key, (layer, *start), (1, *shape))[0]
+
+    out = {}
     for key, entry in part.items():
         if isinstance(entry, ShardedObject):
             continue  # _extra_state: nothing for the HF side
-        shape = tuple(entry.data.shape)
-        if layer is not None:
-            slices[entry.key] = (torch.empty((1, *shape), dtype=dtypes[entry.key]), (layer,) + (0,) * len(shape))
+        shape, suffix = tuple(entry.data.shape), part_suffix(key)
+        if suffix == FC1:
+            rows, rest = shape[0] // 2, (0,) * (len(shape) - 1)
+            half = (rows, *shape[1:])
+            out[suffix] = RowBlocks((read(entry.key, (0, *rest), half), read(entry.key, (rows, *rest), half)))
         else:
-            slices[entry.key] = (torch.empty(shape, dtype=dtypes[entry.key]), (0,) * len(shape))
-        names[entry.key] = part_suffix(key)
-    planner = _SliceLoadPlanner(slices)
-    reader = FileSystemReader(str(ckpt_dir))
-    dcp_load({k: t for k, (t, _) in slices.items()}, storage_reader=reader, planner=planner, no_dist=True)
-    return {names[k]: t[0] if layer is not None else t for k, (t, _) in slices.items()}
-
-
-def _slice_planner_base():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    return DefaultLoadPlanner
-
-
-class _SliceLoadPlanner(_slice_planner_base()):
-    """Loads stored global tensors' slices: fqn -> (destination tensor, its offset in the global tensor)."""
-
-    def __init__(self, slices: dict[str, tuple[torch.Tensor, tuple[int, ...]]]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.slices = slices
-
-    def create_local_plan(self):
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-        items = []
-        for fqn, (tensor, offsets) in self.slices.items():
-            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
-        return LoadPlan(items)
-
-    def lookup_tensor(self, index):
-        return self.slices[index.fqn][0]
+            out[suffix] = read(entry.key, (0,) * len(shape), shape)
+    return out

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from dynamo_mega.convert import hf_files, mcore_files
+from dynamo_mega.convert.distcp_reader import DistcpReader
+from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
 from dynamo_mega.convert.output_dir import (
     BackgroundHasher,
     atomic_output,
@@ -31,7 +33,7 @@ from dynamo_mega.convert.write_groups import DEFAULT_GROUP_BYTES, group_parts
 from dynamo_mega.models import qwen_mapping as qm
 
 CONVERT_JSON = "convert.json"
-_GATE, _UP, _FC1 = "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.linear_fc1.weight"
+_GATE, _UP, _FC1 = "mlp.gate_proj.weight", "mlp.up_proj.weight", mcore_files.FC1
 
 
 def hf_to_mcore(
@@ -117,31 +119,51 @@ def mcore_to_hf(
     if dry_run:
         return plan.summary()
     check_destination(dst, overwrite)
-    dtypes = {k: v[1] for k, v in stored.items()}
-    parts = mcore_files.split_parts(layout)
-    with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
-        total = qm_bytes(arch, plan.dtype)
+    parts = list(mcore_files.split_parts(layout).values())
+    specs = _hf_specs(parts, arch, plan.dtype, stored)
+    reader = DistcpReader(src)
+    with atomic_output(dst, overwrite) as tmp:
+        total = sum(spec.nbytes for spec in specs)
         with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
-            writer = hf_files.ShardedSafetensorsWriter(tmp, max_shard_bytes, advance)
-            for layer, part in parts.values():
-                loaded = mcore_files.load_part(part, src, dtypes, layer)
-                if layer is None:
-                    hf = qm.mcore_to_hf_globals(loaded, arch)
-                else:
-                    hf = {qm.hf_layer_name(layer, s): t for s, t in qm.mcore_layer_to_hf(loaded, arch).items()}
-                for name, tensor in hf.items():
-                    writer.add(name, tensor.to(plan.dtype))
-                del loaded, hf
-            digests = writer.close()
+            with StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance) as writer:
+                for layer, part in parts:
+                    for name, tensor in _hf_part(mcore_files.read_part(reader, part, layer), layer, arch).items():
+                        writer.write(name, tensor)
+                digests = writer.close()
         carried_from = src / "hf" if not hf_config else Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
         _carry_hf_files(carried_from, tmp, plan)
         write_manifest(tmp, digests, {"created_by": "dynamo-mega convert mcore-to-hf", "source": str(src.resolve())})
     return plan.summary()
 
 
-def qm_bytes(arch, dtype: torch.dtype) -> int:
-    """Bytes of the HF checkpoint of `arch` at `dtype` (the progress bar's total)."""
-    return sum(_prod(s) for s in qm.hf_shapes(arch).values()) * dtype.itemsize
+def _hf_part(loaded: dict, layer: int | None, arch) -> dict[str, torch.Tensor]:
+    """One part read from megatron (mapping name -> tensor; a layer's fc1 may be RowBlocks (gate, up)) ->
+    HF name -> tensor, views of the inputs where the layout allows. The mapping still decides names and
+    shapes of gate and up: it splits a meta stand-in of the full fc1."""
+    if layer is None:
+        return qm.mcore_to_hf_globals(loaded, arch)
+    fc1 = loaded.get(_FC1)
+    if isinstance(fc1, mcore_files.RowBlocks):
+        loaded = {**loaded, _FC1: torch.empty(fc1.shape, dtype=fc1.dtype, device="meta")}
+    hf = qm.mcore_layer_to_hf(loaded, arch)
+    if isinstance(fc1, mcore_files.RowBlocks):
+        gate, up = fc1.blocks
+        assert (hf[_GATE].shape, hf[_UP].shape) == (gate.shape, up.shape), (hf[_GATE].shape, gate.shape)
+        hf[_GATE], hf[_UP] = gate, up
+    return {qm.hf_layer_name(layer, s): t for s, t in hf.items()}
+
+
+def _hf_specs(parts: list, arch, dtype: torch.dtype, stored: dict) -> list[TensorSpec]:
+    """Every HF tensor mcore-to-hf writes, in writing order: the mapping run on meta stand-ins of each part."""
+    specs = []
+    for layer, part in parts:
+        meta = {
+            mcore_files.part_suffix(key): torch.empty(entry.data.shape, dtype=stored[entry.key][1], device="meta")
+            for key, entry in part.items()
+            if type(entry).__name__ != "ShardedObject"
+        }
+        specs += [TensorSpec(name, tuple(t.shape), dtype) for name, t in _hf_part(meta, layer, arch).items()]
+    return specs
 
 
 def _prod(shape) -> int:

@@ -167,7 +167,11 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenArch)
 
 
 def split_fc1(fc1: torch.Tensor, tp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc1 gathered from `tp` ranks, each [gate_r; up_r] -> (gate, up) in HF order (tp=1: the full layout)."""
+    """fc1 gathered from `tp` ranks, each [gate_r; up_r] -> (gate, up) in HF order (tp=1: the full layout;
+    views of `fc1` then, no copy)."""
+    if tp == 1:
+        gate, up = fc1.chunk(2, dim=0)
+        return gate, up
     gates, ups = zip(*(s.chunk(2, dim=0) for s in fc1.chunk(tp, dim=0)))
     return torch.cat(gates, dim=0), torch.cat(ups, dim=0)
 

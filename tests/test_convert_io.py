@@ -1,0 +1,111 @@
+"""The converter's own file I/O: the streaming safetensors writer and the memory-mapped torch_dist reader,
+checked against the libraries that define the formats (safetensors reads what we write; torch.distributed.
+checkpoint and megatron write what we read)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dynamo_mega.convert.distcp_reader import DistcpReader
+from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
+from dynamo_mega.convert.output_dir import sha256_file
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, generator=g)  # grouped like a fused qkv: [groups, q + 2 heads, head_dim, hidden]
+    return {
+        "a.bf16": torch.randn(6, 4, generator=g).to(torch.bfloat16),
+        "b.q_rows": qkv[:, :3],  # non-contiguous; each group's rows are (the writer writes them group by group)
+        "c.transposed": torch.randn(4, 7, generator=g).t(),  # non-contiguous rows: one contiguous copy
+        "d.cast": torch.randn(5, generator=g, dtype=torch.float64),  # cast to its spec's dtype while writing
+        "e.big": torch.randn(40, 4, generator=g),  # larger than a shard
+        "f.scalar": torch.tensor(3.5),
+    }
+
+
+def _specs(tensors):
+    shapes = {"b.q_rows": (2 * 3 * 3, 4)}  # the HF shape of the grouped rows
+    return [TensorSpec(n, shapes.get(n, tuple(t.shape)), torch.float32 if n == "d.cast" else t.dtype) for n, t in tensors.items()]
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 20, 200])
+def test_streamed_shards_read_back_with_safetensors(tmp_path, max_shard_bytes):
+    tensors = _tensors()
+    specs = _specs(tensors)
+    seen = []
+    with StreamingSafetensorsWriter(tmp_path, specs, max_shard_bytes, seen.append) as writer:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        digests = writer.close()
+    assert sum(seen) == sum(s.nbytes for s in specs)
+    read = {}
+    for file, digest in digests.items():
+        assert sha256_file(tmp_path / file) == digest
+        with safe_open(str(tmp_path / file), framework="pt") as f:
+            read.update({k: f.get_tensor(k) for k in f.keys()})
+    for spec in specs:
+        expected = tensors[spec.name].to(spec.dtype).reshape(spec.shape)
+        assert read[spec.name].dtype == spec.dtype and torch.equal(read[spec.name], expected), spec.name
+    if max_shard_bytes == 200:
+        assert len(digests) > 2 and "model.safetensors" not in digests
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(digests)
+        assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
+    else:
+        assert list(digests) == ["model.safetensors"]
+
+
+def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
+    tensors = _tensors()
+    with pytest.raises(AssertionError, match="expected a.bf16"):
+        with StreamingSafetensorsWriter(tmp_path / "x", _specs(tensors), 1 << 20) as writer:
+            (tmp_path / "x").mkdir()
+            writer.write("b.q_rows", tensors["b.q_rows"])
+    assert not writer._hasher.is_alive()  # the hashing thread ends with a failed write
+    (tmp_path / "y").mkdir()
+    writer = StreamingSafetensorsWriter(tmp_path / "y", _specs(tensors), 1 << 20)
+    writer.write("a.bf16", tensors["a.bf16"])
+    with pytest.raises(AssertionError, match="5 tensors were not written, the first is b.q_rows"):
+        writer.close()
+
+
+def test_reader_returns_regions_of_a_strided_record(tmp_path):
+    """A tensor torch stores with its strides (a transposed matrix is not cloned): every region read equals
+    the same region of the tensor."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    w = torch.arange(35, dtype=torch.float32).view(5, 7).t()
+    dcp_save({"w": w, "n": torch.arange(4)}, storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
+    reader = DistcpReader(tmp_path)
+    assert torch.equal(reader.read("w", (0, 0), (7, 5)), w)
+    assert torch.equal(reader.read("w", (2, 1), (3, 4)), w[2:5, 1:5])
+    assert torch.equal(reader.read("n", (1,), (2,)), torch.arange(1, 3))
+    with pytest.raises(ValueError, match="no tensor missing"):
+        reader.read("missing", (0,), (1,))
+
+
+def test_reader_assembles_regions_across_megatron_chunks(tmp_path):
+    """A tensor megatron saved as two row chunks (as TP=2 or fc1's gate/up are): a region inside one chunk and
+    one across both read back exactly."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from dynamo_mega.convert.mcore_files import single_process_megatron
+    from dynamo_mega.convert.mcore_writer import local_torch_dist_strategy
+
+    full = torch.randn(6, 5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with single_process_megatron():
+        state = {f"half{i}": ShardedTensor.from_rank_offsets("w", full[3 * i : 3 * i + 3].clone(), (0, i, 2)) for i in range(2)}
+        strategy = local_torch_dist_strategy()
+        dist_checkpointing.save(state, str(tmp_path), sharded_strategy=strategy, validate_access_integrity=False)
+    reader = DistcpReader(tmp_path)
+    assert torch.equal(reader.read("w", (0, 0), (6, 5)), full)
+    assert torch.equal(reader.read("w", (1, 1), (4, 3)), full[1:5, 1:4])
+    inside = reader.read("w", (3, 0), (3, 5))
+    assert torch.equal(inside, full[3:])
