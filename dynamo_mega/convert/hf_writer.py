@@ -27,6 +27,7 @@ import torch
 
 from dynamo_mega.convert.hf_files import INDEX, SINGLE
 
+HASH_AHEAD_BYTES = 512 << 20  # written but not yet hashed; a larger tensor waits until the queue is empty
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
@@ -101,8 +102,11 @@ class StreamingSafetensorsWriter:
         self._file = None
         self._open_shard = -1
         self._digests: dict[str, str] = {}
-        # (memoryview, tensor kept alive until hashed) or (None, file name) at the end of a file
-        self._to_hash: queue.Queue = queue.Queue(maxsize=64)
+        # (memoryview, tensor kept alive until hashed) or (None, file name) at the end of a file; at most
+        # HASH_AHEAD_BYTES written but not yet hashed (hashing is the slower side), so memory stays bounded
+        self._to_hash: queue.Queue = queue.Queue()
+        self._unhashed = 0
+        self._unhashed_changed = threading.Condition()
         self._hasher = threading.Thread(target=self._hash_loop, name="sha256", daemon=True)
         self._hash_error: BaseException | None = None
         self._hasher.start()
@@ -115,7 +119,7 @@ class StreamingSafetensorsWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-            self._to_hash.put(None)
+            self._put(None, check=False)
             self._hasher.join()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -168,16 +172,21 @@ class StreamingSafetensorsWriter:
             self._file = None
             self._put((None, self.files[self._open_shard]))
 
-    def _put(self, item) -> None:
-        if self._hash_error is not None:
+    def _put(self, item, check: bool = True) -> None:
+        """Queue `item` for the hashing thread, first waiting until the bytes queued before it fit the budget."""
+        if check and self._hash_error is not None:
             raise self._hash_error
+        nbytes = 0 if item is None or item[0] is None else len(item[0])
+        with self._unhashed_changed:
+            self._unhashed_changed.wait_for(lambda: self._unhashed == 0 or self._unhashed + nbytes <= HASH_AHEAD_BYTES)
+            self._unhashed += nbytes
         self._to_hash.put(item)
 
     def _hash_loop(self) -> None:
         sha256 = hashlib.sha256()
         while (item := self._to_hash.get()) is not None:
+            view, keep = item
             try:
-                view, keep = item
                 if view is None:  # end of file `keep`
                     self._digests[keep] = sha256.hexdigest()
                     sha256 = hashlib.sha256()
@@ -185,3 +194,7 @@ class StreamingSafetensorsWriter:
                     sha256.update(view)  # releases the GIL for large buffers
             except BaseException as exc:  # noqa: BLE001 (reported to the writing thread)
                 self._hash_error = exc
+            finally:
+                with self._unhashed_changed:
+                    self._unhashed -= 0 if view is None else len(view)
+                    self._unhashed_changed.notify()

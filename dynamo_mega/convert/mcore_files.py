@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dynamo_mega.convert.mcore_writer import local_torch_dist_strategy
+from dynamo_mega.convert.mcore_writer import WRITER_THREADS, local_torch_dist_strategy
 from dynamo_mega.models import qwen
 from dynamo_mega.models.qwen_mapping import MCORE_LAYER_PREFIX, split_layer_name
 
@@ -105,10 +104,6 @@ def part_suffix(key: str) -> str:
 # ---------------------------------------------------------------- writing
 
 FC1 = "mlp.linear_fc1.weight"  # stored as [gate; up] (TP=1 layout)
-
-# Data files per save, each written and hashed by its own thread: hashing (sha256 for the manifest) costs
-# about as much CPU as the write itself, so one thread per core up to 4 runs both side by side.
-WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)

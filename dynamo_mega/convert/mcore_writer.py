@@ -16,9 +16,17 @@ writes; `dist_checkpointing.load` loads them (tests).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# Data files per save, each written by its own thread (and hashed by a helper thread alongside, see
+# _HashingStream): hashing (sha256 for the manifest) costs more CPU than the write itself, so one writer per
+# core up to 4.
+WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
@@ -34,19 +42,37 @@ def _no_record_crc32() -> Iterator[None]:
         config.save.compute_crc32 = before
 
 
+_OVERLAP_BYTES = 1 << 20  # smaller writes (zip headers, pickles) are hashed in line
+
+
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    """Threads that hash large writes while the writing thread writes them (one per writer thread)."""
+    return ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="sha256")
+
+
 class _HashingStream:
     """A binary file opened for writing that also feeds every byte written to sha256, in order.
 
     torch.save hands its writer memoryviews of the tensors' own memory, so hashing here reads nothing twice;
     the writes are strictly sequential (torch's zip writer streams; torch.distributed.checkpoint only asks
-    tell())."""
+    tell()). A large buffer is hashed on another thread WHILE it is written (both release the GIL), and write
+    returns once both are done: the memoryview is only valid during the call (it does not own the tensor),
+    and the hash stays in file order. That overlaps the two even when only one file is being written (the
+    embedding's), where hashing then writing on one thread would leave the second core idle."""
 
     def __init__(self, stream):
         self._stream, self._sha256 = stream, hashlib.sha256()
 
     def write(self, data) -> int:
-        self._sha256.update(data)  # releases the GIL for large buffers
-        return self._stream.write(data)
+        if memoryview(data).nbytes < _OVERLAP_BYTES:
+            self._sha256.update(data)
+            return self._stream.write(data)
+        hashed = _hash_pool().submit(self._sha256.update, data)
+        try:
+            return self._stream.write(data)
+        finally:
+            hashed.result()
 
     def hexdigest(self) -> str:
         return self._sha256.hexdigest()
