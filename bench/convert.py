@@ -4,9 +4,10 @@ Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54
 embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
 process after os.sync(), with the same amount of host memory freshly touched and freed right before the clock
 starts (see _warm_host_memory), so no step inherits warmer memory than another (peak RSS = that process's VmHWM
-from then on; time and CPU time = the call itself, imports excluded). The three steps run --repeat times,
+from then on; time and CPU time = the call itself, imports excluded). The steps run --repeat times,
 interleaved; the table gives each step's median and every run:
   floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
+  floor+sha256  the same plus hashing each written file (context only: what a manifest adds to the floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
   mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
 Writes bench/results/convert.json and bench/results/convert.md.
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dynamo_mega.convert.output_dir import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"
@@ -50,13 +53,17 @@ def make_checkpoint(config_path: Path, out: Path) -> None:
     model.save_pretrained(out, max_shard_size="500MB")
 
 
-def run_floor(src: Path, dst: Path) -> dict:
+def run_floor(src: Path, dst: Path, hashed: bool = False) -> dict:
+    """load_file + save_file of every shard; hashed: also the sha256 of each file written, read back from the
+    page cache (what the conversions' manifests cost on top of the floor, for context: not the target's floor)."""
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True)
     start, cpu = time.perf_counter(), _cpu_seconds()
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), dst / shard.name, metadata={"format": "pt"})
+        if hashed:
+            sha256_file(dst / shard.name)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
 
 
@@ -84,9 +91,9 @@ def _warm_host_memory(gib: int) -> None:
 def run_child(task: str, src: str, dst: str) -> None:
     """Executed in a fresh process: one measurement, printed as JSON on the last line."""
     base_rss = _rss_gib()
-    if task == "floor":
+    if task in ("floor", "floor+sha256"):
         _warm_host_memory(WARM_GIB)
-        result = run_floor(Path(src), Path(dst))
+        result = run_floor(Path(src), Path(dst), hashed=task == "floor+sha256")
     else:
         from dynamo_mega.convert import run
 
@@ -143,6 +150,7 @@ def main() -> None:
     load_before = os.getloadavg()  # the host is shared: say how busy it was
     steps = {
         "floor (load+save, hf)": ("floor", hf, args.work / "floor"),
+        "floor + sha256 of the output (context)": ("floor+sha256", hf, args.work / "floor"),
         "hf-to-mcore TP=2 PP=2": ("hf-to-mcore", hf, args.work / "mcore"),
         "mcore-to-hf": ("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
     }

@@ -20,7 +20,7 @@ SINGLE = "model.safetensors"
 # Files of an HF folder that are weights (never carried along as-is).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,10 @@ def read_headers(folder: Path) -> dict[str, TensorHeader]:
         if not (folder / file).is_file():
             raise ValueError(f"{folder}: shard {file} listed in {INDEX} is missing")
         for name, h in read_safetensors_header(folder / file).items():
-            if h["dtype"] not in _DTYPES:
-                raise ValueError(f"{folder / file}: tensor {name} has dtype {h['dtype']}; expected one of {sorted(_DTYPES)}")
-            headers[name] = TensorHeader(file, _DTYPES[h["dtype"]], tuple(h["shape"]), h["end"])
+            if h["dtype"] not in SAFETENSORS_DTYPES:
+                expected = sorted(SAFETENSORS_DTYPES)
+                raise ValueError(f"{folder / file}: tensor {name} has dtype {h['dtype']}; expected one of {expected}")
+            headers[name] = TensorHeader(file, SAFETENSORS_DTYPES[h["dtype"]], tuple(h["shape"]), h["end"])
     if weight_map is not None:
         for name, file in weight_map.items():
             if name not in headers or headers[name].file != file:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from dynamo_mega.convert.hf_files import INDEX, SINGLE
+from dynamo_mega.convert.hf_files import INDEX, SAFETENSORS_DTYPES, SINGLE
 
 HASH_AHEAD_BYTES = 512 << 20  # written but not yet hashed; a larger tensor waits until the queue is empty
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,12 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+def _write_all(file, view: memoryview) -> None:
+    written = 0
+    while written < len(view):  # a raw (unbuffered) file may take fewer bytes than given
+        written += file.write(view[written:])
+
+
 class StreamingSafetensorsWriter:
     """Writes the tensors of `specs`, in that order, into `folder` as shards of at most `max_shard_bytes`,
     named like transformers' save_pretrained (one shard: model.safetensors, no index)."""
@@ -133,9 +139,7 @@ class StreamingSafetensorsWriter:
             self._start_shard(shard)
         for block in _blocks(tensor.to(spec.dtype)):
             view = _bytes(block)
-            written = 0
-            while written < len(view):  # a raw file may take fewer bytes than given
-                written += self._file.write(view[written:])
+            _write_all(self._file, view)
             self._put((view, block))
         self._next += 1
         self.on_bytes(spec.nbytes)
@@ -162,9 +166,9 @@ class StreamingSafetensorsWriter:
         self._end_shard()
         self._open_shard = shard
         self._file = open(self.folder / self.files[shard], "wb", buffering=0)
-        header = _header(self._shards[shard])
-        self._file.write(header)
-        self._put((memoryview(header), None))
+        header = memoryview(_header(self._shards[shard]))
+        _write_all(self._file, header)
+        self._put((header, None))
 
     def _end_shard(self) -> None:
         if self._file is not None:
