@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from dynamo_mega.convert.output_dir import sha256_file
+from dynamo_mega.convert.file_hashing import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"

@@ -5,14 +5,15 @@ checkpoint and megatron write what we read)."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from dynamo_mega.convert.distcp_reader import DistcpReader
+from dynamo_mega.convert.file_hashing import sha256_file
 from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
-from dynamo_mega.convert.output_dir import sha256_file
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -66,12 +67,13 @@ def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
         with StreamingSafetensorsWriter(tmp_path / "x", _specs(tensors), 1 << 20) as writer:
             (tmp_path / "x").mkdir()
             writer.write("b.q_rows", tensors["b.q_rows"])
-    assert not writer._hasher.is_alive()  # the hashing thread ends with a failed write
+    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]  # hashing ends with a failed write
     (tmp_path / "y").mkdir()
     writer = StreamingSafetensorsWriter(tmp_path / "y", _specs(tensors), 1 << 20)
     writer.write("a.bf16", tensors["a.bf16"])
     with pytest.raises(AssertionError, match="5 tensors were not written, the first is b.q_rows"):
         writer.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
 
 
 def test_reader_returns_regions_of_a_strided_record(tmp_path):
@@ -109,3 +111,26 @@ def test_reader_assembles_regions_across_megatron_chunks(tmp_path):
     assert torch.equal(reader.read("w", (1, 1), (4, 3)), full[1:5, 1:4])
     inside = reader.read("w", (3, 0), (3, 5))
     assert torch.equal(inside, full[3:])
+
+
+def test_reader_names_the_file_bytes_behind_a_live_view(tmp_path):
+    """file_region (what the HF writer copies file to file from) points at the view's own bytes, for parts
+    of a view too, and forgets a mapping once no view of it is left."""
+    import gc
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    w = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    dcp_save({"w": w}, storage_writer=FileSystemWriter(str(tmp_path)), no_dist=True)
+    reader = DistcpReader(tmp_path)
+    view = reader.read("w", (0, 0), (8, 6))
+    for part in (view, view[3:5]):
+        path, offset = reader.file_region(part)
+        raw = path.read_bytes()[offset : offset + part.numel() * 4]
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).view(part.shape), part)
+    assert reader.file_region(view[:, :2]) is None  # not contiguous: written from memory instead
+    assert reader.file_region(view.clone()) is None
+    del view, part
+    gc.collect()
+    assert not reader._regions

@@ -14,9 +14,11 @@ transform such as compression, a compressed zip entry, several storages) are rea
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,8 @@ class DistcpReader:
         self.dtypes: dict[str, torch.dtype] = {}
         self._chunks: dict[str, list[_Chunk]] = {}
         self._by_layer: dict[str, dict[int, list[_Chunk]]] = {}
+        self._metas: dict[tuple[bytes, ...], torch.Tensor] = {}  # record description -> meta tensor
+        self._regions: dict[int, tuple[int, int, Path, int]] = {}  # live mapping -> (address, bytes, file, offset)
         for fqn, m in metadata.state_dict_metadata.items():
             if isinstance(m, TensorStorageMetadata):
                 self.dtypes[fqn] = m.properties.dtype
@@ -121,6 +125,25 @@ class DistcpReader:
             raise ValueError(f"{self.folder}: the stored chunks of {fqn} do not cover {sizes} at {offsets}")
         return out
 
+    def file_region(self, tensor: torch.Tensor) -> tuple[Path, int] | None:
+        """(file, byte offset) holding a contiguous tensor's bytes when it is (part of) a view this reader
+        returned and whose mapping is still alive, else None. Lets a writer copy file to file in the kernel
+        (os.copy_file_range) instead of reading the mapped pages into a write."""
+        if not tensor.is_contiguous():
+            return None
+        start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        for address, size, path, offset in self._regions.values():
+            if address <= start and start + nbytes <= address + size:
+                return path, offset + start - address
+        return None
+
+    def _register(self, chunk: _Chunk, mapped: mmap.mmap, address: int, nbytes: int, data_start: int) -> None:
+        """Remember where a mapped record's bytes lie in its file, for as long as the mapping lives (after
+        that its addresses may belong to anything)."""
+        key = id(mapped)
+        self._regions[key] = (address, nbytes, self.folder / chunk.file, chunk.offset + data_start)
+        weakref.finalize(mapped, self._regions.pop, key, None)
+
     def _candidates(self, fqn: str, first: int) -> list[_Chunk]:
         """Chunks of `fqn` that may hold index `first` of dim 0: for a layer-stacked tensor (every chunk one
         layer deep) that layer's chunks, without scanning every layer's; otherwise all of them."""
@@ -134,7 +157,8 @@ class DistcpReader:
             # ACCESS_COPY: a writable (private) mapping, so torch.frombuffer does not warn; nothing writes to it.
             mapped = mmap.mmap(f.fileno(), chunk.offset + chunk.length - start, offset=start, access=mmap.ACCESS_COPY)
         record = memoryview(mapped)[chunk.offset - start :]
-        tensor = None if chunk.transformed else _view_record(record, mapped, chunk.offset - start)
+        on_view = functools.partial(self._register, chunk)
+        tensor = None if chunk.transformed else _view_record(record, mapped, chunk.offset - start, self._metas, on_view)
         if tensor is None:
             tensor = torch.load(_ByteRange(record), map_location="cpu", weights_only=True)
         if tensor.dtype != dtype or tuple(tensor.shape) != chunk.sizes:
@@ -145,24 +169,46 @@ class DistcpReader:
         return tensor
 
 
-def _view_record(record: memoryview, mapped: mmap.mmap, record_start: int) -> torch.Tensor | None:
-    """A torch.save record's tensor as a view of `mapped`, or None when its layout does not allow one."""
-    meta = torch.load(_ByteRange(record), map_location="meta", weights_only=True)
-    if not isinstance(meta, torch.Tensor):
-        return None
+def _view_record(record: memoryview, mapped: mmap.mmap, record_start: int, metas: dict, on_view) -> torch.Tensor | None:
+    """A torch.save record's tensor as a view of `mapped`, or None when its layout does not allow one;
+    on_view(mapped, address, nbytes, offset in the record) is told where the tensor's bytes are.
+
+    `metas` caches the meta tensor per record description (the pickle and byte order records): the layers of
+    one stacked tensor are described identically, and torch.load costs ~5 ms of Python per record even when
+    it reads no data."""
     with zipfile.ZipFile(_ByteRange(record)) as archive:
-        storages = [i for i in archive.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
+        infos = archive.infolist()
+    spans = {i.filename: _stored_span(record, i) for i in infos}
+    if any(span is None for span in spans.values()):
+        return None
+    # (not zipfile's read: it checks each entry's crc32, which the converter's own writer leaves out)
+    described = tuple(bytes(record[slice(*spans[name])]) for name in sorted(spans) if name.endswith(("/data.pkl", "/byteorder")))
+    meta = metas.get(described)
+    if meta is None:
+        meta = metas[described] = torch.load(_ByteRange(record), map_location="meta", weights_only=True)
+    storages = [name for name in spans if "/data/" in name and not name.endswith("/")]
+    if not isinstance(meta, torch.Tensor) or len(storages) != 1:
+        return None
+    data_start, data_stop = spans[storages[0]]
     nbytes = meta.untyped_storage().nbytes()
-    if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED or storages[0].file_size != nbytes:
+    if data_stop - data_start != nbytes:
         return None
-    header = _LOCAL_HEADER.unpack_from(record, storages[0].header_offset)
-    if header[0] != b"PK\x03\x04":
-        return None
-    data_start = storages[0].header_offset + _LOCAL_HEADER.size + header[9] + header[10]
     if nbytes == 0:
         return torch.empty(meta.shape, dtype=meta.dtype)
     raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=record_start + data_start)
+    on_view(mapped, raw.data_ptr(), nbytes, data_start)
     return raw.view(meta.dtype).as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+
+def _stored_span(record: memoryview, info: zipfile.ZipInfo) -> tuple[int, int] | None:
+    """[start, stop) of an uncompressed zip entry's bytes within `record`; None for a compressed one."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    header = _LOCAL_HEADER.unpack_from(record, info.header_offset)
+    if header[0] != b"PK\x03\x04":
+        return None
+    start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+    return start, start + info.file_size
 
 
 def _find_chunk(chunks, offsets: tuple[int, ...]):

@@ -8,26 +8,24 @@ Knowing every name, shape and dtype before the first tensor exists (the conversi
 can be written first and each tensor streamed to its place as it is produced, from its own memory (a view of
 the memory-mapped source, often): no staging copy and a memory bound of what the caller holds.
 
-sha256 (for the manifest) is computed on a second thread from the same buffers as they are written, so
-hashing overlaps writing and nothing is read back from disk. Files are read back by safetensors in tests.
+sha256 (for the manifest) is computed behind the writer on background threads, from the page cache, shards in
+parallel (file_hashing.py). Files are read back by safetensors in tests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import queue
+import os
 import struct
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dynamo_mega.convert.file_hashing import BackgroundHasher
 from dynamo_mega.convert.hf_files import INDEX, SAFETENSORS_DTYPES, SINGLE
 
-HASH_AHEAD_BYTES = 512 << 20  # written but not yet hashed; a larger tensor waits until the queue is empty
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -94,9 +92,13 @@ def _write_all(file, view: memoryview) -> None:
 
 class StreamingSafetensorsWriter:
     """Writes the tensors of `specs`, in that order, into `folder` as shards of at most `max_shard_bytes`,
-    named like transformers' save_pretrained (one shard: model.safetensors, no index)."""
+    named like transformers' save_pretrained (one shard: model.safetensors, no index).
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, on_bytes=None):
+    file_region(tensor) -> (path, offset) | None: where a contiguous tensor's bytes already are in a file (a
+    view of a memory-mapped source): those are copied file to file by the kernel (os.copy_file_range, half the
+    CPU of writing from the mapped pages here), everything else is written from memory."""
+
+    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, on_bytes=None, file_region=None):
         if len({s.name for s in specs}) != len(specs):
             raise ValueError("a tensor name appears twice in the checkpoint to write")
         self.folder, self.on_bytes = Path(folder), on_bytes or (lambda n: None)
@@ -107,26 +109,26 @@ class StreamingSafetensorsWriter:
         self._next = 0
         self._file = None
         self._open_shard = -1
-        self._digests: dict[str, str] = {}
-        # (memoryview, tensor kept alive until hashed) or (None, file name) at the end of a file; at most
-        # HASH_AHEAD_BYTES written but not yet hashed (hashing is the slower side), so memory stays bounded
-        self._to_hash: queue.Queue = queue.Queue()
-        self._unhashed = 0
-        self._unhashed_changed = threading.Condition()
-        self._hasher = threading.Thread(target=self._hash_loop, name="sha256", daemon=True)
-        self._hash_error: BaseException | None = None
-        self._hasher.start()
+        self._written = 0  # bytes in the open shard
+        self._hasher = BackgroundHasher()
+        self._followed = None  # the open shard's FollowedFile
+        self._file_region = file_region or (lambda tensor: None)
+        self._sources: dict[Path, int] = {}  # open source files for copy_file_range: path -> fd
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # stop the hashing thread; the caller discards the files
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            self._put(None, check=False)
-            self._hasher.join()
+        if exc_type is not None:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop writing and hashing (no thread is left waiting for bytes); the caller discards the files."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._close_sources()
+        self._hasher.abandon()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """The next tensor of the order given at construction; any layout, cast to its spec's dtype."""
@@ -138,9 +140,11 @@ class StreamingSafetensorsWriter:
         if shard != self._open_shard:
             self._start_shard(shard)
         for block in _blocks(tensor.to(spec.dtype)):
-            view = _bytes(block)
-            _write_all(self._file, view)
-            self._put((view, block))
+            region = self._file_region(block)
+            if region is None:
+                self._write(_bytes(block))
+            else:
+                self._copy(*region, block.numel() * block.element_size())
         self._next += 1
         self.on_bytes(spec.nbytes)
 
@@ -149,56 +153,51 @@ class StreamingSafetensorsWriter:
         order was not written (the files would be incomplete)."""
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
+            self._abandon()
             raise AssertionError(f"{len(self._order) - self._next} tensors were not written, the first is {missing}")
         self._end_shard()
-        self._put(None)
-        self._hasher.join()
-        if self._hash_error is not None:
-            raise self._hash_error
+        self._close_sources()
+        digests = {path.name: digest for path, digest in self._hasher.wait().items()}
         if len(self.files) > 1:
             weight_map = {spec.name: self.files[i] for i, spec in self._order}
             total = sum(spec.nbytes for _, spec in self._order)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return dict(self._digests)
+        return digests
 
     def _start_shard(self, shard: int) -> None:
         self._end_shard()
         self._open_shard = shard
-        self._file = open(self.folder / self.files[shard], "wb", buffering=0)
-        header = memoryview(_header(self._shards[shard]))
-        _write_all(self._file, header)
-        self._put((header, None))
+        path = self.folder / self.files[shard]
+        self._file = open(path, "wb", buffering=0)
+        self._written = 0
+        self._followed = self._hasher.follow(path)
+        self._write(memoryview(_header(self._shards[shard])))
+
+    def _write(self, view: memoryview) -> None:
+        _write_all(self._file, view)
+        self._written += len(view)
+        self._followed.grew(self._written)
+
+    def _copy(self, path: Path, offset: int, nbytes: int) -> None:
+        if path not in self._sources:
+            self._sources[path] = os.open(path, os.O_RDONLY)
+        end = offset + nbytes
+        while offset < end:
+            copied = os.copy_file_range(self._sources[path], self._file.fileno(), end - offset, offset)
+            if copied == 0:
+                raise ValueError(f"{path} ends before byte {end}: truncated since it was read?")
+            offset += copied
+        self._written += nbytes
+        self._followed.grew(self._written)
+
+    def _close_sources(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
 
     def _end_shard(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-            self._put((None, self.files[self._open_shard]))
-
-    def _put(self, item, check: bool = True) -> None:
-        """Queue `item` for the hashing thread, first waiting until the bytes queued before it fit the budget."""
-        if check and self._hash_error is not None:
-            raise self._hash_error
-        nbytes = 0 if item is None or item[0] is None else len(item[0])
-        with self._unhashed_changed:
-            self._unhashed_changed.wait_for(lambda: self._unhashed == 0 or self._unhashed + nbytes <= HASH_AHEAD_BYTES)
-            self._unhashed += nbytes
-        self._to_hash.put(item)
-
-    def _hash_loop(self) -> None:
-        sha256 = hashlib.sha256()
-        while (item := self._to_hash.get()) is not None:
-            view, keep = item
-            try:
-                if view is None:  # end of file `keep`
-                    self._digests[keep] = sha256.hexdigest()
-                    sha256 = hashlib.sha256()
-                elif self._hash_error is None:
-                    sha256.update(view)  # releases the GIL for large buffers
-            except BaseException as exc:  # noqa: BLE001 (reported to the writing thread)
-                self._hash_error = exc
-            finally:
-                with self._unhashed_changed:
-                    self._unhashed -= 0 if view is None else len(view)
-                    self._unhashed_changed.notify()
+            self._followed.close()

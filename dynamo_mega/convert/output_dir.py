@@ -8,12 +8,13 @@ manifest is complete; one without (from another tool, or a copy cut short) is re
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from dynamo_mega.convert.file_hashing import sha256_file
 
 MANIFEST = "manifest.sha256.json"
 
@@ -44,34 +45,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-class BackgroundHasher:
-    """sha256 of finished files on one worker thread (hashlib releases the GIL for large reads), so hashing
-    overlaps the conversion instead of re-reading every output at the end."""
-
-    def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self._futures = {}
-
-    def submit(self, path: Path) -> None:
-        self._futures[path] = self._pool.submit(sha256_file, path)
-
-    def wait(self) -> dict[Path, str]:
-        """Block until every submitted file is hashed; path -> sha256 (as submitted, before any rename)."""
-        digests = {path: future.result() for path, future in self._futures.items()}
-        self._pool.shutdown()
-        return digests
 
 
 def write_manifest(folder: Path, known: dict[str, str], extra: dict) -> None:

@@ -20,9 +20,9 @@ import torch
 
 from dynamo_mega.convert import hf_files, mcore_files
 from dynamo_mega.convert.distcp_reader import DistcpReader
+from dynamo_mega.convert.file_hashing import BackgroundHasher
 from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
 from dynamo_mega.convert.output_dir import (
-    BackgroundHasher,
     atomic_output,
     byte_progress,
     check_destination,
@@ -125,9 +125,10 @@ def mcore_to_hf(
     with atomic_output(dst, overwrite) as tmp:
         total = sum(spec.nbytes for spec in specs)
         with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
-            with StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance) as writer:
+            with StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance, reader.file_region) as writer:
                 for layer, part in parts:
-                    for name, tensor in _hf_part(mcore_files.read_part(reader, part, layer), layer, arch).items():
+                    loaded = mcore_files.read_part(reader, part, layer)
+                    for name, tensor in _hf_part(loaded, layer, arch, to_stream=True).items():
                         writer.write(name, tensor)
                 digests = writer.close()
         carried_from = src / "hf" if not hf_config else Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
@@ -136,16 +137,17 @@ def mcore_to_hf(
     return plan.summary()
 
 
-def _hf_part(loaded: dict, layer: int | None, arch) -> dict[str, torch.Tensor]:
+def _hf_part(loaded: dict, layer: int | None, arch, to_stream: bool = False) -> dict[str, torch.Tensor]:
     """One part read from megatron (mapping name -> tensor; a layer's fc1 may be RowBlocks (gate, up)) ->
     HF name -> tensor, views of the inputs where the layout allows. The mapping still decides names and
-    shapes of gate and up: it splits a meta stand-in of the full fc1."""
+    shapes of gate and up: it splits a meta stand-in of the full fc1. to_stream: q/k/v as per-group views
+    in HF element order (the writer streams them group by group; their HF shapes come from the specs)."""
     if layer is None:
         return qm.mcore_to_hf_globals(loaded, arch)
     fc1 = loaded.get(_FC1)
     if isinstance(fc1, mcore_files.RowBlocks):
         loaded = {**loaded, _FC1: torch.empty(fc1.shape, dtype=fc1.dtype, device="meta")}
-    hf = qm.mcore_layer_to_hf(loaded, arch)
+    hf = qm.mcore_layer_to_hf(loaded, arch, qkv_by_group=to_stream)
     if isinstance(fc1, mcore_files.RowBlocks):
         gate, up = fc1.blocks
         assert (hf[_GATE].shape, hf[_UP].shape) == (gate.shape, up.shape), (hf[_GATE].shape, gate.shape)

@@ -146,16 +146,18 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
 # ---------------------------------------------------------------- layouts
 
 
-def split_qkv(qkv: torch.Tensor, arch: QwenArch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grouped [g*(q+2)*d, ...] -> q [h*d, ...], k [g*d, ...], v [g*d, ...]; works for weight and bias."""
+def split_qkv(qkv: torch.Tensor, arch: QwenArch, by_group: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped [g*(q+2)*d, ...] -> q [h*d, ...], k [g*d, ...], v [g*d, ...]; works for weight and bias.
+
+    by_group: views q [g, q, d, ...], k and v [g, d, ...] instead, whose elements in row-major order are the
+    HF tensors' (a copy at g > 1 otherwise): for writers that stream bytes, one group's rows at a time."""
     g, q, d = arch.num_query_groups, arch.heads_per_group, arch.head_dim
     rest = qkv.shape[1:]
     grouped = qkv.reshape(g, q + 2, d, *rest)
-    return (
-        grouped[:, :q].reshape(g * q * d, *rest),
-        grouped[:, q].reshape(g * d, *rest),
-        grouped[:, q + 1].reshape(g * d, *rest),
-    )
+    q_, k_, v_ = grouped[:, :q], grouped[:, q], grouped[:, q + 1]
+    if by_group:
+        return q_, k_, v_
+    return q_.reshape(g * q * d, *rest), k_.reshape(g * d, *rest), v_.reshape(g * d, *rest)
 
 
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: QwenArch) -> torch.Tensor:
@@ -194,17 +196,20 @@ def hf_layer_to_mcore(hf: dict[str, torch.Tensor], arch: QwenArch) -> dict[str, 
     return out
 
 
-def mcore_layer_to_hf(mcore: dict[str, torch.Tensor], arch: QwenArch, tp: int = 1) -> dict[str, torch.Tensor]:
+def mcore_layer_to_hf(
+    mcore: dict[str, torch.Tensor], arch: QwenArch, tp: int = 1, qkv_by_group: bool = False
+) -> dict[str, torch.Tensor]:
     """One layer, megatron suffix -> full tensor (fc1 TP-gathered from `tp` ranks)  =>  HF suffix -> tensor.
 
-    Tensors are views of the inputs where the layout allows (no copy); call .contiguous() before saving."""
+    Tensors are views of the inputs where the layout allows (no copy); call .contiguous() before saving.
+    qkv_by_group: q/k/v as split_qkv(by_group=True) views (HF element order, not HF shape)."""
     out: dict[str, torch.Tensor] = {}
     for suffix, tensor in mcore.items():
         if suffix in _SAME_LAYOUT:
             out[_SAME_LAYOUT[suffix]] = tensor
         elif suffix in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             kind = suffix.rsplit(".", 1)[1]
-            for proj, t in zip("qkv", split_qkv(tensor, arch)):
+            for proj, t in zip("qkv", split_qkv(tensor, arch, qkv_by_group)):
                 out[f"self_attn.{proj}_proj.{kind}"] = t
         elif suffix == "mlp.linear_fc1.weight":
             out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"] = split_fc1(tensor, tp)
