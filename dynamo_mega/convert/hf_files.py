@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,21 +99,36 @@ def check_data_present(folder: Path, headers: dict[str, TensorHeader]) -> None:
 
 
 class HFReader:
-    """Lazy tensor access to an HF folder; keeps at most one shard open (safetensors memory-maps it)."""
+    """Lazy tensor access to an HF folder; keeps at most one shard open (safetensors memory-maps it, and each
+    tensor returned is a view of the mapped file: no copy)."""
 
     def __init__(self, folder: Path, headers: dict[str, TensorHeader]):
         self.folder, self.headers = folder, headers
         self._open_file: str | None = None
         self._handle = None
+        self._regions: dict[int, tuple[int, int, Path, int]] = {}  # live tensor -> (address, bytes, file, offset)
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        file = self.headers[name].file
-        if file != self._open_file:
-            self._handle = safe_open(str(self.folder / file), framework="pt")
-            self._open_file = file
-        return self._handle.get_tensor(name)
+        header = self.headers[name]
+        if header.file != self._open_file:
+            self._handle = safe_open(str(self.folder / header.file), framework="pt")
+            self._open_file = header.file
+        tensor = self._handle.get_tensor(name)
+        if tensor.untyped_storage().nbytes() == header.nbytes:  # its own mapping of the file's bytes
+            key = id(tensor)
+            self._regions[key] = (tensor.data_ptr(), header.nbytes, self.folder / header.file, header.end - header.nbytes)
+            weakref.finalize(tensor, self._regions.pop, key, None)  # after that, its addresses may be reused
+        return tensor
+
+    def file_region(self, address: int, nbytes: int) -> tuple[Path, int] | None:
+        """(file, byte offset) holding bytes [address, address + nbytes) when they lie inside a tensor this
+        reader returned that is still alive, else None: lets a writer copy file to file in the kernel."""
+        for start, size, path, offset in self._regions.values():
+            if start <= address and address + nbytes <= start + size:
+                return path, offset + address - start
+        return None
 
 
 def carried_files(folder: Path) -> list[Path]:

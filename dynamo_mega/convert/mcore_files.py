@@ -192,11 +192,12 @@ def _collapse_layer_axis(sharded_tensor, first_layer: int, num_layers: int):
     )
 
 
-def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, digests: dict[Path, str] | None = None) -> None:
+def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file_region=None) -> None:
     """Save several parts with ONE megatron save: units are (layer or None, part, mapping name -> tensor or
     RowBlocks). Decoder layers must be consecutive and are stored on a layer axis of the group's length
-    (merge_parts moves them to their place); parts without a layer are stored as they are. The sha256 of
-    the data files written goes into `digests` where the writer could hash them (mcore_writer.py)."""
+    (merge_parts moves them to their place); parts without a layer are stored as they are.
+    file_region(address, nbytes) -> (path, offset) | None: where tensor bytes already lie in a source file,
+    to be copied file to file (mcore_writer.py)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -209,7 +210,7 @@ def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, dige
         for key, value in _filled_entries(part, tensors).items():
             filled[key] = [collapse(t) for t in value] if isinstance(value, list) else collapse(value)
     group_dir.mkdir(parents=True)
-    strategy = local_torch_dist_strategy(WRITER_THREADS, digests)
+    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region)
     dist_checkpointing.save(filled, str(group_dir), sharded_strategy=strategy, validate_access_integrity=False)
 
 

@@ -8,24 +8,21 @@ spawned Manager process: ~0.1 s per save on a loaded host), fsyncs every file, a
 crc32 of every tensor record. The converter records a sha256 of every output file in its manifest anyway,
 so here torch.distributed.checkpoint's synchronous FileSystemWriter writes the same files without fsync
 (like safetensors' save_file and transformers' save_pretrained) and without the per-record crc32
-(torch.load reads such records; the manifest's sha256 is the integrity check), and hashes each .distcp
-file from the bytes as they are written instead of reading the file back. The files are what torch
-writes; `dist_checkpointing.load` loads them (tests).
+(torch.load reads such records; the manifest's sha256 is the integrity check; file_hashing.py hashes the
+files behind the writer), and tensor bytes that already lie in a source file are copied file to file. The
+files are what torch writes; `dist_checkpointing.load` loads them (tests).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# Data files per save, each written by its own thread (and hashed by a helper thread alongside, see
-# _HashingStream): hashing (sha256 for the manifest) costs more CPU than the write itself, so one writer per
-# core up to 4.
+import numpy as np
+
+# Data files per save, each written by its own thread: one per core, up to 4.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -42,70 +39,82 @@ def _no_record_crc32() -> Iterator[None]:
         config.save.compute_crc32 = before
 
 
-_OVERLAP_BYTES = 1 << 20  # smaller writes (zip headers, pickles) are hashed in line
+_COPY_MIN_BYTES = 1 << 20  # smaller writes (zip headers, pickles) are written from memory
 
 
-@functools.cache
-def _hash_pool() -> ThreadPoolExecutor:
-    """Threads that hash large writes while the writing thread writes them (one per writer thread)."""
-    return ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="sha256")
+def _address(data) -> int:
+    """Address of the first byte of a buffer (torch.save hands its writer memoryviews of tensor memory)."""
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data) if len(memoryview(data).cast("B")) else 0
 
 
-class _HashingStream:
-    """A binary file opened for writing that also feeds every byte written to sha256, in order.
+class _CopyingStream:
+    """A binary file opened for writing where bytes that already lie in a source file (`file_region(address,
+    nbytes) -> (path, offset) | None`: a memory-mapped HF tensor) are copied file to file by the kernel
+    (os.copy_file_range: about half the CPU of writing them from the mapped pages here); everything else is
+    written as usual. Writes are sequential (torch's zip writer streams; torch.distributed.checkpoint asks
+    tell() between items), so a copy is placed at the current position and the buffered file is then moved
+    past it."""
 
-    torch.save hands its writer memoryviews of the tensors' own memory, so hashing here reads nothing twice;
-    the writes are strictly sequential (torch's zip writer streams; torch.distributed.checkpoint only asks
-    tell()). A large buffer is hashed on another thread WHILE it is written (both release the GIL), and write
-    returns once both are done: the memoryview is only valid during the call (it does not own the tensor),
-    and the hash stays in file order. That overlaps the two even when only one file is being written (the
-    embedding's), where hashing then writing on one thread would leave the second core idle."""
-
-    def __init__(self, stream):
-        self._stream, self._sha256 = stream, hashlib.sha256()
+    def __init__(self, stream, file_region):
+        self._stream, self._file_region = stream, file_region
+        self._sources: dict[Path, int] = {}  # path -> fd
 
     def write(self, data) -> int:
-        if memoryview(data).nbytes < _OVERLAP_BYTES:
-            self._sha256.update(data)
+        nbytes = memoryview(data).nbytes
+        region = self._file_region(_address(data), nbytes) if nbytes >= _COPY_MIN_BYTES else None
+        if region is None:
             return self._stream.write(data)
-        hashed = _hash_pool().submit(self._sha256.update, data)
-        try:
-            return self._stream.write(data)
-        finally:
-            hashed.result()
+        path, offset = region
+        if path not in self._sources:
+            self._sources[path] = os.open(path, os.O_RDONLY)
+        self._stream.flush()
+        start = self._stream.tell()
+        target = self._stream.fileno()
+        os.lseek(target, start, os.SEEK_SET)
+        done = 0
+        while done < nbytes:
+            copied = os.copy_file_range(self._sources[path], target, nbytes - done, offset + done)
+            if copied == 0:
+                raise ValueError(f"{path} ends before byte {offset + nbytes}: changed while converting?")
+            done += copied
+        self._stream.seek(start + nbytes)  # the buffered file's own position catches up with the copy
+        return nbytes
 
-    def hexdigest(self) -> str:
-        return self._sha256.hexdigest()
+    def close_sources(self) -> None:
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
 
-    def __getattr__(self, name):  # tell, flush, fileno, close: the file's own
+    def __getattr__(self, name):  # tell, flush, fileno, seek, close: the file's own
         return getattr(self._stream, name)
 
 
-def _hashing_file_system(digests: dict[Path, str]):
-    """torch's local FileSystem whose .distcp streams record their sha256 into `digests` once closed and are
+def _copying_file_system(file_region):
+    """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream) and are
     written without per-record crc32 by whichever writer thread opened them."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    class HashingFileSystem(FileSystem):
+    class CopyingFileSystem(FileSystem):
         @contextlib.contextmanager
         def create_stream(self, path, mode: str):
             with super().create_stream(path, mode) as stream:
                 if mode != "wb" or not str(path).endswith(".distcp"):
                     yield stream
                     return
-                hashing = _HashingStream(stream)
-                with _no_record_crc32():  # called in the writer thread that then torch.saves into it
-                    yield hashing
-            digests[Path(path)] = hashing.hexdigest()  # not reached when the write failed
+                copying = _CopyingStream(stream, file_region)
+                try:
+                    with _no_record_crc32():  # called in the writer thread that then torch.saves into it
+                        yield copying
+                finally:
+                    copying.close_sources()
 
-    return HashingFileSystem()
+    return CopyingFileSystem()
 
 
-def local_torch_dist_strategy(thread_count: int = 1, digests: dict[Path, str] | None = None):
+def local_torch_dist_strategy(thread_count: int = 1, file_region=None):
     """A TorchDistSaveShardedStrategy (megatron's `save` accepts only those) whose save writes synchronously,
-    in this process, with `thread_count` writer threads (one .distcp file each). The sha256 of each .distcp
-    file written goes into `digests` (path -> hex) where torch's writer lets the stream be wrapped; a file
-    missing from it must be hashed from disk."""
+    in this process, with `thread_count` writer threads (one .distcp file each). file_region(address, nbytes)
+    -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
@@ -118,8 +127,8 @@ def local_torch_dist_strategy(thread_count: int = 1, digests: dict[Path, str] | 
             )
             pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
             writer = FileSystemWriter(str(checkpoint_dir), sync_files=False, thread_count=thread_count)
-            if digests is not None and hasattr(writer, "fs"):
-                writer.fs = _hashing_file_system(digests)
+            if file_region is not None and hasattr(writer, "fs"):
+                writer.fs = _copying_file_system(file_region)
             planner = mcore_torch.MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
             )

@@ -70,7 +70,7 @@ def hf_to_mcore(
         part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
         groups = group_parts([(name, layer) for name, (layer, _) in parts.items()], part_bytes, write_group_bytes)
         staging = tmp / ".parts"
-        group_dirs, hasher, digests = [], BackgroundHasher(), {}
+        group_dirs, hasher = [], BackgroundHasher()
         with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
             for group in groups:
                 units = []
@@ -79,13 +79,12 @@ def hf_to_mcore(
                     hf = {n: cast(reader.get(n)) for n in sources[name]}
                     units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
                 group_dirs.append((staging / group[0], units[0][0]))
-                mcore_files.save_group(units, group_dirs[-1][0], digests)
-                for file in group_dirs[-1][0].glob("*.distcp"):
-                    if file not in digests:  # the writer could not hash it as it wrote
-                        hasher.submit(file)
+                mcore_files.save_group(units, group_dirs[-1][0], reader.file_region)
+                for file in sorted(group_dirs[-1][0].glob("*.distcp")):  # hashed while the next group is written
+                    hasher.submit(file)
                 advance(sum(part_bytes[name] for name in group))
                 del hf, units
-        digests.update(hasher.wait())  # before merge_parts moves the files
+        digests = hasher.wait()  # before merge_parts moves the files
         moved = mcore_files.merge_parts(group_dirs, tmp, arch.num_layers)
         known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
         shutil.rmtree(staging)
