@@ -10,7 +10,8 @@ in flat, dtype-homogeneous buckets of a configured size, ready for a rollout eng
   tensors, each into its own region of that one buffer): packing the next chunk and copying a gathered one into
   the bucket run while gloo moves the others. Each rank's shard is a view of the buffer.
 - PP: each stage streams only the layers it holds, named by their global layer id; `iter_pipeline_buckets`
-  forwards the later stages' buckets point to point to the first stage, where the engine is fed.
+  forwards the later stages' buckets point to point to the first stage, where the engine is fed (rpc and ipc
+  transports; the broadcast transport sends from every stage: parallel/pipeline_broadcast.py).
 - DP: replicas hold identical weights, so only data-parallel rank 0 yields buckets (nothing is sent twice).
 - A tied output layer (the last stage's copy of the embedding when PP > 1) is skipped.
 - target_tp=(m, r): each HF tensor is cut down to the block vLLM's TP rank r of m holds (vLLM's loaders are
@@ -47,6 +48,14 @@ class Bucket:
     shapes: list[torch.Size]
     offsets: list[int]  # element offset of each tensor in `flat`
     version: int  # policy version these weights belong to
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel()
 
     @property
     def nbytes(self) -> int:
