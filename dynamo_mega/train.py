@@ -62,8 +62,9 @@ class Trainer:
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
     # The weight stream's bucket buffers, kept between syncs on CPU: writing into memory that was never touched
-    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (two at
-    # TP > 1) of host memory. On GPUs torch's caching allocator keeps freed blocks anyway: None (per-sync buffers).
+    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (plus two
+    # gather chunks, 1/4 bucket by default, at TP > 1) of host memory. On GPUs torch's caching allocator keeps
+    # freed blocks anyway: None (per-sync buffers).
     bucket_buffers: BucketBuffers | None = field(default_factory=lambda: None if torch.cuda.is_available() else BucketBuffers())
     # Broadcast transport at PP > 1, on a later stage's carrier: its sender in the engine's weight group.
     stage_carrier: StageCarrier | None = None
