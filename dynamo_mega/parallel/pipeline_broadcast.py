@@ -109,7 +109,10 @@ class StageCarrier:
         dist.broadcast_object_list(box, src=self._driver, group=self._group)
         if box[0] is not None:
             self._communicator = None  # free the old group first
-            self._communicator = open_carrier(box[0], self.stage)
+            try:
+                self._communicator = open_carrier(box[0], self.stage)
+            except Exception as exc:  # noqa: BLE001 - the driver fails to open it too and stops the run with its error
+                print(f"dynamo-mega: stage {self.stage} could not join the weight group ({exc!r})", file=sys.stderr)
         for b in stage_buckets:
             layout = (b.names, b.shapes, b.offsets, b.version, b.dtype, b.numel)
             dist.send_object_list([layout], dst=self._driver, group=self._group)
