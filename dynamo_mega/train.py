@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
+from dynamo_mega.parallel.pipeline_broadcast import DriverStream, StageCarrier
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
 from dynamo_mega.parallel.weight_bridge import BucketBuffers, iter_buckets, iter_pipeline_buckets
 from dynamo_mega.rl.advantage import group_advantages
@@ -60,9 +62,12 @@ class Trainer:
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
     # The weight stream's bucket buffers, kept between syncs on CPU: writing into memory that was never touched
-    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (two at
-    # TP > 1) of host memory. On GPUs torch's caching allocator keeps freed blocks anyway: None (per-sync buffers).
+    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (plus two
+    # gather chunks, 1/4 bucket by default, at TP > 1) of host memory. On GPUs torch's caching allocator keeps
+    # freed blocks anyway: None (per-sync buffers).
     bucket_buffers: BucketBuffers | None = field(default_factory=lambda: None if torch.cuda.is_available() else BucketBuffers())
+    # Broadcast transport at PP > 1, on a later stage's carrier: its sender in the engine's weight group.
+    stage_carrier: StageCarrier | None = None
 
 
 def setup(cfg: Config) -> Trainer:
@@ -155,10 +160,11 @@ def sync_weights(t: Trainer) -> None:
 
 def push_weights(t: Trainer) -> None:
     """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
-    (one TP all-gather per bucket, collective over TP; at PP > 1 the later stages' buckets sent point to point
-    to the driver) streamed into the driver's engine, nothing on disk, by RPC, CUDA IPC or broadcast over the
-    engine's weight group (rollout.weight_transport). Collective. If the engine dies during the push it is
-    replaced and every rank takes part in a full push into the new one."""
+    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk, by RPC,
+    CUDA IPC or broadcast over the engine's weight group (rollout.weight_transport). At PP > 1 the later stages'
+    buckets are sent point to point to the driver (rpc, ipc), or each stage's carrier broadcasts its own to the
+    engine's workers (broadcast: parallel/pipeline_broadcast.py). Collective. If the engine dies during the push
+    it is replaced and every rank takes part in a full push into the new one."""
     while True:
         buckets = _bucket_stream(t)
         if not t.groups.is_driver:
@@ -184,10 +190,16 @@ def _bucket_stream(t: Trainer):
         dtype=getattr(torch, t.cfg.rollout.vllm_dtype),  # what the engine holds: one dtype, full-size buckets
         buffers=t.bucket_buffers,
     )
-    if g.pp_size > 1:
-        carries = g.tp_rank == 0 and g.dp_rank == 0
-        buckets = iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
-    return buckets
+    if g.pp_size == 1:
+        return buckets
+    carries = g.tp_rank == 0 and g.dp_rank == 0
+    if carries and t.cfg.rollout.weight_transport == "broadcast":  # one sender per stage
+        if g.is_driver:
+            return DriverStream(buckets, pp_group=g.pp_group, pp_size=g.pp_size)
+        if t.stage_carrier is None:
+            t.stage_carrier = StageCarrier(pp_group=g.pp_group, stage=g.pp_rank)
+        return t.stage_carrier.stream(buckets)
+    return iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
 
 
 def _send_buckets(t: Trainer, buckets) -> None:
@@ -196,14 +208,34 @@ def _send_buckets(t: Trainer, buckets) -> None:
     from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
 
     try:
+        if isinstance(buckets, DriverStream):
+            _announce_weight_group(t, buckets)
         t.engine.push(buckets, t.version)
     except Exception as exc:
-        for _ in buckets:
-            pass
+        if isinstance(buckets, DriverStream):
+            buckets.drain()
+        else:
+            for _ in buckets:
+                pass
         if not is_engine_dead(exc):
             raise
         _restart_engine(t, exc)
         raise EngineRestarted() from exc
+
+
+def _announce_weight_group(t: Trainer, stream: DriverStream) -> None:
+    """Broadcast transport at PP > 1 (driver): when the engine has no weight group (first push, or restarted),
+    a new one with every stage's carrier as a sender; its address goes to the carriers first, since they must
+    join while the engine's workers do. Host: MASTER_ADDR, where torchrun's rank 0 (this process) runs, so the
+    other nodes' carriers reach it."""
+    address = None
+    if not t.engine.has_weight_group:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        address = t.engine.weight_group_address(backend, host, stages=t.groups.pp_size)
+    stream.announce(address)
+    if address is not None:
+        t.engine.open_weight_group(address.backend, address=address)
 
 
 def with_engine(t: Trainer, fn):

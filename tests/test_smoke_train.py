@@ -127,14 +127,15 @@ def _torchrun(out: Path, *overrides: str) -> list[dict]:
 def test_data_parallel_packed_run_resumes_as_a_pipeline(tmp_path):
     """2 gloo ranks: DP=2 with packed micro-batches for 2 steps, then the same run resumed from its checkpoint
     with the policy split into PP=2 stages (Megatron's 1F1B schedule) for a third step: rollouts from the driver,
-    the last stage's weights reach the driver's engine through the pipeline stream. (Resuming at another TP is
-    tested in tests/test_checkpoint.py.)"""
+    whose engine receives each stage's weights by broadcast from that stage's own sender
+    (rollout.weight_transport=broadcast: the last stage's bytes never pass through the driver). (Resuming at
+    another TP is tested in tests/test_checkpoint.py.)"""
     out = tmp_path / "run"
     layers = "model.num_layers=4"  # the tiny model's 3 layers do not split into 2 stages
     records = _torchrun(out, layers, "parallel.tensor_parallel=1", "optim.pack_row_tokens=32", "run.steps=2")
     assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2]
     assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
-    records = _torchrun(out, layers, "parallel.pipeline_parallel=2", "run.steps=3")
+    records = _torchrun(out, layers, "parallel.pipeline_parallel=2", "run.steps=3", "rollout.weight_transport=broadcast")
     train = [r for r in records if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     assert [r["resumed_from_step"] for r in records if r["phase"] == "resume"] == [2]

@@ -250,3 +250,41 @@ def test_kept_buffers_serve_every_sync():
         assert kept.buffers["bucket"].data_ptr() == storage
     finally:
         destroy_parallel()
+
+
+def test_gather_chunks_cut_large_tensors_between_whole_row_granules():
+    """TP gathers move chunks of about 1/gather_chunks of a bucket (what bounds the bridge's extra memory): a
+    tensor larger than that is cut between rows, at whole query groups of qkv and whole gate/up halves of fc1;
+    the chunks cover every tensor's rows once, in order. (Bit-exactness of cut tensors: the streams above, whose
+    small chunks cut the embedding, qkv, fc1 and o_proj shards.)"""
+    from dynamo_mega.config import ModelConfig
+    from dynamo_mega.models import qwen_bridge_layout as bl
+    from dynamo_mega.parallel.groups import destroy_parallel, init_parallel
+    from dynamo_mega.parallel.policy import build_policy
+    from dynamo_mega.parallel.weight_bridge import _plan_chunks, _stage_params
+
+    groups = init_parallel(1, seed=0)
+    try:
+        cfg = ModelConfig(vocab_size=151, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=96, max_position_embeddings=32)
+        model, arch = build_policy(cfg, groups, seed=1)
+        params = [p for p in _stage_params(model, arch) if p.param.dim() == 2]  # as if every matrix were sharded
+        target = 2000  # local elements: the embedding, qkv and fc1 exceed it
+        chunks = _plan_chunks(params, arch, target)
+        total = sum(p.param.numel() for p in params)
+        assert len(chunks) <= -(-total // target)
+        covered: dict[str, int] = {}
+        for chunk in chunks:
+            assert sum(s.numel for s in chunk[:-1]) < target  # closed as soon as it reaches the target
+            for s in chunk:
+                rows = s.param.param.shape[0]
+                granule = bl.shard_row_granule(s.param.global_name, arch, rows)
+                assert s.start == covered.get(s.param.global_name, 0) and s.start % granule == 0, s
+                assert s.rows % granule == 0 or s.start + s.rows == rows, s
+                covered[s.param.global_name] = s.start + s.rows
+        assert covered == {p.global_name: p.param.shape[0] for p in params}
+        cut = {s.param.global_name for chunk in chunks for s in chunk if s.rows < s.param.param.shape[0]}
+        assert {"embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight"} <= cut
+        assert any(".linear_qkv." in name for name in cut)
+    finally:
+        destroy_parallel()

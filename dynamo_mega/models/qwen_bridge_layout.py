@@ -68,37 +68,57 @@ def units(name: str, arch: QwenArch) -> list[Unit]:
     return [Unit((n,), shape, shape) for n, shape in hf]
 
 
-def shard_pieces(name: str, shard: torch.Tensor, arch: QwenArch, rank: int) -> list[Piece]:
+def shard_row_granule(name: str, arch: QwenArch, local_rows: int) -> int:
+    """The fewest dim-0 rows of a TP shard of megatron tensor `name` (`local_rows` rows in all) that
+    `shard_pieces` can place on their own: whole query groups of qkv, whole gate or up halves of fc1, single
+    rows otherwise. The bridge cuts its gathers only at multiples of this."""
+    _, key = _key(name)
+    if key == "mlp.linear_fc1.weight":
+        return local_rows // 2
+    if key.startswith("self_attention.linear_qkv."):
+        return (arch.heads_per_group + 2) * arch.head_dim
+    return 1
+
+
+def shard_pieces(
+    name: str, shard: torch.Tensor, arch: QwenArch, rank: int, start: int = 0, rows: int | None = None
+) -> list[Piece]:
     """Where TP rank `rank`'s shard of megatron tensor `name` (its local shape) lands in `units(name)`: views of
     `shard`, no copies. A replicated tensor is one piece covering its unit whatever the rank (take it from one
     rank); padded vocabulary rows are left out; a tied output layer gives nothing.
 
-    qkv [g_r*(q+2)*d, ...] (g_r query groups per rank, each q heads then k then v) and fc1 [2*F_r, H]."""
+    qkv [g_r*(q+2)*d, ...] (g_r query groups per rank, each q heads then k then v) and fc1 [2*F_r, H].
+    start, rows: `shard` is only dim-0 rows [start, start + len) of the rank's shard of `rows` rows (None: the
+    whole shard); `start` and the length must be multiples of `shard_row_granule`."""
     if not units(name, arch):
         return []
     _, key = _key(name)
     dim = qm.partition_dim(key)
     if dim is None:
+        assert start == 0 and rows in (None, shard.shape[0]), name  # replicated tensors are never gathered in parts
         return [Piece(0, (0,) * shard.dim(), shard)]
+    rows = shard.shape[0] if rows is None else rows
+    granule = shard_row_granule(name, arch, rows)
+    assert start % granule == 0 and shard.shape[0] % granule == 0, (name, start, shard.shape, granule)
     if key in (qm.EMBED, qm.OUTPUT):
-        rows = shard.shape[0]
-        keep = max(0, min(rows, arch.vocab_size - rank * rows))  # trim the vocabulary padding
-        return [Piece(0, (rank * rows, 0), shard[:keep])] if keep else []
+        first = rank * rows + start  # the vocabulary row of shard[0]
+        keep = max(0, min(shard.shape[0], arch.vocab_size - first))  # trim the vocabulary padding
+        return [Piece(0, (first, 0), shard[:keep])] if keep else []
     if key == "mlp.linear_fc1.weight":
-        f_r = shard.shape[0] // 2
-        return [Piece(0, (0, rank * f_r, 0), shard.view(2, f_r, -1))]
+        f_r = rows // 2  # = granule: the gate half then the up half
+        return [Piece(0, (start // f_r, rank * f_r, 0), shard.view(-1, f_r, shard.shape[1]))]
     if key.startswith("self_attention.linear_qkv."):
         q, d, rest = arch.heads_per_group, arch.head_dim, tuple(shard.shape[1:])
-        grouped = shard.view(-1, q + 2, d, *rest)  # [g_r, q + 2, d, ...]
-        g_r = grouped.shape[0]
-        origin = (rank * g_r, 0, *(0,) * len(rest))
+        grouped = shard.view(-1, q + 2, d, *rest)  # [g, q + 2, d, ...]: g whole query groups
+        g = grouped.shape[0]
+        origin = (rank * (rows // granule) + start // granule, 0, *(0,) * len(rest))
         return [
-            Piece(0, origin, grouped[:, :q].reshape(g_r, q * d, *rest)),  # a view: q and d are adjacent
+            Piece(0, origin, grouped[:, :q].reshape(g, q * d, *rest)),  # a view: q and d are adjacent
             Piece(1, origin, grouped[:, q]),
             Piece(2, origin, grouped[:, q + 1]),
         ]
-    assert dim == 1, key  # row-parallel: o_proj, down_proj
-    return [Piece(0, (0, rank * shard.shape[1]), shard)]
+    assert dim == 1, key  # row-parallel: o_proj, down_proj; dim-0 rows are the HF tensor's rows
+    return [Piece(0, (start, rank * shard.shape[1]), shard)]
 
 
 def view_box(unit: Unit, hf_box: Box) -> Box:

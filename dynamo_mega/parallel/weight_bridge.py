@@ -5,21 +5,24 @@ in flat, dtype-homogeneous buckets of a configured size, ready for a rollout eng
   (gathered) megatron shard is then copied straight into its place in the bucket (models/qwen_bridge_layout.py:
   q/k/v and gate/up split, vocab padding trimmed, dtype cast, all in the one strided copy). No whole megatron
   or HF tensor is ever built.
-- TP: the local shards of every tensor in a bucket are packed into this rank's slot of one flat buffer and
-  gathered in place, not per tensor but in up to `gather_chunks` async all_gathers per bucket (cut between
-  tensors, each into its own region of that one buffer): packing the next chunk and copying a gathered one into
-  the bucket run while gloo moves the others. Each rank's shard is a view of the buffer.
+- TP: not per tensor but in chunks of about 1/`gather_chunks` of the largest bucket (cut between tensors, or
+  between rows of a larger tensor): a chunk's local shards are packed into this rank's slot of a chunk buffer
+  and gathered in place by one async all_gather, GATHER_RING buffers in turn, so packing the next chunk and
+  copying a gathered one into the bucket run while gloo moves another. Each rank's rows are views of a buffer.
 - PP: each stage streams only the layers it holds, named by their global layer id; `iter_pipeline_buckets`
-  forwards the later stages' buckets point to point to the first stage, where the engine is fed.
+  forwards the later stages' buckets point to point to the first stage, where the engine is fed (rpc and ipc
+  transports; the broadcast transport sends from every stage: parallel/pipeline_broadcast.py).
 - DP: replicas hold identical weights, so only data-parallel rank 0 yields buckets (nothing is sent twice).
 - A tied output layer (the last stage's copy of the embedding when PP > 1) is skipped.
 - target_tp=(m, r): each HF tensor is cut down to the block vLLM's TP rank r of m holds (vLLM's loaders are
   not wired to take such blocks yet: the receivers send whole tensors).
 
 Bucket sizing is by gathered megatron bytes; a single tensor larger than the bucket gets a bucket of its own.
-Memory: the stream reuses one bucket buffer (and, at TP > 1, one gather buffer of about the same size), both
-sized once for the largest bucket (`BucketBuffers`, optionally kept across calls): peak extra memory is 1 bucket
-at TP=1 and 2 at TP > 1, plus what the collective backend stages internally (measured by bench/weight_sync.py).
+Memory: the stream reuses one bucket buffer sized once for the largest bucket and, at TP > 1, GATHER_RING chunk
+buffers of about 1/gather_chunks of a bucket each (`BucketBuffers`, optionally kept across calls): peak extra
+memory is 1 bucket at TP=1 and 1 + GATHER_RING/gather_chunks buckets at TP > 1 (1.25 with the defaults), plus
+what the collective backend stages internally (gloo: a copy of each gathered chunk in flight; measured by
+bench/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ class Bucket:
     shapes: list[torch.Size]
     offsets: list[int]  # element offset of each tensor in `flat`
     version: int  # policy version these weights belong to
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel()
 
     @property
     def nbytes(self) -> int:
@@ -155,7 +166,7 @@ class BucketBuffers:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def take(self, what: str, numel: int, dtype: torch.dtype, device: torch.device, reserve_bytes: int) -> torch.Tensor:
-        """A flat [numel] tensor of `dtype` at the start of buffer `what` ("bucket" or "gather"), (re)allocated
+        """A flat [numel] tensor of `dtype` at the start of buffer `what` ("bucket", "gather<i>"), (re)allocated
         with `reserve_bytes` (the most any bucket of the stream needs) when missing or too small."""
         nbytes = numel * dtype.itemsize
         buf = self.buffers.get(what)
@@ -173,67 +184,101 @@ def _all_gather_flat(out: torch.Tensor, local: torch.Tensor, group, async_op: bo
 
 
 DEFAULT_GATHER_CHUNKS = 8  # bench (b), TP=2 gloo, 2 cores, kept buffers: 0.76x -> 0.83x bare all_gather (1 -> 8 chunks)
+GATHER_RING = 2  # chunk buffers in flight: one gathering while the previous one is copied into the bucket
 
 
-def _split_chunks(sharded: list[_Param], chunks: int) -> list[list[_Param]]:
-    """Consecutive groups of about equal local size, cut only between tensors (a tensor is never split, so a
-    bucket holding one big tensor stays one chunk)."""
-    per_rank = sum(p.param.numel() for p in sharded)
-    out: list[list[_Param]] = [[]]
-    done = 0
+@dataclass(frozen=True, eq=False)
+class _Slice:
+    """Dim-0 rows [start, start + rows) of a TP-sharded parameter's local shard: the unit a gather chunk holds."""
+
+    param: _Param
+    start: int
+    rows: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * (self.param.param.numel() // self.param.param.shape[0])
+
+    def local(self) -> torch.Tensor:
+        return self.param.param.detach().narrow(0, self.start, self.rows)
+
+
+def _plan_chunks(sharded: list[_Param], arch: QwenArch, target: int) -> list[list[_Slice]]:
+    """Consecutive chunks of the bucket's TP-sharded tensors, each closed once it holds >= `target` local
+    elements: a tensor larger than that is cut between rows (at multiples of its `shard_row_granule`), so a
+    chunk holds at most `target` + one granule and a bucket at most ceil(its size / target) chunks."""
+    chunks: list[list[_Slice]] = [[]]
+    size = 0
     for p in sharded:
-        if out[-1] and done >= per_rank * len(out) / chunks:
-            out.append([])
-        out[-1].append(p)
-        done += p.param.numel()
-    return out
+        rows = p.param.shape[0]
+        per_row = p.param.numel() // rows
+        granule = bl.shard_row_granule(p.global_name, arch, rows)
+        start = 0
+        while start < rows:
+            if size >= target:
+                chunks.append([])
+                size = 0
+            granules = -(-(target - size) // (granule * per_row))  # just enough to reach the target
+            take = min(rows - start, granules * granule)
+            chunks[-1].append(_Slice(p, start, take))
+            size += take * per_row
+            start += take
+    return [c for c in chunks if c]
 
 
 @torch.no_grad()
 def _shards(
     layout: _Layout,
+    chunks: list[list[_Slice]],
     tp_size: int,
     tp_group,
     dtype: torch.dtype,
     buffers: BucketBuffers,
-    gather_reserve: int,
-    chunks: int = DEFAULT_GATHER_CHUNKS,
-) -> Iterator[tuple[_Param, torch.Tensor, int]]:
-    """(param, shard, TP rank) for every shard the bucket needs. The TP-sharded tensors are gathered in up to
-    `chunks` all_gathers, each into its own region of ONE gather buffer (so memory does not grow with chunks):
-    a chunk's local shards are cast and packed into this rank's slot of its region (the gather runs in place)
-    while the previous chunk's gather runs, and the caller copies a gathered chunk into the bucket while the
-    later ones run. Every rank's shard is a view of that buffer. A replicated tensor is its local copy, once,
-    yielded first (its copy overlaps the gathers too)."""
-    sharded = [p for p in layout.group if _sharded(p, tp_size)]
-    for p in layout.group:
-        if not _sharded(p, tp_size):
-            yield p, p.param.detach(), 0
-    if not sharded:
-        return
-    per_rank = sum(p.param.numel() for p in sharded)
-    gathered = buffers.take("gather", per_rank * tp_size, dtype, sharded[0].param.device, gather_reserve)
-    rank = dist.get_rank(tp_group)
-    pending = []  # (chunk params, its region of `gathered`, its element count per rank, work handle)
-    start = 0
-    for chunk in _split_chunks(sharded, chunks):
-        n = sum(p.param.numel() for p in chunk)
-        region = gathered[start * tp_size : (start + n) * tp_size]
+    chunk_reserve: int,
+) -> Iterator[tuple[_Param, torch.Tensor, int, int]]:
+    """(param, shard rows, TP rank, first row) for every shard part the bucket needs. The TP-sharded tensors
+    are gathered chunk by chunk (`_plan_chunks`), each chunk by one async all_gather into one of GATHER_RING
+    chunk-sized buffers [tp_size * chunk elements] (so memory is a few chunks, not a bucket): a chunk's local
+    rows are cast and packed into this rank's slot of its buffer (the gather runs in place) while the previous
+    chunk's gather runs, and the caller copies a gathered chunk into the bucket while the next one gathers. A
+    buffer is refilled only after its chunk was yielded in full. Every rank's rows are views of the buffer. A
+    replicated tensor is its local copy, once, yielded after the first gathers started (its copy overlaps them)."""
+    rank = dist.get_rank(tp_group) if chunks else 0
+    device = layout.group[0].param.device
+    in_flight = []  # (chunk, its buffer, its element count per rank, work handle), oldest first
+
+    def launch(i: int) -> None:
+        chunk = chunks[i]
+        n = sum(s.numel for s in chunk)
+        region = buffers.take(f"gather{i % GATHER_RING}", n * tp_size, dtype, device, chunk_reserve)
         local = region[rank * n : (rank + 1) * n]
         offset = 0
-        for p in chunk:
-            local[offset : offset + p.param.numel()].view(p.param.shape).copy_(p.param.detach())
-            offset += p.param.numel()
-        pending.append((chunk, region, n, _all_gather_flat(region, local, tp_group, async_op=True)))
-        start += n
-    for chunk, region, n, work in pending:
+        for s in chunk:
+            local[offset : offset + s.numel].view(s.rows, *s.param.param.shape[1:]).copy_(s.local())
+            offset += s.numel
+        in_flight.append((chunk, region, n, _all_gather_flat(region, local, tp_group, async_op=True)))
+
+    def finish() -> Iterator[tuple[_Param, torch.Tensor, int, int]]:
+        chunk, region, n, work = in_flight.pop(0)
         work.wait()
         offset = 0
-        for p in chunk:
+        for s in chunk:
+            shape = (s.rows, *s.param.param.shape[1:])
             for r in range(tp_size):
                 at = r * n + offset
-                yield p, region[at : at + p.param.numel()].view(p.param.shape), r
-            offset += p.param.numel()
+                yield s.param, region[at : at + s.numel].view(shape), r, s.start
+            offset += s.numel
+
+    for i in range(min(GATHER_RING, len(chunks))):
+        launch(i)
+    for p in layout.group:
+        if not _sharded(p, tp_size):
+            yield p, p.param.detach(), 0, 0
+    for i in range(GATHER_RING, len(chunks)):
+        yield from finish()  # frees buffer i % GATHER_RING
+        launch(i)
+    while in_flight:
+        yield from finish()
 
 
 def _copy_overlap(dst: torch.Tensor, dst_origin: tuple[int, ...], piece: bl.Piece) -> None:
@@ -291,22 +336,24 @@ def iter_buckets(
         return dtype or layout.group[0].param.dtype
 
     bucket_reserve = max(lay.total * dtype_of(lay).itemsize for lay in layouts)
-    gather_reserve = max(
-        sum(p.param.numel() for p in lay.group if _sharded(p, tp_size)) * tp_size * dtype_of(lay).itemsize
-        for lay in layouts
+    sharded = [[p for p in lay.group if _sharded(p, tp_size)] for lay in layouts]
+    target = -(-max(sum(p.param.numel() for p in ps) for ps in sharded) // max(1, gather_chunks))  # local elements
+    chunk_plans = [_plan_chunks(ps, arch, max(1, target)) for ps in sharded]
+    chunk_reserve = max(  # bytes of the largest gathered chunk: every ring buffer's size
+        (sum(s.numel for s in c) * tp_size * dtype_of(lay).itemsize for lay, plan in zip(layouts, chunk_plans) for c in plan),
+        default=0,
     )
     buffers = BucketBuffers() if buffers is None else buffers
     device = layouts[0].group[0].param.device  # GPU stays on GPU
-    for layout in layouts:
+    for layout, chunks in zip(layouts, chunk_plans):
         bucket_dtype = dtype_of(layout)
         if fresh_buffers:
             flat = torch.empty(layout.total, dtype=bucket_dtype, device=device)
         else:
             flat = buffers.take("bucket", layout.total, bucket_dtype, device, bucket_reserve)
-        shards = _shards(layout, tp_size, tp_group, bucket_dtype, buffers, gather_reserve, gather_chunks)
-        for param, shard, rank in shards:
+        for param, shard, rank, start in _shards(layout, chunks, tp_size, tp_group, bucket_dtype, buffers, chunk_reserve):
             placed = layout.units[param.global_name]
-            for piece in bl.shard_pieces(param.global_name, shard, arch, rank):
+            for piece in bl.shard_pieces(param.global_name, shard, arch, rank, start, param.param.shape[0]):
                 offset, (origin, shape) = placed[piece.unit]
                 _copy_overlap(flat[offset : offset + torch.Size(shape).numel()].view(shape), origin, piece)
         yield Bucket(flat, list(layout.names), list(layout.shapes), list(layout.offsets), version)

@@ -242,20 +242,24 @@ class VLLMEngine:
 
     def broadcast_buckets(self, buckets, version: int) -> int:
         """Like `load_buckets`, but each bucket's bytes travel over the weight group (`open_weight_group`) as one
-        broadcast from the trainer; only names and layout go through vLLM's RPC. Returns the bytes sent."""
+        broadcast; only names and layout go through vLLM's RPC. A bucket whose `stage` is > 0 holds only a layout
+        (parallel/pipeline_broadcast.py `RemoteBucket`): the carrier of that trainer stage broadcasts its bytes
+        (the caller has arranged it); the others are broadcast from here. Returns the bytes delivered."""
         from concurrent.futures import ThreadPoolExecutor
 
         from dynamo_mega.rl.engines.weight_group import broadcast
 
-        if getattr(self, "_weight_group", None) is None:
+        if not self.has_weight_group:
             raise RuntimeError("broadcast_buckets needs open_weight_group() first (rollout.weight_transport=broadcast)")
         group, _ = self._weight_group
-        with ThreadPoolExecutor(1) as pool:  # the workers' RPC blocks in the broadcast the trainer then joins
+        with ThreadPoolExecutor(1) as pool:  # the workers' RPC blocks in the broadcast the sender then joins
 
             def send(b, layout) -> None:
-                args = (*layout, _dtype_name(b.flat), b.flat.numel(), 0)
+                stage = getattr(b, "stage", 0)
+                args = (*layout, str(b.dtype).removeprefix("torch."), b.numel, stage)
                 received = pool.submit(self._llm.collective_rpc, "receive_policy_bucket", args=args)
-                broadcast(group, b.flat.detach().contiguous(), src=0)
+                if stage == 0:
+                    broadcast(group, b.flat.detach().contiguous(), src=0)
                 received.result()
 
             return self._update(buckets, version, send)
@@ -268,34 +272,51 @@ class VLLMEngine:
         sent = 0
         for b in buckets:
             send(b, (list(b.names), [list(s) for s in b.shapes], list(b.offsets)))
-            sent += b.flat.numel() * b.flat.element_size()
+            sent += b.nbytes
         versions = self._llm.collective_rpc("finish_policy_update", args=(version,))
         if any(v != version for v in versions):
             raise RuntimeError(f"vLLM workers report policy versions {versions} after loading version {version}")
         self.version = version
         return sent
 
-    def open_weight_group(self, backend: str, host: str = "127.0.0.1", timeout_s: float = 300.0) -> int:
-        """Create the weight group with this engine's workers (trainer = rank 0), for `broadcast_buckets`.
-        Returns the group size. backend: nccl (GPUs) or gloo (CPU)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from dynamo_mega.rl.engines.weight_group import open_group
+    def weight_group_address(self, backend: str, host: str = "127.0.0.1", *, stages: int = 1, timeout_s: float = 300.0):
+        """A fresh address for this engine's weight group (rl/engines/weight_group.py): a free port on `host`
+        (this machine, reachable by every member), `stages` trainer senders and this engine's workers."""
+        from dynamo_mega.rl.engines.weight_group import GroupAddress
 
         self.wake_up()
-        world = 1 + len(self._llm.collective_rpc("get_policy_version"))
-        port = _free_port(host)
+        workers = len(self._llm.collective_rpc("get_policy_version"))
+        return GroupAddress(host, _free_port(host), stages, workers, backend, timeout_s)
+
+    def open_weight_group(self, backend: str, host: str = "127.0.0.1", timeout_s: float = 300.0, *, address=None) -> int:
+        """Create the weight group with this engine's workers for `broadcast_buckets`, this process as the
+        stage-0 sender (it serves the store). address: from `weight_group_address`, when the carriers of later
+        trainer stages must join too (they are told it first); None: a one-sender group on `host`. Returns the
+        group's size. backend: nccl (GPUs) or gloo (CPU)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dynamo_mega.rl.engines.weight_group import open_carrier
+
+        a = address = address or self.weight_group_address(backend, host, timeout_s=timeout_s)
+        self._weight_group = None  # free an old group before joining a new one
         with ThreadPoolExecutor(1) as pool:  # both sides block in the rendezvous: the workers join by RPC
-            joined = pool.submit(self._llm.collective_rpc, "join_weight_group", args=(host, port, world, backend, timeout_s))
-            self._weight_group = open_group(host, port, 0, world, backend, timeout_s)
+            args = (a.host, a.port, a.stages, a.workers, a.backend, a.timeout_s)
+            joined = pool.submit(self._llm.collective_rpc, "join_weight_group", args=args)
+            self._weight_group = open_carrier(address, 0)
             ranks = joined.result()
-        if sorted(ranks) != list(range(1, world)):
-            raise RuntimeError(f"vLLM workers joined the weight group as ranks {ranks}, expected 1..{world - 1}")
+        world = a.stages + a.workers
+        if sorted(ranks) != list(range(a.stages, world)):
+            raise RuntimeError(f"vLLM workers joined the weight group as ranks {ranks}, expected {a.stages}..{world - 1}")
         return world
 
+    @property
+    def has_weight_group(self) -> bool:
+        """False before the first broadcast push and after a restart (the new workers must join a new group)."""
+        return getattr(self, "_weight_group", None) is not None
+
     def ensure_weight_group(self, backend: str) -> None:
-        """Open the weight group unless this engine already has one (a restarted engine has none)."""
-        if getattr(self, "_weight_group", None) is None:
+        """Open a one-sender weight group unless this engine already has one (a restarted engine has none)."""
+        if not self.has_weight_group:
             self.open_weight_group(backend)
 
     def worker_versions(self) -> list[int]:

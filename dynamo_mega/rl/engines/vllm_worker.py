@@ -37,26 +37,29 @@ class PolicyWeightsExtension:
         return self._load_flat(names, shapes, offsets, flat)
 
     # Broadcast path (disaggregated engines, rl/engines/weight_group.py): the trainer announces each bucket by
-    # RPC (names and layout, a few KB) and sends its bytes over the weight group (NCCL on GPUs, gloo on CPU).
-    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
-        """Join the trainer's weight group as rank 1 + this worker's rank; returns that rank."""
-        from dynamo_mega.rl.engines.weight_group import open_group
+    # RPC (names and layout, a few KB) and its bytes arrive over the weight group (NCCL on GPUs, gloo on CPU),
+    # broadcast by the carrier of the pipeline stage that holds them.
+    def join_weight_group(self, host: str, port: int, stages: int, workers: int, backend: str, timeout_s: float) -> int:
+        """Join the trainer's weight group (one communicator per trainer stage); returns this worker's rank in
+        it, stages + this worker's rank."""
+        from dynamo_mega.rl.engines.weight_group import GroupAddress, open_receiver
 
-        rank = 1 + int(self.rank)
-        self._weight_group = open_group(host, port, rank, world_size, backend, timeout_s)
-        return rank
+        address = GroupAddress(host, port, stages, workers, backend, timeout_s)
+        self._weight_group = None  # a new group replaces the old one: free it first
+        self._weight_group = open_receiver(address, int(self.rank))
+        return stages + int(self.rank)
 
     def receive_policy_bucket(
-        self, names: list[str], shapes: list[list[int]], offsets: list[int], dtype: str, numel: int, src: int
+        self, names: list[str], shapes: list[list[int]], offsets: list[int], dtype: str, numel: int, stage: int
     ) -> int:
-        """Receive one flat bucket broadcast by rank `src` of the weight group and load its tensors."""
+        """Receive one flat bucket broadcast by the carrier of trainer stage `stage` and load its tensors."""
         import torch
 
         from dynamo_mega.rl.engines.weight_group import broadcast
 
-        group, _ = self._weight_group
+        communicators, _ = self._weight_group
         flat = torch.empty(numel, dtype=getattr(torch, dtype), device=getattr(self, "device", "cpu"))
-        broadcast(group, flat, src)
+        broadcast(communicators[stage], flat, src=0)  # rank 0 of a stage's communicator is its carrier
         return self._load_flat(names, shapes, offsets, flat)
 
     # CUDA IPC path (colocated GPU engines, rl/engines/cuda_ipc.py): the bucket stays in the trainer's GPU memory
