@@ -220,3 +220,8 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint_root(cfg) -> Path:
+    """Where the run's checkpoints live: checkpoint.dir, or OUTPUT_DIR/checkpoints (cfg: config.Config)."""
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")

@@ -9,9 +9,7 @@ directory; every rank holds one Megatron shard of the policy.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dynamo_mega import config as config_mod
-from dynamo_mega.checkpoint import checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
+from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
 from dynamo_mega.data import EpochSampler, Prompt, load_splits, render_chat
@@ -29,15 +27,16 @@ from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
-from dynamo_mega.parallel.pipeline_broadcast import DriverStream, StageCarrier
+from dynamo_mega.parallel.pipeline_broadcast import StageCarrier
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.parallel.weight_bridge import BucketBuffers, iter_buckets, iter_pipeline_buckets
+from dynamo_mega.parallel.weight_bridge import BucketBuffers
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocate, allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.reward import MathVerifyReward
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, response_texts, to_token_batch
 from dynamo_mega.tasks import arithmetic
+from dynamo_mega.weight_push import push_weights, restart_engine
 
 
 @dataclass
@@ -158,86 +157,6 @@ def sync_weights(t: Trainer) -> None:
     push_weights(t)
 
 
-def push_weights(t: Trainer) -> None:
-    """The trainer's current weights into the engine, tagged t.version: HF-named buckets from the weight bridge
-    (one TP all-gather per bucket, collective over TP) streamed into the driver's engine, nothing on disk, by RPC,
-    CUDA IPC or broadcast over the engine's weight group (rollout.weight_transport). At PP > 1 the later stages'
-    buckets are sent point to point to the driver (rpc, ipc), or each stage's carrier broadcasts its own to the
-    engine's workers (broadcast: parallel/pipeline_broadcast.py). Collective. If the engine dies during the push
-    it is replaced and every rank takes part in a full push into the new one."""
-    while True:
-        buckets = _bucket_stream(t)
-        if not t.groups.is_driver:
-            for _ in buckets:  # TP peers take part in each bucket's all-gather; later stages send theirs
-                pass
-        try:
-            on_driver(t.groups, functools.partial(_send_buckets, t, buckets))
-            return
-        except EngineRestarted:
-            continue
-
-
-def _bucket_stream(t: Trainer):
-    g = t.groups
-    buckets = iter_buckets(
-        t.model,
-        t.arch,
-        tp_size=g.tp_size,
-        tp_group=g.tp_group if g.tp_size > 1 else None,
-        dp_rank=g.dp_rank,
-        bucket_bytes=t.cfg.rollout.weight_bucket_mb << 20,
-        version=t.version,
-        dtype=getattr(torch, t.cfg.rollout.vllm_dtype),  # what the engine holds: one dtype, full-size buckets
-        buffers=t.bucket_buffers,
-    )
-    if g.pp_size == 1:
-        return buckets
-    carries = g.tp_rank == 0 and g.dp_rank == 0
-    if carries and t.cfg.rollout.weight_transport == "broadcast":  # one sender per stage
-        if g.is_driver:
-            return DriverStream(buckets, pp_group=g.pp_group, pp_size=g.pp_size)
-        if t.stage_carrier is None:
-            t.stage_carrier = StageCarrier(pp_group=g.pp_group, stage=g.pp_rank)
-        return t.stage_carrier.stream(buckets)
-    return iter_pipeline_buckets(buckets, pp_group=g.pp_group, pp_rank=g.pp_rank, pp_size=g.pp_size, carries=carries)
-
-
-def _send_buckets(t: Trainer, buckets) -> None:
-    """Driver: the bucket stream into the engine. On any failure the rest of the stream is drained first, so
-    the TP/PP peers finish its collectives; a dead engine is then replaced (EngineRestarted)."""
-    from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
-
-    try:
-        if isinstance(buckets, DriverStream):
-            _announce_weight_group(t, buckets)
-        t.engine.push(buckets, t.version)
-    except Exception as exc:
-        if isinstance(buckets, DriverStream):
-            buckets.drain()
-        else:
-            for _ in buckets:
-                pass
-        if not is_engine_dead(exc):
-            raise
-        _restart_engine(t, exc)
-        raise EngineRestarted() from exc
-
-
-def _announce_weight_group(t: Trainer, stream: DriverStream) -> None:
-    """Broadcast transport at PP > 1 (driver): when the engine has no weight group (first push, or restarted),
-    a new one with every stage's carrier as a sender; its address goes to the carriers first, since they must
-    join while the engine's workers do. Host: MASTER_ADDR, where torchrun's rank 0 (this process) runs, so the
-    other nodes' carriers reach it."""
-    address = None
-    if not t.engine.has_weight_group:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        address = t.engine.weight_group_address(backend, host, stages=t.groups.pp_size)
-    stream.announce(address)
-    if address is not None:
-        t.engine.open_weight_group(address.backend, address=address)
-
-
 def with_engine(t: Trainer, fn):
     """fn() on the driver (rollouts or evaluation), result on every rank. If the engine died and was replaced,
     every rank takes part in pushing the current weights into the new one, then fn runs again."""
@@ -269,19 +188,8 @@ def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -
     except Exception as exc:
         if not is_engine_dead(exc):
             raise
-        _restart_engine(t, exc)
+        restart_engine(t, exc)
         raise EngineRestarted() from exc
-
-
-def _restart_engine(t: Trainer, exc: Exception) -> None:
-    """Replace the dead engine (driver), or stop the run once rollout.max_engine_restarts is spent."""
-    if t.engine.restarts >= t.cfg.rollout.max_engine_restarts:
-        raise RuntimeError(
-            f"the rollout engine died and was already restarted {t.engine.restarts} times "
-            f"(rollout.max_engine_restarts); rerun to resume from the newest checkpoint in {checkpoint_root(t.cfg)}"
-        ) from exc
-    print(f"dynamo-mega: rollout engine died ({exc!r}); restarting it with policy version {t.version}", flush=True)
-    t.engine.restart()
 
 
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
@@ -313,7 +221,12 @@ def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
     def run() -> dict[str, float]:
         out = t.run_dir / "eval"
         metrics = evaluate_benchmarks(
-            t.engine, t.tokenizer, t.cfg.eval, step=step, reward=t.reward, output_dir=out,
+            t.engine,
+            t.tokenizer,
+            t.cfg.eval,
+            step=step,
+            reward=t.reward,
+            output_dir=out,
             max_model_len=t.arch.max_position_embeddings,  # the engine's context (_start_engine)
         )
         t.logger.log(step, {**metrics, "policy_version": t.version}, phase="benchmarks")
@@ -501,10 +414,6 @@ def save(t: Trainer, step: int, state: dict) -> None:
     if t.groups.is_driver:
         t.logger.log(step, {"checkpoint_step": step}, phase="checkpoint")
         print(f"dynamo-mega: saved checkpoint {path}", flush=True)
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
 
 
 def resume_point(cfg: Config, groups: ParallelGroups) -> Path | None:

@@ -21,8 +21,16 @@ from _gloo import run_gloo
 from dynamo_mega.config import ModelConfig
 from dynamo_mega.rl.engines.vllm_worker import PolicyWeightsExtension
 
-CFG = dict(vocab_size=32, hidden_size=128, num_layers=4, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
-           max_position_embeddings=32, tie_word_embeddings=True)
+CFG = dict(
+    vocab_size=32,
+    hidden_size=128,
+    num_layers=4,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    max_position_embeddings=32,
+    tie_word_embeddings=True,
+)
 BUCKET_BYTES = 48 << 10  # several buckets per stage, a boundary inside a layer
 WORKERS = {1: 0, 3: 1}  # default-world rank -> engine worker index
 PUSHES = ("new group", "same group", "after restart", "drained")
@@ -104,7 +112,7 @@ def _member(rank: int, world: int) -> dict:
     carrier = None if rank == 0 else pipeline_broadcast.StageCarrier(pp_group=groups.pp_group, stage=1)
     engine = None
     if rank == 0:
-        from dynamo_mega.train import _announce_weight_group
+        from dynamo_mega.weight_push import announce_weight_group
 
         engine = object.__new__(VLLMEngine)  # the real methods, vLLM's RPC played by _RPC
         engine.weight_transport, engine.sleep_level, engine.asleep, engine.version = "broadcast", 0, False, 0
@@ -123,7 +131,7 @@ def _member(rank: int, world: int) -> dict:
             else:
                 if push == "after restart":
                     engine._weight_group = None  # what VLLMEngine.restart leaves: its new workers need a new group
-                _announce_weight_group(SimpleNamespace(engine=engine, groups=groups), stream)
+                announce_weight_group(SimpleNamespace(engine=engine, groups=groups), stream)
                 engine.push(stream, len(bytes_per_push) + 1)
         else:
             for _ in carrier.stream(own):
