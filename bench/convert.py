@@ -4,8 +4,9 @@ Checkpoint: random weights in the published Qwen2.5-Math-1.5B architecture (1.54
 embeddings), written by transformers' save_pretrained in 500 MB shards. Each measurement runs in a fresh
 process after os.sync(), with the same amount of host memory freshly touched and freed right before the clock
 starts (see _warm_host_memory), so no step inherits warmer memory than another (peak RSS = that process's VmHWM
-from then on; time and CPU time = the call itself, imports excluded). The steps run --repeat times,
-interleaved; the table gives each step's median and every run:
+from then on; time and CPU time = the call itself, imports excluded). The steps run once untimed (the first
+run of each after a bench starts was slower: 3.0-4.7 s floors against 2.2-2.4 s later), then --repeat times,
+interleaved; the table gives each step's median and every timed run:
   floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
   floor+sha256  the same plus hashing each written file (context only: what a manifest adds to the floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
@@ -165,6 +166,8 @@ def main() -> None:
         "hf-to-mcore without sha256 (context)": ("hf-to-mcore:no-sha256", hf, args.work / "mcore_nohash"),
         "mcore-to-hf without sha256 (context)": ("mcore-to-hf:no-sha256", args.work / "mcore", args.work / "hf_back"),
     }
+    for step in steps.values():  # one discarded round: the first run of a step after a bench starts is slower
+        measure(*step)
     runs = {name: [] for name in steps}
     for _ in range(args.repeat):
         for name, step in steps.items():

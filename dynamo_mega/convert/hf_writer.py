@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dynamo_mega.convert.file_copy import copy_range
 from dynamo_mega.convert.file_hashing import BackgroundHasher
 from dynamo_mega.convert.hf_files import INDEX, SAFETENSORS_DTYPES, SINGLE
 
@@ -144,7 +145,7 @@ class StreamingSafetensorsWriter:
             if region is None:
                 self._write(_bytes(block))
             else:
-                self._copy(*region, block.numel() * block.element_size())
+                self._copy(*region, block)
         self._next += 1
         self.on_bytes(spec.nbytes)
 
@@ -179,16 +180,15 @@ class StreamingSafetensorsWriter:
         self._written += len(view)
         self._followed.grew(self._written)
 
-    def _copy(self, path: Path, offset: int, nbytes: int) -> None:
+    def _copy(self, path: Path, offset: int, block: torch.Tensor) -> None:
+        """`block`'s bytes, which also lie in `path` at `offset`: copied in the kernel, or (where it cannot)
+        written from memory."""
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
-        end = offset + nbytes
-        while offset < end:
-            copied = os.copy_file_range(self._sources[path], self._file.fileno(), end - offset, offset)
-            if copied == 0:
-                raise ValueError(f"{path} ends before byte {end}: truncated since it was read?")
-            offset += copied
-        self._written += nbytes
+        view = _bytes(block)
+        copied = copy_range(self._sources[path], self._file.fileno(), len(view), offset)
+        _write_all(self._file, view[copied:])
+        self._written += len(view)
         self._followed.grew(self._written)
 
     def _close_sources(self) -> None:

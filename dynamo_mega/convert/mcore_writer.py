@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dynamo_mega.convert.file_copy import copy_range
+
 # Data files per save, each written by its own thread: one per core, up to 4.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
@@ -71,12 +73,12 @@ class _CopyingStream:
         start = self._stream.tell()
         target = self._stream.fileno()
         os.lseek(target, start, os.SEEK_SET)
-        done = 0
-        while done < nbytes:
-            copied = os.copy_file_range(self._sources[path], target, nbytes - done, offset + done)
-            if copied == 0:
-                raise ValueError(f"{path} ends before byte {offset + nbytes}: changed while converting?")
-            done += copied
+        copied = copy_range(self._sources[path], target, nbytes, offset)
+        if copied < nbytes:  # the kernel cannot copy between these files: the rest from memory
+            os.lseek(target, start + copied, os.SEEK_SET)
+            view = memoryview(data).cast("B")[copied:]
+            while len(view):
+                view = view[os.write(target, view) :]
         self._stream.seek(start + nbytes)  # the buffered file's own position catches up with the copy
         return nbytes
 
