@@ -9,6 +9,7 @@ dry run uses. Writing: hf_writer.py.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import weakref
 from dataclasses import dataclass
@@ -33,10 +34,7 @@ class TensorHeader:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
