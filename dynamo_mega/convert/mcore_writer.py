@@ -46,7 +46,7 @@ _COPY_MIN_BYTES = 1 << 20  # smaller writes (zip headers, pickles) are written f
 
 def _address(data) -> int:
     """Address of the first byte of a buffer (torch.save hands its writer memoryviews of tensor memory)."""
-    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data) if len(memoryview(data).cast("B")) else 0
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
 
 
 class _CopyingStream:
