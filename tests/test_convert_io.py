@@ -104,6 +104,8 @@ def test_reader_assembles_regions_across_megatron_chunks(tmp_path):
     full = torch.randn(6, 5, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with single_process_megatron():
         state = {f"half{i}": ShardedTensor.from_rank_offsets("w", full[3 * i : 3 * i + 3].clone(), (0, i, 2)) for i in range(2)}
+        # one row per chunk, like a layer-stacked tensor: reads of one row look up that row's chunks only
+        state.update({f"row{i}": ShardedTensor.from_rank_offsets("s", full[i : i + 1].clone(), (0, i, 6)) for i in range(6)})
         strategy = local_torch_dist_strategy()
         dist_checkpointing.save(state, str(tmp_path), sharded_strategy=strategy, validate_access_integrity=False)
     reader = DistcpReader(tmp_path)
@@ -111,6 +113,8 @@ def test_reader_assembles_regions_across_megatron_chunks(tmp_path):
     assert torch.equal(reader.read("w", (1, 1), (4, 3)), full[1:5, 1:4])
     inside = reader.read("w", (3, 0), (3, 5))
     assert torch.equal(inside, full[3:])
+    assert torch.equal(reader.read("s", (4, 0), (1, 5)), full[4:5])
+    assert torch.equal(reader.read("s", (1, 2), (4, 3)), full[1:5, 2:])  # across layers: every chunk is looked at
 
 
 def test_reader_names_the_file_bytes_behind_a_live_view(tmp_path):
@@ -133,7 +137,7 @@ def test_reader_names_the_file_bytes_behind_a_live_view(tmp_path):
     assert reader.file_region(view.clone()) is None
     del view, part
     gc.collect()
-    assert not reader._regions
+    assert not len(reader._mapped)
 
 
 @pytest.mark.parametrize("kernel", ["copies", "refuses midway", "has no copy_file_range"])

@@ -18,12 +18,13 @@ import functools
 import io
 import mmap
 import struct
-import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dynamo_mega.convert.file_copy import FileBackedMemory
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header: 30 bytes, name and extra lengths last
 
@@ -78,7 +79,7 @@ class DistcpReader:
         self._chunks: dict[str, list[_Chunk]] = {}
         self._by_layer: dict[str, dict[int, list[_Chunk]]] = {}
         self._metas: dict[tuple[bytes, ...], torch.Tensor] = {}  # record description -> meta tensor
-        self._regions: dict[int, tuple[int, int, Path, int]] = {}  # live mapping -> (address, bytes, file, offset)
+        self._mapped = FileBackedMemory()  # the live mappings' bytes, for file_region
         for fqn, m in metadata.state_dict_metadata.items():
             if isinstance(m, TensorStorageMetadata):
                 self.dtypes[fqn] = m.properties.dtype
@@ -109,7 +110,8 @@ class DistcpReader:
         if fqn not in self._chunks:
             raise ValueError(f"{self.folder}: no tensor {fqn} in the checkpoint")
         dtype = self.dtypes[fqn]
-        overlapping = [c for c in self._candidates(fqn, offsets[0]) if _overlap(c.offsets, c.sizes, offsets, sizes) is not None]
+        candidates = self._candidates(fqn, offsets[0]) if sizes[0] == 1 else self._chunks[fqn]
+        overlapping = [c for c in candidates if _overlap(c.offsets, c.sizes, offsets, sizes) is not None]
         for chunk in overlapping:
             if all(co <= o and o + s <= co + cs for co, cs, o, s in zip(chunk.offsets, chunk.sizes, offsets, sizes)):
                 return _narrow(self._chunk_tensor(chunk, dtype), chunk.offsets, offsets, sizes)
@@ -131,18 +133,10 @@ class DistcpReader:
         (os.copy_file_range) instead of reading the mapped pages into a write."""
         if not tensor.is_contiguous():
             return None
-        start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-        for address, size, path, offset in self._regions.values():
-            if address <= start and start + nbytes <= address + size:
-                return path, offset + start - address
-        return None
+        return self._mapped.find(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
     def _register(self, chunk: _Chunk, mapped: mmap.mmap, address: int, nbytes: int, data_start: int) -> None:
-        """Remember where a mapped record's bytes lie in its file, for as long as the mapping lives (after
-        that its addresses may belong to anything)."""
-        key = id(mapped)
-        self._regions[key] = (address, nbytes, self.folder / chunk.file, chunk.offset + data_start)
-        weakref.finalize(mapped, self._regions.pop, key, None)
+        self._mapped.add(mapped, address, nbytes, self.folder / chunk.file, chunk.offset + data_start)
 
     def _candidates(self, fqn: str, first: int) -> list[_Chunk]:
         """Chunks of `fqn` that may hold index `first` of dim 0: for a layer-stacked tensor (every chunk one

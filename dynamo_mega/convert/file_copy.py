@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
+from pathlib import Path
 
 _CANNOT_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
@@ -32,3 +34,27 @@ def copy_range(source_fd: int, target_fd: int, nbytes: int, source_offset: int) 
             raise ValueError(f"the source file ends before byte {source_offset + nbytes}: did it change during the conversion?")
         done += copied
     return done
+
+
+class FileBackedMemory:
+    """Which memory holds bytes of which file: memory-mapped source tensors, registered while their mapping
+    lives (`owner`: the object whose lifetime is the mapping's; after it dies the addresses may belong to
+    anything, so the entry goes with it). Lets a writer copy such bytes file to file (copy_range)."""
+
+    def __init__(self):
+        self._regions: dict[int, tuple[int, int, Path, int]] = {}  # id(owner) -> (address, bytes, file, offset)
+
+    def add(self, owner, address: int, nbytes: int, path: Path, offset: int) -> None:
+        key = id(owner)
+        self._regions[key] = (address, nbytes, path, offset)
+        weakref.finalize(owner, self._regions.pop, key, None)
+
+    def find(self, address: int, nbytes: int) -> tuple[Path, int] | None:
+        """(file, byte offset) of bytes [address, address + nbytes) if one live region holds all of them."""
+        for start, size, path, offset in self._regions.values():
+            if start <= address and address + nbytes <= start + size:
+                return path, offset + address - start
+        return None
+
+    def __len__(self) -> int:
+        return len(self._regions)

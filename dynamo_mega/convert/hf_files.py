@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import struct
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from dynamo_mega.convert.file_copy import FileBackedMemory
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -104,7 +105,7 @@ class HFReader:
         self.folder, self.headers = folder, headers
         self._open_file: str | None = None
         self._handle = None
-        self._regions: dict[int, tuple[int, int, Path, int]] = {}  # live tensor -> (address, bytes, file, offset)
+        self._mapped = FileBackedMemory()  # the live tensors' bytes, for file_region
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -115,18 +116,13 @@ class HFReader:
             self._open_file = header.file
         tensor = self._handle.get_tensor(name)
         if tensor.untyped_storage().nbytes() == header.nbytes:  # its own mapping of the file's bytes
-            key = id(tensor)
-            self._regions[key] = (tensor.data_ptr(), header.nbytes, self.folder / header.file, header.end - header.nbytes)
-            weakref.finalize(tensor, self._regions.pop, key, None)  # after that, its addresses may be reused
+            self._mapped.add(tensor, tensor.data_ptr(), header.nbytes, self.folder / header.file, header.end - header.nbytes)
         return tensor
 
     def file_region(self, address: int, nbytes: int) -> tuple[Path, int] | None:
         """(file, byte offset) holding bytes [address, address + nbytes) when they lie inside a tensor this
         reader returned that is still alive, else None: lets a writer copy file to file in the kernel."""
-        for start, size, path, offset in self._regions.values():
-            if start <= address and address + nbytes <= start + size:
-                return path, offset + address - start
-        return None
+        return self._mapped.find(address, nbytes)
 
 
 def carried_files(folder: Path) -> list[Path]:
