@@ -39,7 +39,7 @@ def test_streamed_shards_read_back_with_safetensors(tmp_path, max_shard_bytes):
     tensors = _tensors()
     specs = _specs(tensors)
     seen = []
-    with StreamingSafetensorsWriter(tmp_path, specs, max_shard_bytes, seen.append) as writer:
+    with StreamingSafetensorsWriter(tmp_path, [[s] for s in specs], max_shard_bytes, seen.append) as writer:
         for name, t in tensors.items():
             writer.write(name, t)
         digests = writer.close()
@@ -64,12 +64,12 @@ def test_streamed_shards_read_back_with_safetensors(tmp_path, max_shard_bytes):
 def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
     tensors = _tensors()
     with pytest.raises(AssertionError, match="expected a.bf16"):
-        with StreamingSafetensorsWriter(tmp_path / "x", _specs(tensors), 1 << 20) as writer:
+        with StreamingSafetensorsWriter(tmp_path / "x", [_specs(tensors)], 1 << 20) as writer:
             (tmp_path / "x").mkdir()
             writer.write("b.q_rows", tensors["b.q_rows"])
     assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]  # hashing ends with a failed write
     (tmp_path / "y").mkdir()
-    writer = StreamingSafetensorsWriter(tmp_path / "y", _specs(tensors), 1 << 20)
+    writer = StreamingSafetensorsWriter(tmp_path / "y", [_specs(tensors)], 1 << 20)
     writer.write("a.bf16", tensors["a.bf16"])
     with pytest.raises(AssertionError, match="5 tensors were not written, the first is b.q_rows"):
         writer.close()

@@ -3,24 +3,34 @@
 Hashing (OpenSSL's sha256: ~1.2 GB/s per core on this host) costs more CPU than writing the same bytes, so it
 must run beside the writing, not after it. Files are hashed from the page cache, where they were just
 written: the writer never keeps a buffer alive for the hasher, a file being written is hashed up to what was
-written so far (`follow`), and several files are hashed at once on up to one thread per core. Reading back
-costs a copy from the page cache into one reused buffer per thread (~0.2 s per GB here), much less than
-the serial hash it lets run in parallel.
+written so far (`follow`), and several files are hashed at once on up to one thread per core. The hasher
+maps a window of the file at a time and hashes the cached pages in place, 1 MB per call (measured here, per
+GB: 0.82 s hashing in place, 0.86 s reading 1 MB at a time into a buffer first, 0.95 s with 16 MB reads
+that no longer fit the core's cache).
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-_CHUNK = 16 << 20  # bytes read and hashed at a time
+_CHUNK = 1 << 20  # bytes hashed per call (the GIL is released for each)
+_WINDOW = 64 << 20  # bytes mapped at a time
 
 
 def sha256_file(path: Path) -> str:
-    return _hash_growing(Path(path), _Growth(done=True))
+    """sha256 of any file, read through a buffer (a file that shrinks meanwhile cannot crash the process, as
+    it could through a mapping)."""
+    sha256, buffer = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            sha256.update(view[:n])
+    return sha256.hexdigest()
 
 
 class _Growth:
@@ -37,23 +47,35 @@ class _Growth:
             return self.written, self.done
 
 
-def _hash_growing(path: Path, growth: _Growth) -> str:
+def _hash_growing(file, growth: _Growth) -> str:
+    """sha256 of an open file this process writes (only ever appended to), hashed as far as written while it
+    grows; closes it."""
     sha256, hashed = hashlib.sha256(), 0
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
+    with file as f:
         while True:
             written, done = growth.wait_beyond(hashed)
-            limit = None if done else written  # a complete file is read to its end, whatever was announced
-            while limit is None or hashed < limit:
-                want = _CHUNK if limit is None else min(_CHUNK, limit - hashed)
-                n = f.readinto(view[:want])
-                if not n:
-                    break
-                sha256.update(view[:n])  # releases the GIL
-                hashed += n
+            limit = os.fstat(f.fileno()).st_size if done else written  # a complete file is read to its end
+            while hashed < limit:
+                end = min(limit, hashed + _WINDOW)
+                _hash_mapped(sha256, f.fileno(), hashed, end)
+                hashed = end
             if done:
                 return sha256.hexdigest()
+
+
+def _hash_mapped(sha256, fd: int, start: int, end: int) -> None:
+    """sha256.update(file bytes [start, end)) through a read-only mapping of just that window: the page cache
+    is hashed where it lies (reading into a buffer first costs ~0.1 s of copying per GB here) and the window is
+    unmapped after, so the process does not keep the file's pages mapped (resident). Only for files that do
+    not shrink meanwhile (reading a mapped page past a new end of file would raise SIGBUS)."""
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, end - base, offset=base, access=mmap.ACCESS_READ) as window:
+        view = memoryview(window)
+        try:
+            for at in range(start - base, end - base, _CHUNK):
+                sha256.update(view[at : min(at + _CHUNK, end - base)])  # releases the GIL
+        finally:
+            view.release()
 
 
 class FollowedFile:
@@ -74,21 +96,27 @@ class FollowedFile:
 
 
 class BackgroundHasher:
-    """sha256 of output files on up to `workers` threads (default: one per core): whole files (`submit`) or
-    files still being written (`follow`). Files are hashed in the order given."""
+    """sha256 of output files, hashed while they are written (`follow`) on up to `workers` threads (default: one
+    per core), in the order given. A file is opened when it is given, so it may be renamed or moved meanwhile."""
 
     def __init__(self, workers: int | None = None):
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="sha256")
         self._futures: dict[Path, Future] = {}
         self._followed: list[FollowedFile] = []
+        self._files: list = []  # every file opened for hashing (closed by its task, or by abandon)
 
-    def submit(self, path: Path) -> None:
-        self._futures[path] = self._pool.submit(_hash_growing, path, _Growth(done=True))
+    def __enter__(self) -> BackgroundHasher:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # the files are being discarded: no thread is left waiting or hashing
+            self.abandon()
 
     def follow(self, path: Path) -> FollowedFile:
         """Hash `path` as it is written (the file must exist); the writer reports progress on the result."""
         growth = _Growth()
-        self._futures[path] = self._pool.submit(_hash_growing, path, growth)
+        self._files.append(open(path, "rb", buffering=0))
+        self._futures[path] = self._pool.submit(_hash_growing, self._files[-1], growth)
         self._followed.append(FollowedFile(growth))
         return self._followed[-1]
 
@@ -104,3 +132,5 @@ class BackgroundHasher:
         for followed in self._followed:
             followed.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for file in self._files:  # those of cancelled tasks are still open
+            file.close()

@@ -42,17 +42,28 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _shard_specs(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-    """Consecutive runs of `specs` of at most max_shard_bytes each (a larger tensor gets a shard of its own)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
+def _shard_units(unit_bytes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Consecutive runs of units (indices) of at most max_shard_bytes each, cut only between units (a unit larger
+    than that gets a shard of its own), as few shards as that allows and as even as the cuts allow: the
+    smallest cap that needs no more shards than max_shard_bytes does (shards of even size are hashed in
+    parallel in even time)."""
+
+    def cut(cap: int) -> list[list[int]]:
+        shards, size = [[]], 0
+        for i, nbytes in enumerate(unit_bytes):
+            if shards[-1] and size + nbytes > cap:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += nbytes
+        return shards
+
+    fewest = len(cut(max_shard_bytes))
+    low, high = 1, max(max_shard_bytes, 1)  # cut(high) has `fewest` shards; find the smallest such cap
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(cut(middle)) <= fewest else (middle + 1, high)
+    return cut(high)
 
 
 def _header(specs: list[TensorSpec]) -> bytes:
@@ -89,30 +100,78 @@ def _write_all(file, view: memoryview) -> None:
         written += file.write(view[written:])
 
 
+class _OpenShard:
+    """One shard file being written: the next of its tensors, bytes written, and its hash follower."""
+
+    def __init__(self, path: Path, header: bytes, hasher: BackgroundHasher):
+        # "xb": a new file. Never truncate one (or touch it first): ext4 then writes a truncated file back when
+        # it is closed (auto_da_alloc), and close() waits for gigabytes to reach the disk.
+        self.file = open(path, "xb", buffering=0)
+        self.followed, self.next, self.written = hasher.follow(path), 0, 0
+        self.write(memoryview(header))
+
+    def write(self, view: memoryview) -> None:
+        _write_all(self.file, view)
+        self.advanced(len(view))
+
+    def advanced(self, nbytes: int) -> None:
+        self.written += nbytes
+        self.followed.grew(self.written)
+
+    def close(self) -> None:
+        self.file.close()
+        self.followed.close()
+
+
 class StreamingSafetensorsWriter:
-    """Writes the tensors of `specs`, in that order, into `folder` as shards of at most `max_shard_bytes`,
-    named like transformers' save_pretrained (one shard: model.safetensors, no index).
+    """Writes the tensors of `units` (lists of specs; a unit, e.g. one decoder layer, never spans two files)
+    into `folder` as shards of at most `max_shard_bytes`, named like transformers' save_pretrained (one shard:
+    model.safetensors, no index). Within a shard tensors come in the order given; shards may be written side
+    by side (`unit_order` says how, so that several are hashed at once).
 
     file_region(tensor) -> (path, offset) | None: where a contiguous tensor's bytes already are in a file (a
     view of a memory-mapped source): those are copied file to file by the kernel (os.copy_file_range, half the
     CPU of writing from the mapped pages here), everything else is written from memory."""
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int, on_bytes=None, file_region=None):
+    def __init__(self, folder: Path, units: list[list[TensorSpec]], max_shard_bytes: int, on_bytes=None, file_region=None):
+        specs = [spec for unit in units for spec in unit]
+        if not specs:
+            raise ValueError("no tensor to write")
         if len({s.name for s in specs}) != len(specs):
             raise ValueError("a tensor name appears twice in the checkpoint to write")
         self.folder, self.on_bytes = Path(folder), on_bytes or (lambda n: None)
-        self._shards = _shard_specs(specs, max_shard_bytes)
+        self._unit_bytes = [sum(spec.nbytes for spec in unit) for unit in units]
+        self._shard_of_unit, self._shards = {}, []
+        for shard, unit_ids in enumerate(_shard_units(self._unit_bytes, max_shard_bytes)):
+            self._shards.append([spec for i in unit_ids for spec in units[i]])
+            self._shard_of_unit.update({i: shard for i in unit_ids})
         n = len(self._shards)
         self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
-        self._next = 0
-        self._file = None
-        self._open_shard = -1
-        self._written = 0  # bytes in the open shard
+        self._place = {spec.name: (shard, i) for shard, specs in enumerate(self._shards) for i, spec in enumerate(specs)}
+        self._open: dict[int, _OpenShard] = {}
+        self._done: set[int] = set()
         self._hasher = BackgroundHasher()
-        self._followed = None  # the open shard's FollowedFile
         self._file_region = file_region or (lambda tensor: None)
         self._sources: dict[Path, int] = {}  # open source files for copy_file_range: path -> fd
+
+    def unit_order(self, side_by_side: int | None = None) -> list[int]:
+        """Indices of the units in an order to write them: up to `side_by_side` shards (default: one per core,
+        the hasher's threads) grow at once, the one with the fewest bytes so far first; a shard's units in
+        their order."""
+        width = max(1, side_by_side or os.cpu_count() or 1)
+        units_of = [[u for u, s in sorted(self._shard_of_unit.items()) if s == shard] for shard in range(len(self._shards))]
+        order, growing, next_shard = [], {}, 0  # growing: open shard -> bytes given to it so far
+        while next_shard < len(units_of) or growing:
+            while next_shard < len(units_of) and len(growing) < width:
+                growing[next_shard] = 0
+                next_shard += 1
+            shard = min(growing, key=lambda s: (growing[s], s))
+            unit = units_of[shard].pop(0)
+            order.append(unit)
+            growing[shard] += self._unit_bytes[unit]
+            if not units_of[shard]:
+                del growing[shard]
+        return order
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         return self
@@ -123,79 +182,74 @@ class StreamingSafetensorsWriter:
 
     def _abandon(self) -> None:
         """Stop writing and hashing (no thread is left waiting for bytes); the caller discards the files."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for shard in self._open.values():
+            shard.file.close()
+        self._open.clear()
         self._close_sources()
         self._hasher.abandon()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """The next tensor of the order given at construction; any layout, cast to its spec's dtype."""
-        if self._next >= len(self._order):
-            raise AssertionError(f"{name}: every tensor of the checkpoint was already written")
-        shard, spec = self._order[self._next]
-        if name != spec.name or tensor.numel() != spec.nbytes // spec.dtype.itemsize:
+        """The next tensor of its shard (in the order given at construction); any layout, cast to its spec's
+        dtype."""
+        if name not in self._place:
+            raise AssertionError(f"{name}: not a tensor of this checkpoint")
+        shard, index = self._place[name]
+        expected = self._next_index(shard)
+        spec = self._shards[shard][index]
+        if index != expected:
+            want = self._shards[shard][expected] if expected < len(self._shards[shard]) else None
+            raise AssertionError(f"expected {want.name if want else 'nothing more'} in {self.files[shard]}, got {name}")
+        if tensor.numel() != spec.nbytes // spec.dtype.itemsize:
             raise AssertionError(f"expected {spec.name} {spec.shape}, got {name} {tuple(tensor.shape)}")
-        if shard != self._open_shard:
-            self._start_shard(shard)
+        if shard not in self._open:
+            self._open[shard] = _OpenShard(self.folder / self.files[shard], _header(self._shards[shard]), self._hasher)
+        out = self._open[shard]
         for block in _blocks(tensor.to(spec.dtype)):
             region = self._file_region(block)
             if region is None:
-                self._write(_bytes(block))
+                out.write(_bytes(block))
             else:
-                self._copy(*region, block)
-        self._next += 1
+                self._copy(*region, block, out)
+        out.next += 1
+        if out.next == len(self._shards[shard]):
+            out.close()
+            del self._open[shard]
+            self._done.add(shard)
         self.on_bytes(spec.nbytes)
 
+    def _next_index(self, shard: int) -> int:
+        if shard in self._done:
+            return len(self._shards[shard])
+        return self._open[shard].next if shard in self._open else 0
+
     def close(self) -> dict[str, str]:
-        """Finish the last shard and write the index; returns file name -> sha256. Raises if a tensor of the
-        order was not written (the files would be incomplete)."""
-        if self._next != len(self._order):
-            missing = self._order[self._next][1].name
+        """Write the index; returns file name -> sha256. Raises if a tensor was not written (the files would be
+        incomplete)."""
+        missing = [specs[self._next_index(shard)].name for shard, specs in enumerate(self._shards) if shard not in self._done]
+        if missing:
+            left = sum(len(specs) - self._next_index(shard) for shard, specs in enumerate(self._shards))
             self._abandon()
-            raise AssertionError(f"{len(self._order) - self._next} tensors were not written, the first is {missing}")
-        self._end_shard()
+            raise AssertionError(f"{left} tensors were not written, the first is {missing[0]}")
         self._close_sources()
         digests = {path.name: digest for path, digest in self._hasher.wait().items()}
         if len(self.files) > 1:
-            weight_map = {spec.name: self.files[i] for i, spec in self._order}
-            total = sum(spec.nbytes for _, spec in self._order)
+            weight_map = {spec.name: self.files[shard] for shard, specs in enumerate(self._shards) for spec in specs}
+            total = sum(self._unit_bytes)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return digests
+        return dict(sorted(digests.items()))
 
-    def _start_shard(self, shard: int) -> None:
-        self._end_shard()
-        self._open_shard = shard
-        path = self.folder / self.files[shard]
-        self._file = open(path, "wb", buffering=0)
-        self._written = 0
-        self._followed = self._hasher.follow(path)
-        self._write(memoryview(_header(self._shards[shard])))
-
-    def _write(self, view: memoryview) -> None:
-        _write_all(self._file, view)
-        self._written += len(view)
-        self._followed.grew(self._written)
-
-    def _copy(self, path: Path, offset: int, block: torch.Tensor) -> None:
+    def _copy(self, path: Path, offset: int, block: torch.Tensor, out: _OpenShard) -> None:
         """`block`'s bytes, which also lie in `path` at `offset`: copied in the kernel, or (where it cannot)
         written from memory."""
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
         view = _bytes(block)
-        copied = copy_range(self._sources[path], self._file.fileno(), len(view), offset)
-        _write_all(self._file, view[copied:])
-        self._written += len(view)
-        self._followed.grew(self._written)
+        copied = copy_range(self._sources[path], out.file.fileno(), len(view), offset)
+        _write_all(out.file, view[copied:])
+        out.advanced(len(view))
 
     def _close_sources(self) -> None:
         for fd in self._sources.values():
             os.close(fd)
         self._sources.clear()
-
-    def _end_shard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._followed.close()

@@ -192,12 +192,13 @@ def _collapse_layer_axis(sharded_tensor, first_layer: int, num_layers: int):
     )
 
 
-def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file_region=None) -> None:
+def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file_region=None, follow=None) -> None:
     """Save several parts with ONE megatron save: units are (layer or None, part, mapping name -> tensor or
     RowBlocks). Decoder layers must be consecutive and are stored on a layer axis of the group's length
     (merge_parts moves them to their place); parts without a layer are stored as they are.
     file_region(address, nbytes) -> (path, offset) | None: where tensor bytes already lie in a source file,
-    to be copied file to file (mcore_writer.py)."""
+    to be copied file to file (mcore_writer.py); follow(path) -> FollowedFile is told of each data file as it is
+    written (a BackgroundHasher hashes it meanwhile)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -210,7 +211,7 @@ def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file
         for key, value in _filled_entries(part, tensors).items():
             filled[key] = [collapse(t) for t in value] if isinstance(value, list) else collapse(value)
     group_dir.mkdir(parents=True)
-    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region)
+    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region, follow)
     dist_checkpointing.save(filled, str(group_dir), sharded_strategy=strategy, validate_access_integrity=False)
 
 

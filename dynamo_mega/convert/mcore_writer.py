@@ -8,9 +8,9 @@ spawned Manager process: ~0.1 s per save on a loaded host), fsyncs every file, a
 crc32 of every tensor record. The converter records a sha256 of every output file in its manifest anyway,
 so here torch.distributed.checkpoint's synchronous FileSystemWriter writes the same files without fsync
 (like safetensors' save_file and transformers' save_pretrained) and without the per-record crc32
-(torch.load reads such records; the manifest's sha256 is the integrity check; file_hashing.py hashes the
-files behind the writer), and tensor bytes that already lie in a source file are copied file to file. The
-files are what torch writes; `dist_checkpointing.load` loads them (tests).
+(torch.load reads such records; the manifest's sha256 is the integrity check), tensor bytes that already lie
+in a source file are copied file to file, and each .distcp file can be hashed while it is written
+(file_hashing.py follows it). The files are what torch writes; `dist_checkpointing.load` loads them (tests).
 """
 
 from __future__ import annotations
@@ -55,17 +55,25 @@ class _CopyingStream:
     (os.copy_file_range: about half the CPU of writing them from the mapped pages here); everything else is
     written as usual. Writes are sequential (torch's zip writer streams; torch.distributed.checkpoint asks
     tell() between items), so a copy is placed at the current position and the buffered file is then moved
-    past it."""
+    past it. `followed.grew(n)` is told after each copy that the file's first n bytes are on disk (a hasher
+    follows them)."""
 
-    def __init__(self, stream, file_region):
-        self._stream, self._file_region = stream, file_region
+    def __init__(self, stream, file_region, followed=None):
+        self._stream, self._file_region, self._followed = stream, file_region, followed
         self._sources: dict[Path, int] = {}  # path -> fd
 
     def write(self, data) -> int:
         nbytes = memoryview(data).nbytes
-        region = self._file_region(_address(data), nbytes) if nbytes >= _COPY_MIN_BYTES else None
+        region = None
+        if self._file_region is not None and nbytes >= _COPY_MIN_BYTES:
+            region = self._file_region(_address(data), nbytes)
         if region is None:
-            return self._stream.write(data)
+            if self._followed is None or nbytes < _COPY_MIN_BYTES:
+                return self._stream.write(data)
+            self._stream.write(data)  # a large tensor from memory: written through, so the hasher can go on
+            self._stream.flush()
+            self._followed.grew(self._stream.tell())
+            return nbytes
         path, offset = region
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
@@ -80,6 +88,8 @@ class _CopyingStream:
             while len(view):
                 view = view[os.write(target, view) :]
         self._stream.seek(start + nbytes)  # the buffered file's own position catches up with the copy
+        if self._followed is not None:
+            self._followed.grew(start + nbytes)
         return nbytes
 
     def close_sources(self) -> None:
@@ -91,32 +101,42 @@ class _CopyingStream:
         return getattr(self._stream, name)
 
 
-def _copying_file_system(file_region):
-    """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream) and are
-    written without per-record crc32 by whichever writer thread opened them."""
+def _copying_file_system(file_region, follow):
+    """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream), are
+    written without per-record crc32 by whichever writer thread opened them, and are announced to
+    `follow(path) -> FollowedFile` (file_hashing.py) when opened, their growth as it happens and their end
+    once closed."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     class CopyingFileSystem(FileSystem):
         @contextlib.contextmanager
         def create_stream(self, path, mode: str):
-            with super().create_stream(path, mode) as stream:
-                if mode != "wb" or not str(path).endswith(".distcp"):
+            if mode != "wb" or not str(path).endswith(".distcp"):
+                with super().create_stream(path, mode) as stream:
                     yield stream
-                    return
-                copying = _CopyingStream(stream, file_region)
-                try:
-                    with _no_record_crc32():  # called in the writer thread that then torch.saves into it
-                        yield copying
-                finally:
-                    copying.close_sources()
+                return
+            followed = None
+            try:
+                with super().create_stream(path, mode) as stream:
+                    followed = follow(Path(path)) if follow is not None else None
+                    copying = _CopyingStream(stream, file_region, followed)
+                    try:
+                        with _no_record_crc32():  # called in the writer thread that then torch.saves into it
+                            yield copying
+                    finally:
+                        copying.close_sources()
+            finally:  # after the file is flushed and closed: the hasher reads it to its end
+                if followed is not None:
+                    followed.close()
 
     return CopyingFileSystem()
 
 
-def local_torch_dist_strategy(thread_count: int = 1, file_region=None):
+def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=None):
     """A TorchDistSaveShardedStrategy (megatron's `save` accepts only those) whose save writes synchronously,
     in this process, with `thread_count` writer threads (one .distcp file each). file_region(address, nbytes)
-    -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file."""
+    -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file;
+    follow(path) -> FollowedFile is told of each .distcp file as it is written (BackgroundHasher.follow)."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
@@ -129,8 +149,8 @@ def local_torch_dist_strategy(thread_count: int = 1, file_region=None):
             )
             pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
             writer = FileSystemWriter(str(checkpoint_dir), sync_files=False, thread_count=thread_count)
-            if file_region is not None and hasattr(writer, "fs"):
-                writer.fs = _copying_file_system(file_region)
+            if (file_region is not None or follow is not None) and hasattr(writer, "fs"):
+                writer.fs = _copying_file_system(file_region, follow)
             planner = mcore_torch.MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
             )

@@ -70,8 +70,8 @@ def hf_to_mcore(
         part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
         groups = group_parts([(name, layer) for name, (layer, _) in parts.items()], part_bytes, write_group_bytes)
         staging = tmp / ".parts"
-        group_dirs, hasher = [], BackgroundHasher()
-        with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
+        group_dirs = []
+        with BackgroundHasher() as hasher, byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
             for group in groups:
                 units = []
                 for name in group:
@@ -79,18 +79,18 @@ def hf_to_mcore(
                     hf = {n: cast(reader.get(n)) for n in sources[name]}
                     units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
                 group_dirs.append((staging / group[0], units[0][0]))
-                mcore_files.save_group(units, group_dirs[-1][0], reader.file_region)
-                for file in sorted(group_dirs[-1][0].glob("*.distcp")):  # hashed while the next group is written
-                    hasher.submit(file)
+                # data files are hashed while they are written and while the next groups are
+                mcore_files.save_group(units, group_dirs[-1][0], reader.file_region, hasher.follow)
                 advance(sum(part_bytes[name] for name in group))
                 del hf, units
-        digests = hasher.wait()  # before merge_parts moves the files
-        moved = mcore_files.merge_parts(group_dirs, tmp, arch.num_layers)
+            # the hasher holds the files open: they are moved, and the rest is written, while it finishes
+            moved = mcore_files.merge_parts(group_dirs, tmp, arch.num_layers)
+            shutil.rmtree(staging)  # the groups' own metadata (their data files were moved out)
+            _carry_hf_files(src, tmp / "hf", plan)
+            record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
+            (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
+            digests = hasher.wait()
         known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
-        shutil.rmtree(staging)
-        _carry_hf_files(src, tmp / "hf", plan)
-        record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
-        (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
         write_manifest(tmp, known, {"created_by": "dynamo-mega convert hf-to-mcore"})
     return plan.summary()
 
@@ -119,13 +119,13 @@ def mcore_to_hf(
         return plan.summary()
     check_destination(dst, overwrite)
     parts = list(mcore_files.split_parts(layout).values())
-    specs = _hf_specs(parts, arch, plan.dtype, stored)
+    specs = [_hf_specs(layer, part, arch, plan.dtype, stored) for layer, part in parts]  # one unit per part
     reader = DistcpReader(src)
     with atomic_output(dst, overwrite) as tmp:
-        total = sum(spec.nbytes for spec in specs)
+        total = sum(spec.nbytes for unit in specs for spec in unit)
         with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
             with StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance, reader.file_region) as writer:
-                for layer, part in parts:
+                for layer, part in (parts[i] for i in writer.unit_order()):  # shards grow side by side
                     loaded = mcore_files.read_part(reader, part, layer)
                     for name, tensor in _hf_part(loaded, layer, arch, to_stream=True).items():
                         writer.write(name, tensor)
@@ -154,17 +154,14 @@ def _hf_part(loaded: dict, layer: int | None, arch, to_stream: bool = False) -> 
     return {qm.hf_layer_name(layer, s): t for s, t in hf.items()}
 
 
-def _hf_specs(parts: list, arch, dtype: torch.dtype, stored: dict) -> list[TensorSpec]:
-    """Every HF tensor mcore-to-hf writes, in writing order: the mapping run on meta stand-ins of each part."""
-    specs = []
-    for layer, part in parts:
-        meta = {
-            mcore_files.part_suffix(key): torch.empty(entry.data.shape, dtype=stored[entry.key][1], device="meta")
-            for key, entry in part.items()
-            if type(entry).__name__ != "ShardedObject"
-        }
-        specs += [TensorSpec(name, tuple(t.shape), dtype) for name, t in _hf_part(meta, layer, arch).items()]
-    return specs
+def _hf_specs(layer: int | None, part: dict, arch, dtype: torch.dtype, stored: dict) -> list[TensorSpec]:
+    """The HF tensors mcore-to-hf writes for one part, in writing order: the mapping run on meta stand-ins."""
+    meta = {
+        mcore_files.part_suffix(key): torch.empty(entry.data.shape, dtype=stored[entry.key][1], device="meta")
+        for key, entry in part.items()
+        if type(entry).__name__ != "ShardedObject"
+    }
+    return [TensorSpec(name, tuple(t.shape), dtype) for name, t in _hf_part(meta, layer, arch).items()]
 
 
 def _prod(shape) -> int:
@@ -206,11 +203,13 @@ def _hf_sources(part: dict, layer: int | None, arch) -> list[str]:
 def _carry_hf_files(src: Path, out: Path, plan: Plan) -> None:
     """Copy config/tokenizer/generation files; config.json's dtype follows the converted tensors."""
     out.mkdir(exist_ok=True)
-    for path in hf_files.carried_files(src) if src.is_dir() else []:
-        if path.name in ("convert.json", "manifest.sha256.json"):
-            continue
-        shutil.copy(path, out / path.name)
-    config = json.loads((out / "config.json").read_text())
+    ours = ("convert.json", "manifest.sha256.json")
+    carried = [p for p in (hf_files.carried_files(src) if src.is_dir() else []) if p.name not in ours]
+    for path in carried:
+        if path.name != "config.json":
+            shutil.copy(path, out / path.name)
+    # config.json is written once, as a new file (rewriting a copied one: ext4 flushes a truncated file on close)
+    config = json.loads(next((p for p in carried if p.name == "config.json"), src / "config.json").read_text())
     dtype = str(plan.dtype).removeprefix("torch.")
     config.update({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
