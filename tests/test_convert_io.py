@@ -76,6 +76,74 @@ def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
 
 
+def test_shards_are_cut_between_units_as_evenly_as_the_fewest_shards_allow():
+    from dynamo_mega.convert.hf_writer import _shard_units
+
+    sizes = [5, 1, 1, 1, 1, 1]
+    assert _shard_units(sizes, 6) == [[0], [1, 2, 3, 4, 5]]  # greedy at 6 would give [5, 1] and [1, 1, 1, 1]
+    assert _shard_units([2, 2, 2, 2, 2, 2], 10) == [[0, 1, 2], [3, 4, 5]]  # 6 + 6, not 10 + 2
+    assert _shard_units([7, 1, 1], 4) == [[0], [1, 2]]  # a unit over the limit gets a shard of its own
+    assert _shard_units([1, 1, 1], 100) == [[0, 1, 2]]
+    for sizes, limit in [([4, 2, 7, 1, 1, 3, 5, 2], 9), ([1] * 17, 5), ([10, 1, 10, 1], 11)]:
+        shards = _shard_units(sizes, limit)
+        assert [i for shard in shards for i in shard] == list(range(len(sizes)))  # order kept, nothing lost
+        assert all(sum(sizes[i] for i in shard) <= limit for shard in shards if len(shard) > 1)
+
+
+def test_shards_written_side_by_side_read_back_and_each_keeps_its_order(tmp_path):
+    """Units in unit_order(2): two shards grow at once (the next opens when one is done); every file reads
+    back with safetensors and its sha256 matches; a tensor ahead of its shard's turn is refused."""
+    g = torch.Generator().manual_seed(3)
+    units = [{f"u{u}.t{t}": torch.randn(4, 8, generator=g) for t in range(2)} for u in range(8)]  # 256 B a unit
+    specs = [[TensorSpec(n, tuple(t.shape), t.dtype) for n, t in unit.items()] for unit in units]
+    writer = StreamingSafetensorsWriter(tmp_path, specs, 512, None)
+    order = writer.unit_order(side_by_side=2)
+    # shards {0,1} {2,3} {4,5} {6,7}: two grow at a time (a new one opens as one ends), the least filled first
+    assert order == [0, 2, 1, 4, 3, 6, 5, 7]
+    with writer:
+        for u in order:
+            for name, t in units[u].items():
+                writer.write(name, t)
+        digests = writer.close()
+    assert len(digests) == 4
+    read = {}
+    for file, digest in digests.items():
+        assert sha256_file(tmp_path / file) == digest
+        with safe_open(str(tmp_path / file), framework="pt") as f:
+            read.update({k: f.get_tensor(k) for k in f.keys()})
+    assert all(torch.equal(read[n], t) for unit in units for n, t in unit.items())
+    out_of_turn = StreamingSafetensorsWriter(tmp_path / "x", specs, 512, None)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(AssertionError, match="expected u2.t0 in model-00002-of-00004.safetensors, got u3.t0"):
+        with out_of_turn:
+            out_of_turn.write("u0.t0", units[0]["u0.t0"])  # another shard than the next call's: allowed
+            out_of_turn.write("u3.t0", units[3]["u3.t0"])
+
+
+def test_hasher_follows_a_growing_file_and_keeps_it_open_across_a_move(tmp_path):
+    import hashlib
+
+    from dynamo_mega.convert.file_hashing import BackgroundHasher
+
+    data = bytes(range(256)) * 40_000  # ~10 MB: several 1 MB calls, one mapping window
+    path = tmp_path / "grows.bin"
+    with BackgroundHasher(workers=1) as hasher, open(path, "xb", buffering=0) as out:
+        followed = hasher.follow(path)
+        for at in range(0, len(data), 3_000_001):
+            out.write(data[at : at + 3_000_001])
+            followed.grew(min(len(data), at + 3_000_001))
+        out.close()
+        path.rename(tmp_path / "moved.bin")  # the hasher opened the file when it was given
+        followed.close()
+        digests = hasher.wait()
+    assert digests == {path: hashlib.sha256(data).hexdigest()}
+    with BackgroundHasher(workers=1) as hasher:
+        (tmp_path / "never.bin").touch()
+        hasher.follow(tmp_path / "never.bin")  # never grows, never closed by the writer
+        hasher.abandon()  # returns: the follower is released, its file closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
+
+
 def test_reader_returns_regions_of_a_strided_record(tmp_path):
     """A tensor torch stores with its strides (a transposed matrix is not cloned): every region read equals
     the same region of the tensor."""

@@ -245,7 +245,8 @@ class StreamingSafetensorsWriter:
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
         view = _bytes(block)
-        copied = copy_range(self._sources[path], out.file.fileno(), len(view), offset)
+        grew = lambda done: out.followed.grew(out.written + done)
+        copied = copy_range(self._sources[path], out.file.fileno(), len(view), offset, grew)
         _write_all(out.file, view[copied:])
         out.advanced(len(view))
 

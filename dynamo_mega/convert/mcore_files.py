@@ -9,11 +9,12 @@ PP=1 GPTModel built on the meta device (no memory) yields the exact keys, global
 Memory bound. megatron's writer stages every tensor of one `dist_checkpointing.save` call in host memory, so
 saving the whole model at once would hold the whole model (65 GB for Qwen2.5-32B in bf16). Instead the model
 is saved in write groups (write_groups.py: consecutive decoder layers, or the tensors outside them, up to a
-byte budget), each by megatron as its own small checkpoint with the layer axis cut to the group's layers,
-and the groups' torch.distributed.checkpoint metadata are merged into one checkpoint (chunk offsets moved
-back to the layers' indices, file names made unique). The result is what one save of the whole model
-writes: tests load it with `dist_checkpointing.load` into TP/PP models. Reading goes one layer at a time,
-each tensor a view of its memory-mapped chunk (distcp_reader.py).
+byte budget), each by one megatron save into the output folder with the layer axis cut to the group's
+layers (its data files named per group, its torch.distributed.checkpoint metadata kept in memory), and the
+groups' metadata are merged into the checkpoint's one .metadata (chunk offsets moved back to the layers'
+indices). The result is what one save of the whole model writes: tests load it with
+`dist_checkpointing.load` into TP/PP models. Reading goes one layer at a time, each tensor a view of its
+memory-mapped chunk (distcp_reader.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import pickle
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,10 +192,19 @@ def _collapse_layer_axis(sharded_tensor, first_layer: int, num_layers: int):
     )
 
 
-def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file_region=None, follow=None) -> None:
-    """Save several parts with ONE megatron save: units are (layer or None, part, mapping name -> tensor or
-    RowBlocks). Decoder layers must be consecutive and are stored on a layer axis of the group's length
-    (merge_parts moves them to their place); parts without a layer are stored as they are.
+_MEGATRON_OWN_FILES = ("metadata.json", "common.pt")  # written by megatron's save itself (common.pt: before 0.19)
+
+
+def save_group(units: list[tuple[int | None, dict, dict]], out_dir: Path, part_no: int, file_region=None, follow=None):
+    """Save several parts with ONE megatron save into `out_dir`, next to the groups saved before: units are
+    (layer or None, part, mapping name -> tensor or RowBlocks). Decoder layers must be consecutive and are
+    stored on a layer axis of the group's length (merge_metadata moves them to their place); parts without a
+    layer are stored as they are. Returns the save's torch.distributed.checkpoint Metadata, which is kept in
+    memory, not written: merge_metadata writes the checkpoint's one .metadata from all groups'.
+
+    Every group writes into the output folder itself, its data files named part{part_no}__*.distcp from the
+    start: no group folders to move files out of and delete afterwards (deleting is slow on a busy disk
+    mounted with `discard`: each freed block waits for a discard request behind the writeback).
     file_region(address, nbytes) -> (path, offset) | None: where tensor bytes already lie in a source file,
     to be copied file to file (mcore_writer.py); follow(path) -> FollowedFile is told of each data file as it is
     written (a BackgroundHasher hashes it meanwhile)."""
@@ -210,30 +219,48 @@ def save_group(units: list[tuple[int | None, dict, dict]], group_dir: Path, file
     for _, part, tensors in units:
         for key, value in _filled_entries(part, tensors).items():
             filled[key] = [collapse(t) for t in value] if isinstance(value, list) else collapse(value)
-    group_dir.mkdir(parents=True)
-    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region, follow)
-    dist_checkpointing.save(filled, str(group_dir), sharded_strategy=strategy, validate_access_integrity=False)
+    for name in _MEGATRON_OWN_FILES:  # the previous group's (the same content): rewriting a file in place
+        (out_dir / name).unlink(missing_ok=True)  # would make ext4 flush it to disk on close
+    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region, follow, data_file_prefix=_part_prefix(part_no))
+    with _quiet_non_empty_folder_warning():
+        dist_checkpointing.save(filled, str(out_dir), sharded_strategy=strategy, validate_access_integrity=False)
+    return strategy.metadata
 
 
-def _renamed(path: str, part_no: int) -> str:
-    return f"part{part_no:05d}{path}"
+@contextlib.contextmanager
+def _quiet_non_empty_folder_warning() -> Iterator[None]:
+    """megatron's save warns "Overwriting old incomplete / corrupted checkpoint" when its folder is not empty,
+    which after the first group it never is (and nothing is overwritten: each group's files have their own
+    names)."""
+    import logging
+
+    log = logging.getLogger("megatron.core.dist_checkpointing.serialization")
+    drop = lambda record: "Overwriting old incomplete" not in record.getMessage()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
-def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_layers: int) -> list[tuple[Path, Path]]:
-    """Merge megatron part checkpoints into `out_dir`. part_dirs: (dir, first layer of its group or None).
+def _part_prefix(part_no: int) -> str:
+    return f"part{part_no:05d}"
+
+
+def merge_metadata(groups: list[tuple[object, int | None]], out_dir: Path, num_layers: int) -> None:
+    """Write out_dir/.metadata for the whole checkpoint from the groups' Metadata (from save_group, in part
+    order), each with the first layer of its group (None: not a layer group).
 
     Tensors of a layer group get their [L, ...] global size back and their chunk offsets moved by the group's
-    first layer; everything else is carried unchanged. Returns (source, target) of every file moved or copied."""
-    from torch.distributed.checkpoint import FileSystemReader
+    first layer; every chunk's file is the group's own part-prefixed data file; everything else is carried
+    unchanged."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
     def moved(offsets: torch.Size, first: int) -> torch.Size:
         return torch.Size((offsets[0] + first, *offsets[1:]))
 
     merged = None
-    written = []
-    for part_no, (part_dir, first) in enumerate(part_dirs):
-        meta = FileSystemReader(str(part_dir)).read_metadata()
+    for part_no, (meta, first) in enumerate(groups):
         tensors = [fqn for fqn, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)]
         stacked = set(tensors) if first is not None else set()
         for fqn in stacked:
@@ -244,18 +271,10 @@ def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_lay
         for index, info in meta.storage_data.items():
             if index.fqn in stacked:
                 index = MetadataIndex(index.fqn, moved(index.offset, first), index.index)
-            storage[index] = dataclasses.replace(info, relative_path=_renamed(info.relative_path, part_no))
-        for file in sorted({info.relative_path for info in meta.storage_data.values()}):
-            target = out_dir / _renamed(file, part_no)
-            shutil.move(part_dir / file, target)
-            written.append((part_dir / file, target))
+            storage[index] = dataclasses.replace(info, relative_path=_part_prefix(part_no) + info.relative_path)
         meta.storage_data = storage
         if merged is None:
             merged = meta
-            for name in ("metadata.json", "common.pt"):  # common.pt: releases before common state moved into DCP
-                if (part_dir / name).is_file():
-                    shutil.copy(part_dir / name, out_dir / name)
-                    written.append((part_dir / name, out_dir / name))
             continue
         for fqn, m in meta.state_dict_metadata.items():
             if fqn in merged.state_dict_metadata and isinstance(m, TensorStorageMetadata):
@@ -265,9 +284,8 @@ def merge_parts(part_dirs: list[tuple[Path, int | None]], out_dir: Path, num_lay
         merged.storage_data.update(meta.storage_data)
         if getattr(meta, "mcore_data", None):
             merged.mcore_data = {**getattr(merged, "mcore_data", {}), **meta.mcore_data}
-    with open(out_dir / ".metadata", "wb") as f:
+    with open(out_dir / ".metadata", "xb") as f:
         pickle.dump(merged, f)
-    return written
 
 
 # ---------------------------------------------------------------- reading

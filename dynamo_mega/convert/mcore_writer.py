@@ -16,7 +16,9 @@ in a source file are copied file to file, and each .distcp file can be hashed wh
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +83,8 @@ class _CopyingStream:
         start = self._stream.tell()
         target = self._stream.fileno()
         os.lseek(target, start, os.SEEK_SET)
-        copied = copy_range(self._sources[path], target, nbytes, offset)
+        grew = None if self._followed is None else (lambda done: self._followed.grew(start + done))
+        copied = copy_range(self._sources[path], target, nbytes, offset, grew)
         if copied < nbytes:  # the kernel cannot copy between these files: the rest from memory
             os.lseek(target, start + copied, os.SEEK_SET)
             view = memoryview(data).cast("B")[copied:]
@@ -101,24 +104,34 @@ class _CopyingStream:
         return getattr(self._stream, name)
 
 
-def _copying_file_system(file_region, follow):
+def _copying_file_system(file_region, follow, data_file_prefix: str, kept_metadata: list | None):
     """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream), are
-    written without per-record crc32 by whichever writer thread opened them, and are announced to
-    `follow(path) -> FollowedFile` (file_hashing.py) when opened, their growth as it happens and their end
-    once closed."""
+    written without per-record crc32 by whichever writer thread opened them, are named `data_file_prefix` +
+    torch's name, and are announced to `follow(path) -> FollowedFile` (file_hashing.py) when opened, their
+    growth as it happens and their end once closed. kept_metadata: the .metadata torch would write is appended
+    there (its pickled bytes) instead of being written."""
     from torch.distributed.checkpoint.filesystem import FileSystem
+
+    def is_metadata(path, suffix: str = "") -> bool:
+        return kept_metadata is not None and str(path).endswith(".metadata" + suffix)
 
     class CopyingFileSystem(FileSystem):
         @contextlib.contextmanager
         def create_stream(self, path, mode: str):
+            if mode == "wb" and is_metadata(path, ".tmp"):
+                buffer = io.BytesIO()
+                yield buffer
+                kept_metadata.append(buffer.getvalue())
+                return
             if mode != "wb" or not str(path).endswith(".distcp"):
                 with super().create_stream(path, mode) as stream:
                     yield stream
                 return
+            path = Path(path).with_name(data_file_prefix + Path(path).name)
             followed = None
             try:
                 with super().create_stream(path, mode) as stream:
-                    followed = follow(Path(path)) if follow is not None else None
+                    followed = follow(path) if follow is not None else None
                     copying = _CopyingStream(stream, file_region, followed)
                     try:
                         with _no_record_crc32():  # called in the writer thread that then torch.saves into it
@@ -129,19 +142,32 @@ def _copying_file_system(file_region, follow):
                 if followed is not None:
                     followed.close()
 
+        def exists(self, path) -> bool:
+            return False if is_metadata(path) else super().exists(path)
+
+        def rename(self, path, new_path) -> None:
+            if not is_metadata(path, ".tmp"):
+                super().rename(path, new_path)
+
     return CopyingFileSystem()
 
 
-def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=None):
+def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=None, data_file_prefix: str | None = None):
     """A TorchDistSaveShardedStrategy (megatron's `save` accepts only those) whose save writes synchronously,
     in this process, with `thread_count` writer threads (one .distcp file each). file_region(address, nbytes)
     -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file;
-    follow(path) -> FollowedFile is told of each .distcp file as it is written (BackgroundHasher.follow)."""
+    follow(path) -> FollowedFile is told of each .distcp file as it is written (BackgroundHasher.follow).
+
+    data_file_prefix: the save is one part of a checkpoint written by several saves into one folder (mcore_files
+    .save_group): its data files get this prefix, and its .metadata is not written but kept as
+    `strategy.metadata` (a torch.distributed.checkpoint Metadata) for the caller to merge."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
     class LocalTorchDistSave(mcore_torch.TorchDistSaveShardedStrategy):
+        metadata = None
+
         def save(self, sharded_state_dict, checkpoint_dir) -> None:
             # the two translation steps of megatron's TorchDistSaveShardedStrategy.async_save (0.16 to 0.19)
             sharded_state_dict, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
@@ -149,13 +175,20 @@ def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=No
             )
             pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
             writer = FileSystemWriter(str(checkpoint_dir), sync_files=False, thread_count=thread_count)
-            if (file_region is not None or follow is not None) and hasattr(writer, "fs"):
-                writer.fs = _copying_file_system(file_region, follow)
+            kept = [] if data_file_prefix is not None else None
+            if file_region is not None or follow is not None or kept is not None:
+                if not hasattr(writer, "fs"):  # the converter writes through it (torch 2.13 has it)
+                    raise RuntimeError("this torch's FileSystemWriter has no `fs` attribute; upgrade torch")
+                writer.fs = _copying_file_system(file_region, follow, data_file_prefix or "", kept)
             planner = mcore_torch.MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
             )
             with _no_record_crc32():
                 dcp_save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+            if kept is not None:
+                if len(kept) != 1:
+                    raise RuntimeError(f"expected torch to produce one .metadata, got {len(kept)}")
+                self.metadata = pickle.loads(kept[0])
 
     strategy = LocalTorchDistSave("torch_dist", 1)  # positional: 0.16 has no defaults for them
     strategy.thread_count = thread_count

@@ -12,6 +12,8 @@ mcore-to-hf: megatron loads one layer's chunks -> HF names -> buffered into safe
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -36,6 +38,29 @@ CONVERT_JSON = "convert.json"
 _GATE, _UP, _FC1 = "mlp.gate_proj.weight", "mlp.up_proj.weight", mcore_files.FC1
 
 
+def _lean_process_state(convert):
+    """Run `convert` with the process tuned for it, restored after:
+    - gc.freeze(): the objects that exist before it (torch's and megatron's, millions) are not traversed by the
+      collections its allocations trigger (full collections were ~10% of mcore-to-hf's CPU time);
+    - one torch intra-op thread: its tensor work is a few small copies (q/k/v re-layout), and after each,
+      the OpenMP workers spin waiting for more (5% of hf-to-mcore's CPU time) on the cores the sha256 threads
+      need. A dtype cast of the whole model runs on one core then."""
+
+    @functools.wraps(convert)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        gc.freeze()
+        try:
+            return convert(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+            torch.set_num_threads(threads)
+
+    return run
+
+
+@_lean_process_state
 def hf_to_mcore(
     src: Path,
     dst: Path,
@@ -64,37 +89,35 @@ def hf_to_mcore(
     hf_files.check_data_present(src, headers)
     reader = hf_files.HFReader(src, headers)
     arch, cast = plan.arch, lambda t: t.to(plan.dtype)
-    with atomic_output(dst, overwrite) as tmp, mcore_files.single_process_megatron():
-        parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
-        sources = {name: _hf_sources(part, layer, arch) for name, (layer, part) in parts.items()}
-        part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
-        groups = group_parts([(name, layer) for name, (layer, _) in parts.items()], part_bytes, write_group_bytes)
-        staging = tmp / ".parts"
-        group_dirs = []
-        with BackgroundHasher() as hasher, byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
-            for group in groups:
-                units = []
-                for name in group:
-                    layer, part = parts[name]
-                    hf = {n: cast(reader.get(n)) for n in sources[name]}
-                    units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
-                group_dirs.append((staging / group[0], units[0][0]))
-                # data files are hashed while they are written and while the next groups are
-                mcore_files.save_group(units, group_dirs[-1][0], reader.file_region, hasher.follow)
-                advance(sum(part_bytes[name] for name in group))
-                del hf, units
-            # the hasher holds the files open: they are moved, and the rest is written, while it finishes
-            moved = mcore_files.merge_parts(group_dirs, tmp, arch.num_layers)
-            shutil.rmtree(staging)  # the groups' own metadata (their data files were moved out)
-            _carry_hf_files(src, tmp / "hf", plan)
-            record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
-            (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
-            digests = hasher.wait()
-        known = {target.relative_to(tmp).as_posix(): digests[source] for source, target in moved if source in digests}
+    with atomic_output(dst, overwrite) as tmp, BackgroundHasher() as hasher:
+        with mcore_files.single_process_megatron():  # left (~0.2 s) while the hasher finishes
+            parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
+            sources = {name: _hf_sources(part, layer, arch) for name, (layer, part) in parts.items()}
+            part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
+            groups = group_parts([(name, layer) for name, (layer, _) in parts.items()], part_bytes, write_group_bytes)
+            saved = []  # (the group's checkpoint Metadata, its first layer)
+            with byte_progress(f"hf-to-mcore {src.name}", plan.source_bytes, progress) as advance:
+                for part_no, group in enumerate(groups):
+                    units = []
+                    for name in group:
+                        layer, part = parts[name]
+                        hf = {n: cast(reader.get(n)) for n in sources[name]}
+                        units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
+                    # data files are hashed while they are written and while the next groups are
+                    meta = mcore_files.save_group(units, tmp, part_no, reader.file_region, hasher.follow)
+                    saved.append((meta, units[0][0]))
+                    advance(sum(part_bytes[name] for name in group))
+                    del hf, units
+            mcore_files.merge_metadata(saved, tmp, arch.num_layers)  # while the last files are hashed
+        _carry_hf_files(src, tmp / "hf", plan)
+        record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
+        (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
+        known = {path.relative_to(tmp).as_posix(): digest for path, digest in hasher.wait().items()}
         write_manifest(tmp, known, {"created_by": "dynamo-mega convert hf-to-mcore"})
     return plan.summary()
 
 
+@_lean_process_state
 def mcore_to_hf(
     src: Path,
     dst: Path,
