@@ -9,6 +9,7 @@ on the meta device, and the files hold no tensor data, so a dry run that read an
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -236,7 +237,7 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("disk full (simulated)")
-        real_save(*args)
+        return real_save(*args)
 
     mcore_files.save_group = failing_save
     try:
@@ -245,7 +246,18 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
         pass
     mcore_files.save_group = real_save
     left_after_failure = sorted(p.name for p in root.iterdir())
-    run.hf_to_mcore(root / "hf", root / "mcore", progress=False)
+    import logging
+
+    records = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = records.append  # megatron's loggers propagate to the root
+    logging.getLogger().addHandler(catcher)
+    try:
+        run.hf_to_mcore(root / "hf", root / "mcore", progress=False)
+    finally:
+        logging.getLogger().removeHandler(catcher)
+    layout = sorted(p.name for p in (root / "mcore").iterdir())
+    overwrite_warnings = [r.getMessage() for r in records if "Overwriting" in r.getMessage()]
     intact = verify_manifest(root / "mcore")
     victim = next((root / "mcore").glob("part00001*.distcp"))
     data = bytearray(victim.read_bytes())
@@ -259,7 +271,10 @@ def _interrupted_and_checked(rank: int, world: int, root: str) -> dict:
         mismatch = "no error"
     except ValueError as exc:
         mismatch = str(exc)
-    return {"left": left_after_failure, "intact": intact, "corrupted": corrupted, "mismatch": mismatch}
+    return {
+        "left": left_after_failure, "intact": intact, "corrupted": corrupted, "mismatch": mismatch, "layout": layout,
+        "overwrite_warnings": overwrite_warnings,
+    }  # fmt: skip
 
 
 def test_failed_conversion_leaves_nothing_and_manifest_catches_corruption(spawned):
@@ -268,3 +283,10 @@ def test_failed_conversion_leaves_nothing_and_manifest_catches_corruption(spawne
     assert out["intact"] == []
     assert len(out["corrupted"]) == 1 and out["corrupted"][0].startswith("part00001")
     assert "decoder.layers." in out["mismatch"] and "has shape (2," in out["mismatch"]
+    # every write group saved into the output folder itself: its own data files, nothing else left behind, and
+    # no "overwriting a corrupted checkpoint" warning from megatron for the groups after the first
+    data = [name for name in out["layout"] if name.endswith(".distcp")]
+    assert all(re.fullmatch(r"part\d{5}__0_\d+\.distcp", name) for name in data), data
+    assert len({name[:9] for name in data}) >= 3  # embedding, layers, final norm + output layer: several saves
+    assert sorted(set(out["layout"]) - set(data)) == [".metadata", "convert.json", "hf", "manifest.sha256.json", "metadata.json"]
+    assert out["overwrite_warnings"] == []

@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="cast tensors (default: keep the source dtype)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=1, help="pad vocab rows to a multiple of this x TP")
     p.add_argument("--hf-config", help="mcore-to-hf: config.json to use when SRC has no hf/ folder")
-    p.add_argument("--max-shard-size", default="2GB", help="mcore-to-hf: largest safetensors shard, e.g. 500MB, 2GB")
+    p.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        help="mcore-to-hf: largest safetensors shard, e.g. 500MB, 2GB (shards end between layers, as even as that allows)",
+    )
     p.add_argument(
         "--write-group-size", default="1GiB", help="hf-to-mcore: source bytes written per megatron save (memory vs speed)"
     )
