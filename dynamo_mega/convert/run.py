@@ -1,13 +1,16 @@
 """HF safetensors <-> Megatron distributed checkpoint in one process, a few decoder layers at a time.
 
 hf-to-mcore: read a write group of layers' HF tensors (memory-mapped, one shard open) -> megatron layout ->
-one megatron save per group -> groups merged into one torch_dist checkpoint (see mcore_files.py). Output folder:
-    DST/metadata.json, .metadata, common.pt, part*.distcp   the megatron distributed checkpoint
+one megatron save per group into DST itself -> the groups' metadata merged into one torch_dist checkpoint (see
+mcore_files.py). Output folder:
+    DST/metadata.json, .metadata, part*.distcp              the megatron distributed checkpoint
     DST/hf/                                                 config.json, generation config, tokenizer files
     DST/convert.json                                        what was converted, at which padded vocab
     DST/manifest.sha256.json                                sha256 + size of every file (written last)
-mcore-to-hf: megatron loads one layer's chunks -> HF names -> buffered into safetensors shards of at most
---max-shard-size; config, generation config and tokenizer files come from DST_mcore/hf/ (or --hf-config).
+mcore-to-hf: one layer's chunks, memory-mapped (distcp_reader.py) -> HF names -> streamed into safetensors shards
+of at most --max-shard-size, one per core filled side by side (hf_writer.py); config, generation config and tokenizer
+files come from SRC/hf/ (or --hf-config).
+Both hash every output file while it is written (file_hashing.py).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def hf_to_mcore(
     reader = hf_files.HFReader(src, headers)
     arch, cast = plan.arch, lambda t: t.to(plan.dtype)
     with atomic_output(dst, overwrite) as tmp, BackgroundHasher() as hasher:
-        with mcore_files.single_process_megatron():  # left (~0.2 s) while the hasher finishes
+        with mcore_files.single_process_megatron():  # left before waiting for the hasher: its teardown (~0.2 s) overlaps
             parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
             sources = {name: _hf_sources(part, layer, arch) for name, (layer, part) in parts.items()}
             part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
