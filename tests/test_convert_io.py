@@ -250,3 +250,29 @@ def test_round_trip_copies_mapped_source_bytes_file_to_file(tmp_path, monkeypatc
     assert source.keys() == back.keys()
     for name, tensor in source.items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_conversions_run_with_one_torch_thread_and_frozen_gc_then_restore_both():
+    import gc
+
+    from dynamo_mega.convert.run import _lean_process_state
+
+    seen = {}
+
+    @_lean_process_state
+    def probe():
+        seen.update(threads=torch.get_num_threads(), frozen=gc.get_freeze_count())
+        return "converted"
+
+    threads = torch.get_num_threads()
+    assert gc.get_freeze_count() == 0
+    assert probe() == "converted"
+    assert seen["threads"] == 1 and seen["frozen"] > 0
+    assert torch.get_num_threads() == threads and gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that froze its own objects (before forking, say) keeps them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        probe()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -53,11 +53,14 @@ def _lean_process_state(convert):
     def run(*args, **kwargs):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        gc.freeze()
+        ours = gc.get_freeze_count() == 0  # a caller's own freeze (e.g. before forking workers) is left alone
+        if ours:
+            gc.freeze()
         try:
             return convert(*args, **kwargs)
         finally:
-            gc.unfreeze()
+            if ours:
+                gc.unfreeze()
             torch.set_num_threads(threads)
 
     return run
