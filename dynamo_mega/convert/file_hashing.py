@@ -36,8 +36,8 @@ def sha256_file(path: Path) -> str:
 class _Growth:
     """How far a file being written has got: bytes written so far, and whether it is complete."""
 
-    def __init__(self, done: bool = False):
-        self.written, self.done = 0, done
+    def __init__(self):
+        self.written, self.done = 0, False
         self.changed = threading.Condition()
 
     def wait_beyond(self, hashed: int) -> tuple[int, bool]:

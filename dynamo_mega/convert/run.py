@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -193,16 +194,9 @@ def _hf_specs(layer: int | None, part: dict, arch, dtype: torch.dtype, stored: d
     return [TensorSpec(name, tuple(t.shape), dtype) for name, t in _hf_part(meta, layer, arch).items()]
 
 
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _source_nbytes(plan: Plan, name: str) -> int:
     shape, dtype = plan.tensors[name]
-    return _prod(shape) * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def _mcore_tensors(hf: dict[str, torch.Tensor], layer: int | None, arch, padded_rows: int) -> dict:
