@@ -12,6 +12,8 @@ interleaved; the table gives each step's median and every timed run:
   floor+sha256  the same plus hashing each written file (context only: what a manifest adds to the floor)
   hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
   mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
+  ... one-lane sha256: both again hashing one file at a time per thread with hashlib, as on a machine where the
+                two-lane extension is not built or the CPU has no SHA extensions (context only: what the pairs buy)
   ... without sha256: both again with the hashing replaced by a placeholder (context only: the conversion's own
                 cost, since hashing the output at ~1.2 GB/s per core costs more than the whole floor here)
 Writes bench/results/convert.json and bench/results/convert.md.
@@ -32,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from dynamo_mega.convert import sha256_lanes
 from dynamo_mega.convert.file_hashing import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +135,12 @@ def run_child(task: str, src: str, dst: str) -> None:
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401  (likewise: ~0.1 s, torch.compile's rules)
 
         task, _, variant = task.partition(":")
+        if variant == "one-lane-sha256":  # context only: hashlib, one file per thread at a time
+            sha256_lanes.PAIRED = False
         if variant == "no-sha256":  # context only: the manifest's digests become placeholders
             from dynamo_mega.convert import file_hashing
 
-            file_hashing._hash_growing = lambda file, growth: (file.close(), "0" * 64)[1]
+            file_hashing._hash_step = _skip_hashing
         base_rss = _rss_gib()
         _read_into_page_cache(Path(src))  # again: the imports took seconds
         _warm_host_memory(WARM_GIB)
@@ -151,6 +156,15 @@ def run_child(task: str, src: str, dst: str) -> None:
         }
     result.update(peak_rss_gib=_rss_gib(), rss_after_imports_gib=base_rss)
     print(json.dumps(result))
+
+
+def _skip_hashing(files) -> None:
+    """Stands in for file_hashing._hash_step in the no-sha256 context rows: marks the bytes hashed, hashes none."""
+    for file in files:
+        end, complete = file.hashable_end()
+        file.hashed = end
+        if complete:
+            file.digest = "0" * 64
 
 
 def measure(task: str, src: Path, dst: Path) -> dict:
@@ -194,6 +208,8 @@ def main() -> None:
         "floor + sha256 of the output (context)": ("floor+sha256", hf, args.work / "floor"),
         "hf-to-mcore TP=2 PP=2": ("hf-to-mcore", hf, args.work / "mcore"),
         "mcore-to-hf": ("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
+        "hf-to-mcore, one-lane sha256 (context)": ("hf-to-mcore:one-lane-sha256", hf, args.work / "mcore_one_lane"),
+        "mcore-to-hf, one-lane sha256 (context)": ("mcore-to-hf:one-lane-sha256", args.work / "mcore", args.work / "hf_back"),
         "hf-to-mcore without sha256 (context)": ("hf-to-mcore:no-sha256", hf, args.work / "mcore_nohash"),
         "mcore-to-hf without sha256 (context)": ("mcore-to-hf:no-sha256", args.work / "mcore", args.work / "hf_back"),
     }
@@ -215,6 +231,7 @@ def main() -> None:
         "checkpoint_bytes": src_bytes,
         "config": str(args.config),
         "cpus": os.cpu_count(),
+        "two_lane_sha256": sha256_lanes.PAIRED,
         "loadavg_1_5_15_before": load_before,
         "loadavg_1_5_15_after": load_after,
         "rows": rows,
@@ -225,6 +242,8 @@ def main() -> None:
     lines = [
         f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
         f"Host: {os.cpu_count()} CPUs, load average (1/5/15 min) {_loads(load_before)} before, {_loads(load_after)} after",
+        "Manifest sha256: "
+        + ("two files per thread side by side (SHA extensions)" if sha256_lanes.PAIRED else "hashlib, one file per thread"),
         "",
         f"Medians of {args.repeat} interleaved runs per step; every run's seconds in the last column.",
         "",

@@ -144,6 +144,40 @@ def test_hasher_follows_a_growing_file_and_keeps_it_open_across_a_move(tmp_path)
     assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
 
 
+@pytest.mark.parametrize("paired", [True, False], ids=["pairs", "one-at-a-time"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hasher_hashes_files_growing_side_by_side(tmp_path, monkeypatch, workers, paired):
+    """Five files written interleaved in uneven steps, some reported only in part before they are closed (the
+    hasher reads a closed file to its end): every digest is hashlib's, whatever pairs the threads formed."""
+    import hashlib
+    import random
+
+    from dynamo_mega.convert import file_hashing, sha256_lanes
+
+    if paired and not sha256_lanes.PAIRED:
+        pytest.skip("no two-lane sha256 here (extension not built or no SHA extensions)")
+    monkeypatch.setattr(sha256_lanes, "PAIRED", paired)
+    monkeypatch.setattr(file_hashing, "_WINDOW", 1 << 20)  # many windows, many re-pairings
+    rng = random.Random(workers)
+    contents = [rng.randbytes(n) for n in (0, 100, 3 << 20, (5 << 20) + 17, 2_500_001)]
+    paths = [tmp_path / f"f{i}.bin" for i in range(len(contents))]
+    with file_hashing.BackgroundHasher(workers=workers) as hasher:
+        outs = [open(path, "xb", buffering=0) for path in paths]
+        followed = [hasher.follow(path) for path in paths]
+        written = [0] * len(paths)
+        while any(w < len(c) for w, c in zip(written, contents)):
+            i = rng.choice([i for i, c in enumerate(contents) if written[i] < len(c)])
+            step = contents[i][written[i] : written[i] + rng.randint(1, 700_000)]
+            outs[i].write(step)
+            written[i] += len(step)
+            followed[i].grew(written[i] - (i % 2) * min(written[i], 999))  # odd files: under-reported
+        for out, follower in zip(outs, followed):
+            out.close()
+            follower.close()
+        digests = hasher.wait()
+    assert digests == {path: hashlib.sha256(data).hexdigest() for path, data in zip(paths, contents)}
+
+
 def test_reader_returns_regions_of_a_strided_record(tmp_path):
     """A tensor torch stores with its strides (a transposed matrix is not cloned): every region read equals
     the same region of the tensor."""
