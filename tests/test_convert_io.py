@@ -76,6 +76,23 @@ def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
     assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
 
 
+def test_a_failed_write_on_a_shard_thread_surfaces_and_stops_every_thread(tmp_path):
+    """Shards are written on threads of their own: an error there (here: the source file a tensor's bytes
+    are copied from is shorter than its region says) is raised to the caller, and no writer or hashing thread
+    is left behind."""
+    tensors = _tensors()
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 8)
+    region = lambda tensor: (short, 0) if tensor.numel() == 6 * 4 else None  # noqa: E731 - a.bf16's 48 bytes
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError, match="the source file ends before byte 48"):
+        with StreamingSafetensorsWriter(tmp_path / "x", [_specs(tensors)], 1 << 20, file_region=region) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor)
+            writer.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "write-"))]
+
+
 def test_shards_are_cut_between_units_as_evenly_as_the_fewest_shards_allow():
     from dynamo_mega.convert.hf_writer import _shard_units
 

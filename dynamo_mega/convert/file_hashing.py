@@ -24,7 +24,7 @@ from pathlib import Path
 from dynamo_mega.convert import sha256_lanes
 
 _CHUNK = 1 << 20  # bytes hashed per call (the GIL is released for each)
-_WINDOW = 64 << 20  # bytes of a file mapped at a time
+_WINDOW = 32 << 20  # bytes of a file mapped at a time (two per thread with pairs)
 
 
 def sha256_file(path: Path) -> str:
@@ -47,7 +47,7 @@ class _FileBeingHashed:
         self.sha256 = sha256_lanes.new_sha256()
         self.hashed = self.written = 0
         self.done = False  # the writer has closed it
-        self.taken = False  # a thread is hashing it
+        self.held: str | None = None  # "alone" or "paired" while a thread hashes it
         self.digest: str | None = None
         self.error: BaseException | None = None
 
@@ -56,7 +56,7 @@ class _FileBeingHashed:
         return self.digest is not None or self.error is not None
 
     def has_work(self) -> bool:
-        return not self.taken and not self.finished and (self.done or self.written > self.hashed)
+        return self.held is None and not self.finished and (self.done or self.written > self.hashed)
 
     def hashable_end(self) -> tuple[int, bool]:
         """(where hashing may go up to now, whether that is the file's end): what the writer reported, or the end
@@ -135,18 +135,30 @@ class BackgroundHasher:
         for thread in self._threads:
             thread.join()
 
+    def _next_step(self) -> list[_FileBeingHashed]:
+        """The files a free thread should hash next (none: wait). Without pairs: the oldest file with work.
+        With pairs: the two oldest files with work; one alone only if it has no partner to come, i.e. no other
+        unfinished file that no thread holds in a pair (one still being written, or one another thread hashes
+        alone). Otherwise two files would end up hashed alone on both threads (each re-taking its own file,
+        the other being held) and pairs would never form again: measured on two shards written by turns."""
+        ready = [file for file in self._files if file.has_work()]
+        if not sha256_lanes.PAIRED or len(ready) >= 2:
+            return ready[: 2 if sha256_lanes.PAIRED else 1]
+        if ready and any(f is not ready[0] and not f.finished and f.held != "paired" for f in self._files):
+            return []
+        return ready
+
     def _work(self) -> None:
-        """One hashing thread: take up to two files with work (two only where pairs are faster), hash a window
-        of each, give them back; until stopped."""
-        per_step = 2 if sha256_lanes.PAIRED else 1
+        """One hashing thread: take one or two files (`_next_step`), hash a window of each, give them back;
+        until stopped."""
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._stopping or any(file.has_work() for file in self._files))
+                self._changed.wait_for(lambda: self._stopping or self._next_step())
                 if self._stopping:
                     return
-                taken = [file for file in self._files if file.has_work()][:per_step]
+                taken = self._next_step()
                 for file in taken:
-                    file.taken = True
+                    file.held = "paired" if len(taken) == 2 else "alone"
             try:
                 _hash_step(taken)
             except BaseException as error:  # noqa: BLE001 - kept for wait() to raise in the caller's thread
@@ -154,7 +166,7 @@ class BackgroundHasher:
                     file.error = error
             with self._changed:
                 for file in taken:
-                    file.taken = False
+                    file.held = None
                     if file.error is not None or file.digest is not None:
                         file.file.close()
                 self._changed.notify_all()

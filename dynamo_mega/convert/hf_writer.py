@@ -14,11 +14,14 @@ parallel (file_hashing.py). Files are read back by safetensors in tests.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,15 +103,54 @@ def _write_all(file, view: memoryview) -> None:
         written += file.write(view[written:])
 
 
+_QUEUED_BYTES = 256 << 20  # per shard: tensor bytes handed to its thread and not yet written (one more may exceed)
+
+
+def _write_pieces(out: _OpenShard, pieces: list[tuple[torch.Tensor, tuple[int, int] | None]]) -> None:
+    """On the shard's thread: append the blocks, each copied in the kernel from (source fd, offset) where given
+    and possible, else written from memory."""
+    for block, source in pieces:
+        view = _bytes(block)
+        if source is None:
+            out.write(view)
+            continue
+        grew = lambda done: out.followed.grew(out.written + done)  # noqa: E731 - the hasher follows big copies
+        copied = copy_range(source[0], out.file.fileno(), len(view), source[1], grew)
+        _write_all(out.file, view[copied:])
+        out.advanced(len(view))
+
+
 class _OpenShard:
-    """One shard file being written: the next of its tensors, bytes written, and its hash follower."""
+    """One shard file being written on a thread of its own (several shards are written side by side): the next
+    of its tensors, bytes written, its hash follower, and the writes queued for its thread."""
 
     def __init__(self, path: Path, header: bytes, hasher: BackgroundHasher):
         # "xb": a new file. Never truncate one (or touch it first): ext4 then writes a truncated file back when
         # it is closed (auto_da_alloc), and close() waits for gigabytes to reach the disk.
         self.file = open(path, "xb", buffering=0)
         self.followed, self.next, self.written = hasher.follow(path), 0, 0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{path.name}")
+        self._queued: deque[tuple[Future, int]] = deque()  # (write, its bytes), oldest first
         self.write(memoryview(header))
+
+    def submit(self, job, nbytes: int) -> None:
+        """Run job() on the shard's thread after the writes before it; first wait (raising their errors) until at
+        most _QUEUED_BYTES are queued, so the caller holds at most that much tensor memory alive per shard."""
+        while self._queued and sum(n for _, n in self._queued) + nbytes > _QUEUED_BYTES:
+            self._queued.popleft()[0].result()
+        self._queued.append((self._thread.submit(job), nbytes))
+
+    def finish(self) -> None:
+        """Wait for every queued write (raising the first error); the last one queued closes the file."""
+        while self._queued:
+            self._queued.popleft()[0].result()
+        self._thread.shutdown()
+
+    def stop(self) -> None:
+        """After a failure: drop the queued writes, wait for the running one, close the file."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._queued.clear()
+        self.file.close()
 
     def write(self, view: memoryview) -> None:
         _write_all(self.file, view)
@@ -148,8 +190,9 @@ class StreamingSafetensorsWriter:
         n = len(self._shards)
         self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._place = {spec.name: (shard, i) for shard, specs in enumerate(self._shards) for i, spec in enumerate(specs)}
-        self._open: dict[int, _OpenShard] = {}
-        self._done: set[int] = set()
+        self._open: dict[int, _OpenShard] = {}  # shards with tensors still to come
+        self._done: set[int] = set()  # shards with every tensor given
+        self._finishing: list[_OpenShard] = []  # shards whose threads may still be writing them
         self._hasher = BackgroundHasher()
         self._file_region = file_region or (lambda tensor: None)
         self._sources: dict[Path, int] = {}  # open source files for copy_file_range: path -> fd
@@ -182,9 +225,10 @@ class StreamingSafetensorsWriter:
 
     def _abandon(self) -> None:
         """Stop writing and hashing (no thread is left waiting for bytes); the caller discards the files."""
-        for shard in self._open.values():
-            shard.file.close()
+        for shard in [*self._open.values(), *self._finishing]:
+            shard.stop()
         self._open.clear()
+        self._finishing.clear()
         self._close_sources()
         self._hasher.abandon()
 
@@ -204,17 +248,17 @@ class StreamingSafetensorsWriter:
         if shard not in self._open:
             self._open[shard] = _OpenShard(self.folder / self.files[shard], _header(self._shards[shard]), self._hasher)
         out = self._open[shard]
+        pieces = []  # (contiguous block, (source fd, offset) where its bytes lie in a file, or None)
         for block in _blocks(tensor.to(spec.dtype)):
-            region = self._file_region(block)
-            if region is None:
-                out.write(_bytes(block))
-            else:
-                self._copy(*region, block, out)
+            region = self._file_region(block)  # here, in the caller's thread, which registers the source regions
+            pieces.append((block, region and (self._source_fd(region[0]), region[1])))
+        out.submit(functools.partial(_write_pieces, out, pieces), spec.nbytes)
         out.next += 1
         if out.next == len(self._shards[shard]):
-            out.close()
+            out.submit(out.close, 0)
             del self._open[shard]
             self._done.add(shard)
+            self._finishing.append(out)
         self.on_bytes(spec.nbytes)
 
     def _next_index(self, shard: int) -> int:
@@ -230,6 +274,9 @@ class StreamingSafetensorsWriter:
             left = sum(len(specs) - self._next_index(shard) for shard, specs in enumerate(self._shards))
             self._abandon()
             raise AssertionError(f"{left} tensors were not written, the first is {missing[0]}")
+        while self._finishing:
+            self._finishing[0].finish()  # raises the first error of its writes
+            self._finishing.pop(0)
         self._close_sources()
         digests = {path.name: digest for path, digest in self._hasher.wait().items()}
         if len(self.files) > 1:
@@ -239,16 +286,10 @@ class StreamingSafetensorsWriter:
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return dict(sorted(digests.items()))
 
-    def _copy(self, path: Path, offset: int, block: torch.Tensor, out: _OpenShard) -> None:
-        """`block`'s bytes, which also lie in `path` at `offset`: copied in the kernel, or (where it cannot)
-        written from memory."""
+    def _source_fd(self, path: Path) -> int:
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
-        view = _bytes(block)
-        grew = lambda done: out.followed.grew(out.written + done)
-        copied = copy_range(self._sources[path], out.file.fileno(), len(view), offset, grew)
-        _write_all(out.file, view[copied:])
-        out.advanced(len(view))
+        return self._sources[path]
 
     def _close_sources(self) -> None:
         for fd in self._sources.values():
