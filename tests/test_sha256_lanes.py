@@ -100,6 +100,16 @@ def test_one_object_updated_from_two_threads_raises_instead_of_corrupting():
         update(b"x")
     thread.join()
     assert errors and "another thread" in errors[0]
+    thread = threading.Thread(target=a.update, args=(big,))
+    thread.start()
+    refused = []
+    while thread.is_alive() and not refused:  # nor can a digest read the state meanwhile
+        try:
+            a.hexdigest()
+        except RuntimeError:
+            refused.append(True)
+    thread.join()
+    assert refused
 
 
 def test_fallback_gives_the_same_digests(monkeypatch):

@@ -263,8 +263,16 @@ static PyObject *Sha256_update(Sha256Object *self, PyObject *data) {
     Py_RETURN_NONE;
 }
 
+/* A digest reads the state: not while another thread hashes into it. */
+static int idle(Sha256Object *s) {
+    if (!claim(s)) return 0;
+    s->busy = 0;
+    return 1;
+}
+
 static PyObject *Sha256_digest(Sha256Object *self, PyObject *unused) {
     uint8_t out[32];
+    if (!idle(self)) return NULL;
     finish(self, out);
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
@@ -273,6 +281,7 @@ static PyObject *Sha256_hexdigest(Sha256Object *self, PyObject *unused) {
     static const char hex[] = "0123456789abcdef";
     uint8_t out[32];
     char text[64];
+    if (!idle(self)) return NULL;
     finish(self, out);
     for (int i = 0; i < 32; i++) text[2 * i] = hex[out[i] >> 4], text[2 * i + 1] = hex[out[i] & 15];
     return PyUnicode_FromStringAndSize(text, 64);
