@@ -3,8 +3,8 @@
  * One sha256 stream is latency bound: each SHA256RNDS2 (two rounds) needs the previous one's result, and the
  * unit could start a new one before that result is ready. Interleaving the rounds of two streams fills those
  * gaps: on this project's hosts (AMD EPYC, Zen 2, 2.0 GHz) one stream hashes 1.2 GB/s per core (the same as
- * OpenSSL's), two interleaved streams 2.0 GB/s together. More streams do not help there: two lanes already use
- * 14 of the 16 xmm registers.
+ * OpenSSL's), two interleaved streams 2.0 GB/s together. Three or four streams measured slower there (each
+ * stream keeps 8 values in xmm registers, of which there are 16).
  *
  * Python API (sha256_lanes.py wraps it and falls back to hashlib):
  *   accelerated() -> bool           whether this CPU has the SHA extensions (and SSSE3/SSE4.1);

@@ -8,8 +8,9 @@ Knowing every name, shape and dtype before the first tensor exists (the conversi
 can be written first and each tensor streamed to its place as it is produced, from its own memory (a view of
 the memory-mapped source, often): no staging copy and a memory bound of what the caller holds.
 
-sha256 (for the manifest) is computed behind the writer on background threads, from the page cache, shards in
-parallel (file_hashing.py). Files are read back by safetensors in tests.
+Shards written side by side each get a thread of their own (the caller's thread checks names, order and shapes
+and queues the bytes). sha256 (for the manifest) is computed behind the writer on background threads, from the
+page cache, two files at a time per thread (file_hashing.py). Files are read back by safetensors in tests.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _write_all(file, view: memoryview) -> None:
         written += file.write(view[written:])
 
 
-_QUEUED_BYTES = 256 << 20  # per shard: tensor bytes handed to its thread and not yet written (one more may exceed)
+_QUEUED_BYTES = 256 << 20  # per shard: tensor bytes handed to its thread, not yet written (or one larger tensor)
 
 
 def _write_pieces(out: _OpenShard, pieces: list[tuple[torch.Tensor, tuple[int, int] | None]]) -> None:
