@@ -91,6 +91,13 @@ def test_a_failed_write_on_a_shard_thread_surfaces_and_stops_every_thread(tmp_pa
                 writer.write(name, tensor)
             writer.close()
     assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "write-"))]
+    (tmp_path / "y").mkdir()
+    writer = StreamingSafetensorsWriter(tmp_path / "y", [_specs(tensors)], 1 << 20, file_region=region)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    with pytest.raises(ValueError, match="the source file ends before byte 48"):
+        writer.close()  # without a `with`: close itself stops the threads
+    assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "write-"))]
 
 
 def test_shards_are_cut_between_units_as_evenly_as_the_fewest_shards_allow():

@@ -275,9 +275,13 @@ class StreamingSafetensorsWriter:
             left = sum(len(specs) - self._next_index(shard) for shard, specs in enumerate(self._shards))
             self._abandon()
             raise AssertionError(f"{left} tensors were not written, the first is {missing[0]}")
-        while self._finishing:
-            self._finishing[0].finish()  # raises the first error of its writes
-            self._finishing.pop(0)
+        try:
+            while self._finishing:
+                self._finishing[0].finish()  # raises the first error of its writes
+                self._finishing.pop(0)
+        except BaseException:
+            self._abandon()  # also without a `with`: no writer or hashing thread is left waiting
+            raise
         self._close_sources()
         digests = {path.name: digest for path, digest in self._hasher.wait().items()}
         if len(self.files) > 1:
