@@ -147,7 +147,11 @@ def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Pr
 class EpochSampler:
     """Draws batches of prompts without replacement, reshuffling each epoch; the cursor is checkpointable.
 
-    The permutation of epoch e depends only on (seed, e), so a resumed run draws exactly the same prompts.
+    A batch never holds the same prompt twice, also when it crosses an epoch boundary: it takes the rest of
+    epoch e, then the first prompts of epoch e+1's shuffle that it does not already hold; the prompts it
+    skipped (the crossing batch's epoch-e part, `carry`) keep their places right after, so epoch e+1 still
+    visits every prompt exactly once. The order is a pure function of (seed, epoch, position, carry): the
+    permutation of epoch e depends only on (seed, e), so a resumed run draws exactly the same prompts.
     """
 
     def __init__(self, num_items: int, seed: int):
@@ -155,23 +159,49 @@ class EpochSampler:
             raise ValueError("the training set is empty")
         self.num_items, self.seed = num_items, seed
         self.epoch, self.position = 0, 0
+        # The epoch-(e-1) items of the batch that crossed into this epoch, and how many epoch-e items it took.
+        self.carry: list[int] = []
+        self.carry_take = 0
 
     def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        """This epoch's order: its shuffle, with the carried items moved out of the first carry_take slots."""
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        if not self.carry:
+            return perm
+        carried = np.isin(perm, np.asarray(self.carry, dtype=perm.dtype))
+        fresh = np.flatnonzero(~carried)[: self.carry_take]
+        rest = np.setdiff1d(np.arange(self.num_items), fresh, assume_unique=True)  # ascending: keeps perm order
+        return np.concatenate([perm[fresh], perm[rest]])
 
     def next_batch(self, batch_size: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < batch_size:
+        """batch_size distinct item indices; batch_size must not exceed the number of items."""
+        if not 1 <= batch_size <= self.num_items:
+            raise ValueError(
+                f"a batch of {batch_size} distinct prompts cannot be drawn from {self.num_items} training prompts; "
+                "lower rollout.prompts_per_step (or warmup.batch_size) or add training data"
+            )
+        perm = self._perm()
+        take = min(batch_size, self.num_items - self.position)
+        out = [int(i) for i in perm[self.position : self.position + take]]
+        self.position += take
+        if self.position == self.num_items:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.carry, self.carry_take = (list(out), batch_size - take) if take < batch_size else ([], 0)
             perm = self._perm()
-            take = min(batch_size - len(out), self.num_items - self.position)
-            out.extend(int(i) for i in perm[self.position : self.position + take])
-            self.position += take
-            if self.position == self.num_items:
-                self.epoch, self.position = self.epoch + 1, 0
+            out.extend(int(i) for i in perm[: batch_size - take])
+            self.position = batch_size - take
+        assert len(set(out)) == len(out), f"internal error: EpochSampler drew a repeated prompt at epoch {self.epoch}"
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_items": self.num_items}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "carry": list(self.carry),
+            "carry_take": self.carry_take,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_items"] != self.num_items:
@@ -180,3 +210,5 @@ class EpochSampler:
                 "resume with the same data"
             )
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        # Checkpoints written before the carry existed crossed boundaries without it: resume as they would have.
+        self.carry, self.carry_take = list(state.get("carry", [])), int(state.get("carry_take", 0))

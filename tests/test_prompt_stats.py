@@ -128,14 +128,16 @@ def test_extra_counts_are_not_stored():
     st.floats(0.3, 1.0),
     st.lists(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 1)), max_size=6), min_size=1, max_size=6),
 )
-def test_lazy_decay_matches_eager_decay(decay, steps):
+def test_decay_runs_on_each_prompts_own_visits(decay, steps):
     stats = PromptStats(decay=decay)
     eager_s = dict.fromkeys("abcd", 0.0)
     eager_n = dict.fromkeys("abcd", 0.0)
+    visits = dict.fromkeys("abcd", 0)
     for batch in steps:
-        for pid in eager_s:  # eager reference: every prompt decays at every step
+        for pid in {p for p, _ in batch}:  # reference: a prompt's history decays only when it is visited again
             eager_s[pid] *= decay
             eager_n[pid] *= decay
+            visits[pid] += 1
         for pid, c in batch:
             eager_s[pid] += c
             eager_n[pid] += 1
@@ -143,6 +145,48 @@ def test_lazy_decay_matches_eager_decay(decay, steps):
     succ, roll = stats.counts(list("abcd"))
     np.testing.assert_allclose(succ, [eager_s[p] for p in "abcd"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(roll, [eager_n[p] for p in "abcd"], rtol=1e-12, atol=1e-12)
+    assert stats.visits(list("abcd")).tolist() == [visits[p] for p in "abcd"]
+
+
+def test_other_prompts_steps_do_not_age_a_prompt():
+    """A prompt seen once, then 54 steps of other prompts (one quick-start epoch): its history is intact."""
+    stats = PromptStats(prior_alpha=0.5, prior_beta=0.5, decay=0.5)
+    stats.update(["solved"] * 8, [1] * 8, [3] * 8)
+    for step in range(54):
+        stats.update([f"other{step}"] * 8, [0, 1] * 4, [3] * 8)
+    succ, roll = stats.counts(["solved"])
+    assert (succ[0], roll[0]) == (8.0, 8.0)
+    unseen, solved = stats.variance_estimates(["never", "solved"])
+    assert solved < 0.4 * unseen  # seen once is not unseen (Beta(8.5, 0.5) against Beta(0.5, 0.5))
+
+
+def _epoch_allocation_spread(decay: float, epochs: int = 3) -> float:
+    """n_std of `optimal` counts over epoch `epochs`'s steps, on a quick-start shape (64 prompts x 8, n in 4..16,
+    3,520 prompts = 55 steps per epoch) where each prompt has a fixed pass rate in {0, 0.5, 1}."""
+    from dynamo_mega.data import EpochSampler
+
+    rng = np.random.default_rng(0)
+    num, per_step = 3520, 64
+    rate = rng.choice([0.0, 0.5, 1.0], size=num)
+    stats = PromptStats(prior_alpha=0.5, prior_beta=0.5, decay=decay)
+    sampler = EpochSampler(num, seed=0)
+    spread = []
+    for step in range(epochs * num // per_step):
+        idx = sampler.next_batch(per_step)
+        ids = [f"p{i}" for i in idx]
+        counts = allocate(ids, stats, budget=8 * per_step, n_low=4, n_high=16, mode="optimal")
+        if step >= (epochs - 1) * num // per_step:
+            spread.append(float(np.std(counts)))
+        samples = [(pid, float(rng.random() < rate[i]), 3) for pid, i, n in zip(ids, idx, counts) for _ in range(n)]
+        stats.update(*zip(*samples))
+    return float(np.mean(spread))
+
+
+def test_allocation_still_spreads_budget_in_epoch_3():
+    """With 55 steps per epoch the allocation in epoch 3 still moves budget (report: n_std per step)."""
+    spread = _epoch_allocation_spread(decay=0.8)
+    print(f"epoch-3 mean n_std: {spread:.2f}")
+    assert spread > 2.5  # uniform would be 0; zero-variance prompts sit at n_low=4, informative ones near 16
 
 
 def test_expected_length_fallbacks():

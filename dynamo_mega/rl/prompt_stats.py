@@ -6,8 +6,12 @@ and forgot everything on resume (defect 3). Here every sample carries its own id
 the whole state round-trips through a JSON-serialisable `state_dict`.
 
 Two views of the same history are kept, because the two allocation modes want different things:
-- decayed counts (successes, rollouts, response lengths), each multiplied by `decay` once per `update`
-  call, read through a Beta(prior_alpha, prior_beta) prior: the `optimal` mode's estimates;
+- decayed counts (successes, rollouts, response lengths), multiplied by `decay` each time the prompt itself
+  is visited again (just before that visit's outcomes are added), read through a Beta(prior_alpha,
+  prior_beta) prior: the `optimal` and `probing` modes' estimates. History goes stale because the policy
+  moved between two visits of the prompt, not because other prompts were trained on: a prompt returns once
+  per epoch (55 steps in the quick start), and decaying on the global step clock erased its history
+  (0.95^55 = 6%) before it was ever read;
 - cumulative integer counts plus a snapshot of them taken by `refresh_priorities()` at each epoch
   boundary: the `reference` mode reproduces the paper's code, which reads stale per-epoch history.
 """
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: decay ran on the global step clock (still loaded, see load_state_dict)
 _MAX_ROWS_IN_ERROR = 10
 
 
@@ -77,13 +81,13 @@ def _head(rows: list[int]) -> str:
 class PromptStats:
     """Outcome history per prompt id; see the module docstring for the two views it keeps.
 
-    Arrays are indexed by a row per known prompt (`_row[id]`); decay is applied lazily: a row's
-    decayed values are stored as of `_last[row]` and multiplied by decay**(step - last) when read,
-    so an update touches only the prompts in the batch.
+    Arrays are indexed by a row per known prompt (`_row[id]`); an update touches only the prompts in
+    the batch. `visits[row]` counts the update() calls that included the prompt, `last_step[row]` the
+    last of them.
     """
 
     _FLOAT_FIELDS = ("successes", "rollouts", "length_sum", "length_count")
-    _INT_FIELDS = ("last_step", "cum_successes", "cum_rollouts", "ref_successes", "ref_rollouts")
+    _INT_FIELDS = ("last_step", "visits", "cum_successes", "cum_rollouts", "ref_successes", "ref_rollouts")
 
     def __init__(self, prior_alpha: float = 1.0, prior_beta: float = 1.0, decay: float = 1.0) -> None:
         if not (math.isfinite(prior_alpha) and math.isfinite(prior_beta)) or prior_alpha <= 0 or prior_beta <= 0:
@@ -92,11 +96,14 @@ class PromptStats:
                 "they are pseudo-counts of successes and failures, e.g. 0.5 and 0.5"
             )
         if not (0.0 < decay <= 1.0):
-            raise ValueError(f"decay must be in (0, 1] (got {decay}); 1.0 keeps all history, 0.9 halves it in ~7 steps")
+            raise ValueError(
+                f"decay must be in (0, 1] (got {decay}); it multiplies a prompt's history at each of its visits: "
+                "1.0 keeps everything, 0.5 halves the weight of older visits"
+            )
         self.prior_alpha = float(prior_alpha)
         self.prior_beta = float(prior_beta)
         self.decay = float(decay)
-        self.step = 0  # number of update() calls so far: the clock that decay runs on
+        self.step = 0  # number of update() calls so far
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
         self._f = {name: np.zeros(0, dtype=np.float64) for name in self._FLOAT_FIELDS}
@@ -112,7 +119,8 @@ class PromptStats:
         prompt_ids_S: the prompt id of each sample (repeated n_i times, any order);
         correct_S: success of each sample in [0, 1] (map rewards first, e.g. reward > 0);
         response_lengths_S: generated tokens of each sample, >= 0.
-        Every call advances the decay clock by one, so call it once per training step.
+        Call it once per training step: each call is one visit of every prompt it names, and a visit first
+        multiplies that prompt's earlier (decayed) history by `decay`.
         """
         ids = list(prompt_ids)
         correct_S = np.asarray(correct, dtype=np.float64).reshape(-1)
@@ -126,7 +134,11 @@ class PromptStats:
         self.step += 1
         rows_S = np.array([self._row_of(pid) for pid in ids], dtype=np.int64)
         touched = np.unique(rows_S)
-        self._bring_to_now(touched)
+        if self.decay < 1.0:
+            for name in self._FLOAT_FIELDS:
+                self._f[name][touched] *= self.decay
+        self._i["visits"][touched] += 1
+        self._i["last_step"][touched] = self.step
         np.add.at(self._f["successes"], rows_S, correct_S)
         np.add.at(self._f["rollouts"], rows_S, 1.0)
         np.add.at(self._f["length_sum"], rows_S, lengths_S)
@@ -157,25 +169,28 @@ class PromptStats:
                 bigger[: arr.size] = arr
                 store[name] = bigger
 
-    def _bring_to_now(self, rows: np.ndarray) -> None:
-        """Apply the pending decay of `rows` so that their stored values are as of `self.step`."""
-        if self.decay < 1.0:
-            factor = self.decay ** (self.step - self._i["last_step"][rows]).astype(np.float64)
-            for name in self._FLOAT_FIELDS:
-                self._f[name][rows] *= factor
-        self._i["last_step"][rows] = self.step
-
     # ------------------------------------------------------------------ reads
     def counts(self, prompt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(successes_N, rollouts_N): decayed counts as of now, zeros for unseen prompts (no prior)."""
+        """(successes_N, rollouts_N): decayed counts, zeros for unseen prompts (no prior)."""
         rows_N, known_N = self._lookup(prompt_ids)
         succ_N = np.zeros(len(rows_N))
         roll_N = np.zeros(len(rows_N))
         r = rows_N[known_N]
-        factor = self.decay ** (self.step - self._i["last_step"][r]).astype(np.float64)
-        succ_N[known_N] = self._f["successes"][r] * factor
-        roll_N[known_N] = self._f["rollouts"][r] * factor
+        succ_N[known_N] = self._f["successes"][r]
+        roll_N[known_N] = self._f["rollouts"][r]
         return succ_N, roll_N
+
+    def visits(self, prompt_ids: Sequence[str]) -> np.ndarray:
+        """visits_N: update() calls that included each prompt (0 for unseen prompts)."""
+        rows_N, known_N = self._lookup(prompt_ids)
+        out_N = np.zeros(len(rows_N), dtype=np.int64)
+        out_N[known_N] = self._i["visits"][rows_N[known_N]]
+        return out_N
+
+    def success_means(self, prompt_ids: Sequence[str]) -> np.ndarray:
+        """p_N: posterior mean success rate a / (a + b) per prompt (the prior mean for unseen prompts)."""
+        succ_N, roll_N = self.counts(prompt_ids)
+        return (self.prior_alpha + succ_N) / (self.prior_alpha + self.prior_beta + roll_N)
 
     def variance_estimates(
         self,
@@ -244,10 +259,12 @@ class PromptStats:
 
     def load_state_dict(self, state: dict) -> None:
         """Replace all history with `state`; prior and decay stay as constructed (the resumed run's config)."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(
-                f"prompt statistics have state version {state.get('version')!r}, this code reads {STATE_VERSION}"
+                f"prompt statistics have state version {state.get('version')!r}, this code reads 1 and {STATE_VERSION}"
             )
+        if state["version"] == 1:
+            state = _upgrade_v1(state)
         ids = [str(x) for x in state["ids"]]
         validate_prompt_ids(ids)
         n = len(ids)
@@ -260,6 +277,17 @@ class PromptStats:
         self._row = {pid: row for row, pid in enumerate(ids)}
         self._f = {name: np.array(state[name], dtype=np.float64).reshape(n) for name in self._FLOAT_FIELDS}
         self._i = {name: np.array(state[name], dtype=np.int64).reshape(n) for name in self._INT_FIELDS}
+
+
+def _upgrade_v1(state: dict) -> dict:
+    """Version-1 state (decay on the global step clock, applied lazily) as version 2: pending decay applied
+    with the old rule, so the counts are what that run would have read; visits unknown, set to 1 if seen."""
+    decay = float(state["config"]["decay"])
+    factor = [decay ** (int(state["step"]) - int(last)) for last in state["last_step"]]
+    out = dict(state, version=STATE_VERSION, visits=[1 if r > 0 else 0 for r in state["cum_rollouts"]])
+    for name in PromptStats._FLOAT_FIELDS:
+        out[name] = [float(v) * f for v, f in zip(state[name], factor, strict=True)]
+    return out
 
 
 def _check_samples(ids: list, correct_S: np.ndarray, lengths_S: np.ndarray) -> None:
