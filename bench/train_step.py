@@ -11,8 +11,17 @@ Split, each the median of --reps runs in the same processes (TP rows only: at PP
 Two processes run with 1 thread each; one process with 2 threads (the same 2 cores). The tiny model has 3
 layers, so it has no PP=2 row.
 
-    python bench/train_step.py           # writes bench/results/train_step.{json,md}
-    python bench/train_step.py --quick   # tiny model only, 1 rep: a smoke test of the script
+--modulation: the cost of DynaMO modulation with several PPO mini-batches (ALGORITHM.md section 5), as the
+quick start runs it (configs/tiny_cpu.yaml: the tiny model, 64 prompts x 8 samples, 4 mini-batches, temperature
+0.7; one process): the whole RL update of a rollout batch (behaviour log-probs of every mini-batch, then one
+policy_step per mini-batch) with modulation off, with the factors of the pre-update policy (the trainer's old
+behaviour, rebuilt here only: modulated once from the behaviour pass, then stepped without modulation) and
+from the policy being updated (the trainer's), for micro-batches as large as a mini-batch (the quick start:
+the training forward is reused) and half as large (global scope then needs a no-grad pass of the current policy).
+
+    python bench/train_step.py                # writes bench/results/train_step.{json,md}
+    python bench/train_step.py --quick        # tiny model only, 1 rep: a smoke test of the script
+    python bench/train_step.py --modulation   # adds the modulation comparison to the same files
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import json
 import os
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,11 +113,144 @@ def measure(model_kw: dict, tp: int, pp: int, reps: int) -> dict:
     return {**slowest, "tokens": ranks[0]["tokens"], "tokens_per_s": ranks[0]["tokens"] / slowest["step"]}
 
 
+MODULATION_MODES = ("off", "stale", "current")
+QUICK_START = dict(samples=64 * 8, seq=16, mini_batches=4, temperature=0.7, micro_batch_sizes=(512, 64))
+
+
+def _modulation_worker(rank: int, world: int, port: int, out_dir: str, reps: int) -> None:
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from dynamo_mega.config import AlgoConfig, ModelConfig
+    from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.policy import build_policy
+    from dynamo_mega.parallel.train_step import split_micro_batches
+
+    q = QUICK_START
+    kw = {k: v for k, v in MODELS["tiny-0.8M"].items() if k != "batch"} | {"max_position_embeddings": 32}
+    groups = init_parallel(1, seed=0)
+    model, _ = build_policy(ModelConfig(**kw), groups, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    n, s = q["samples"], q["seq"]
+    ids = torch.randint(0, kw["vocab_size"], (n, s), generator=g)
+    mask = torch.ones(n, s, dtype=torch.bool)
+    mask[:, : s // 4] = False  # the prompt part
+    fields = (ids, ids.roll(-1, 1), mask, torch.randn(n, generator=g), torch.zeros(n, s))
+    per_mini = n // q["mini_batches"]
+    result = {}
+    for size in q["micro_batch_sizes"]:
+        plans = [split_micro_batches(*(f[lo : lo + per_mini] for f in fields), size) for lo in range(0, n, per_mini)]
+        times = {mode: [] for mode in MODULATION_MODES}
+        for rep in range(reps + 1):  # rep 0 warms up; modes interleaved so that load drift hits them alike
+            for mode in MODULATION_MODES:
+                t0 = time.perf_counter()
+                _rl_update(model, opt, plans, groups, AlgoConfig(), q["temperature"], mode)
+                if rep:
+                    times[mode].append(time.perf_counter() - t0)
+        # The minimum as well as the median: on a shared 2-core machine other work only ever adds time.
+        result[str(size)] = {m: min(t) for m, t in times.items()}
+        result[str(size)] |= {f"{m}_median": sorted(t)[len(t) // 2] for m, t in times.items()}
+        result[str(size)]["micro_batches_per_mini_batch"] = len(plans[0])
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _rl_update(model, opt, plans, groups, algo, temperature: float, mode: str) -> None:
+    """train.rl_step's update: behaviour log-probs of every mini-batch first, then one policy_step each."""
+    from dynamo_mega.config import ModulationConfig
+    from dynamo_mega.parallel.train_step import old_logprobs, policy_step
+    from dynamo_mega.rl.modulation import modulate_micro_batches
+
+    olds = [old_logprobs(model, micro, groups, temperature) for micro in plans]
+    for micro, old in zip(plans, olds, strict=True):
+        modulation = ModulationConfig(enabled=mode == "current")
+        if mode == "stale":  # the factors of the behaviour policy: logp = logp_old (r_t = 1), its entropy
+            advs, _ = modulate_micro_batches(
+                [mb.advantages for mb in micro], old[0], old[0], old[1], [mb.mask for mb in micro],
+                eps_low=algo.eps_low, eps_high=algo.eps_high,
+            )
+            micro = [replace(mb, advantages=a) for mb, a in zip(micro, advs, strict=True)]
+        policy_step(model, opt, None, micro, groups, algo=algo, temperature=temperature, grad_clip=1.0,
+                    modulation=modulation, old=old)
+
+
+def measure_modulation(reps: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_modulation_worker, args=(1, free_port(), out, reps), nprocs=1, join=True)
+        by_size = json.loads(Path(out, "rank0.json").read_text())
+    rows = []
+    for size, r in by_size.items():
+        rows.append({"micro_batch_size": int(size), **r, "stale_vs_off": r["stale"] / r["off"],
+                     "current_vs_off": r["current"] / r["off"], "current_vs_stale": r["current"] / r["stale"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"setting": QUICK_START, "reps": reps, "rows": rows, "loadavg_1min_at_end": os.getloadavg()[0]}
+
+
+def _step_table(out: dict) -> list[str]:
+    lines = [
+        "| model | TP | PP | tokens/step | old-logprob pass (s) | fwd+bwd (s) | step (s) | optimizer+rest (s) | tokens/s "
+        "| step time vs TP=1 PP=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["rows"]:
+        rest = r["step"] - r["forward"] - r["fwd_bwd"]
+        fmt = lambda v: "-" if v != v else f"{v:.3f}"  # noqa: E731 - NaN: not measurable at PP > 1
+        lines.append(
+            f"| {r['model']} | {r['tp']} | {r['pp']} | {r['tokens']} | {fmt(r['forward'])} | {fmt(r['fwd_bwd'])} | "
+            f"{r['step']:.3f} | {fmt(rest)} | {r['tokens_per_s']:.0f} | {r['step_time_vs_tp1']:.2f}x |"
+        )
+    load = out["loadavg_1min_at_end"]
+    lines.append(f"\nMedian of {out['reps']} runs; 1-minute load average at the end: {load:.1f} on {out['cores']} cores.")
+    return lines
+
+
+def _modulation_table(mod: dict) -> list[str]:
+    q = mod["setting"]
+    lines = [
+        "\n## Modulation with several PPO mini-batches (`--modulation`)\n",
+        f"The RL update of one rollout batch as the quick start runs it: tiny model, {q['samples']} samples x "
+        f"{q['seq']} tokens, {q['mini_batches']} mini-batches (behaviour log-probs of all, then one policy_step "
+        "each), one process, 2 threads. off: no modulation; stale: factors of the pre-update policy (r_t = 1, the "
+        "trainer before it used the current policy); current: factors from the policy being updated (global scope).\n",
+        "| micro-batch size | micro-batches per mini-batch | off (s) | stale (s) | current (s) | stale / off "
+        "| current / off | current / stale |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in mod["rows"]:
+        lines.append(
+            f"| {r['micro_batch_size']} | {r['micro_batches_per_mini_batch']} | {r['off']:.3f} | {r['stale']:.3f} | "
+            f"{r['current']:.3f} | {r['stale_vs_off']:.3f}x | {r['current_vs_off']:.3f}x | {r['current_vs_stale']:.3f}x |"
+        )
+    load = mod["loadavg_1min_at_end"]
+    lines.append(f"\nFastest of {mod['reps']} runs (medians in the JSON); 1-minute load average at the end: {load:.1f}.")
+    return lines
+
+
+def write_results(name: str, **update) -> None:
+    """Merge `update` into bench/results/<name>.json (a --modulation run keeps the step rows and vice versa) and
+    render <name>.md from it."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out.update(update)
+    path.write_text(json.dumps(out, indent=1))
+    lines = _step_table(out) if "rows" in out else []
+    if "modulation" in out:
+        lines += _modulation_table(out["modulation"])
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--modulation", action="store_true", help="only the modulation-cost comparison (tiny model)")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    if args.modulation:
+        write_results("train_step", modulation=measure_modulation(args.reps))
+        return
     models = {"tiny-0.8M": MODELS["tiny-0.8M"]} if args.quick else MODELS
     reps = 1 if args.quick else args.reps
     rows = []
@@ -118,26 +262,10 @@ def main() -> None:
             base = base or r
             rows.append({"model": name, "tp": tp, "pp": pp, **r, "step_time_vs_tp1": r["step"] / base["step"]})
             print(json.dumps(rows[-1]), flush=True)
-    load = os.getloadavg()[0]
-    out = {"rows": rows, "reps": reps, "loadavg_1min_at_end": load, "cores": os.cpu_count(), "torch": torch.__version__}
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"train_step{suffix}.json").write_text(json.dumps(out, indent=1))
-    lines = [
-        "| model | TP | PP | tokens/step | old-logprob pass (s) | fwd+bwd (s) | step (s) | optimizer+rest (s) | tokens/s "
-        "| step time vs TP=1 PP=1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        rest = r["step"] - r["forward"] - r["fwd_bwd"]
-        fmt = lambda v: "-" if v != v else f"{v:.3f}"  # noqa: E731 - NaN: not measurable at PP > 1
-        lines.append(
-            f"| {r['model']} | {r['tp']} | {r['pp']} | {r['tokens']} | {fmt(r['forward'])} | {fmt(r['fwd_bwd'])} | "
-            f"{r['step']:.3f} | {fmt(rest)} | {r['tokens_per_s']:.0f} | {r['step_time_vs_tp1']:.2f}x |"
-        )
-    lines.append(f"\nMedian of {reps} runs; 1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores.")
-    (RESULTS / f"train_step{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(
+        "train_step_quick" if args.quick else "train_step", rows=rows, reps=reps,
+        loadavg_1min_at_end=os.getloadavg()[0], cores=os.cpu_count(), torch=torch.__version__,
+    )
 
 
 if __name__ == "__main__":

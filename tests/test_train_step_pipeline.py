@@ -3,7 +3,8 @@ with global scope on the last stage, clipped loss through Megatron's 1F1B schedu
 between the stages, clipping over both stages, SGD), then old_logprobs and a supervised step, at PP=2 (2 gloo
 processes, 2 layers per stage) equal one process on the same micro-batches, with tied and untied embeddings;
 every stage reports the same stats; the weight bridge's pipeline stream brings every stage's weights to the
-first stage."""
+first stage. Two PPO mini-batches (modulation from the policy being updated: a forward-only pass of the current
+weights for `global` scope, the training forward for `microbatch`) at PP=2 equal PP=1."""
 
 from __future__ import annotations
 
@@ -90,6 +91,43 @@ def test_pipeline_two_stages_equal_one_process(runs):
     for name, value in stages[0]["after"].items():
         assert torch.equal(stages[0]["streamed"][name], value), name
     assert stages[0]["stats"] == stages[1]["stats"] and stages[0]["sft"] == stages[1]["sft"]  # identical on every rank
+
+
+def _two_mini_batches(rank: int, world: int, pp: int, scope: str) -> dict:
+    """Mini-batches of samples 0..5 and 6..11 in micro-batches of MICRO (5 + 1), every behaviour log-prob taken
+    before the first optimizer step, as train.rl_step does."""
+    from megatron.core import parallel_state
+
+    from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.policy import build_policy, export_hf_state
+    from dynamo_mega.parallel.train_step import old_logprobs, policy_step, split_micro_batches
+
+    groups = init_parallel(1, pp, seed=0)
+    model, arch = build_policy(CFG, groups, seed=7)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    batch = _batch()
+    minis = [split_micro_batches(*(x[lo : lo + N // 2] for x in batch), MICRO) for lo in (0, N // 2)]
+    olds = [old_logprobs(model, micro, groups, 1.0) for micro in minis]
+    stats = [
+        policy_step(model, opt, None, micro, groups, algo=AlgoConfig(), temperature=1.0, grad_clip=1.0,
+                    modulation=ModulationConfig(scope=scope), old=old)
+        for micro, old in zip(minis, olds, strict=True)
+    ]
+    out = {"stats": stats, "after": export_hf_state(model, arch, groups)}
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.parametrize("scope", ["global", "microbatch"])
+def test_pipeline_two_mini_batches_equal_one_process(scope):
+    ref = run_gloo(_two_mini_batches, 1, 1, scope)[0]
+    for out in run_gloo(_two_mini_batches, 2, 2, scope):
+        for got, want in zip(out["stats"], ref["stats"], strict=True):
+            assert got.keys() == want.keys() and "modulation_stab_mean" in got
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        for name, value in ref["after"].items():
+            torch.testing.assert_close(out["after"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _tied_main_grad_sum(rank: int, world: int) -> dict:

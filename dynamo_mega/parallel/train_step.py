@@ -5,6 +5,9 @@ Loss normalisation contract (house rule 7): each micro-batch contributes sum(tok
 valid-token count of the whole step on all DP ranks, and gradients are SUM-all-reduced over DP, so any
 micro-batch split and any DP size give the gradient of the same global token mean.
 
+Modulation factors come from the policy being updated, in every PPO mini-batch; the ratio of the loss is against
+the behaviour log-probs (`policy_step`'s `old`).
+
 Pipeline parallelism (PP > 1): the same steps run through Megatron's 1F1B schedule (parallel/pipeline.py); the
 loss, modulation and metrics exist on the last stage and every rank gets the last stage's stats.
 """
@@ -71,8 +74,9 @@ def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: f
 
 @torch.no_grad()
 def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
-    """Pre-update (behaviour-policy) log-probs and entropies, one no-grad pass per micro-batch (at PP > 1 one
-    forward-only pass of the pipeline schedule, the last stage's result on every stage)."""
+    """Log-probs and entropies under the model's present weights, one no-grad pass per micro-batch (at PP > 1 one
+    forward-only pass of the pipeline schedule, the last stage's result on every stage). Called before a rollout
+    batch's first optimizer step, these are the behaviour (pre-update) policy's."""
     model.eval()
     if groups.pp_size > 1:
         return pipeline.broadcast_from_last_stage(_pipeline_old_logprobs(model, micro_batches, groups, temperature), groups)
@@ -128,34 +132,32 @@ def policy_step(
     modulation=None,
     old: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `old`: the
-    pre-update (log-probs, entropies) per micro-batch, required when an earlier optimizer step of the same
-    rollout batch has already changed the weights; computed here otherwise. At PP > 1 the micro-batches go
-    through Megatron's 1F1B schedule (`_pipeline_policy_step`); the stats are the same on every rank."""
+    """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `old`: the behaviour
+    (pre-update) (log-probs, entropies) per micro-batch, taken before the rollout batch's first optimizer step;
+    required when an earlier step has already changed the weights. None: these weights ARE the behaviour policy.
+
+    The PPO ratio is against `old`; the modulation factors (r_t, pi_t, H_t, ALGORITHM.md sections 2 and 5) come
+    from the policy being updated, detached, as in the reference. At PP > 1 the micro-batches go through
+    Megatron's 1F1B schedule (`_pipeline_policy_step`); the stats are the same on every rank."""
     if groups.pp_size > 1:
         return _pipeline_policy_step(
             model, optimizer, scheduler, micro_batches, groups, algo=algo, temperature=temperature,
             grad_clip=grad_clip, modulation=modulation, old=old,
         )
     dp_group = groups.dp_group if groups.dp_size > 1 else None
-    if old is not None:
-        live, (old_logp, entropy) = None, old
-    elif len(micro_batches) == 1:
-        # One micro-batch, one optimizer step: the training forward IS the pre-update pass (same weights),
-        # so reuse it instead of running the model twice.
-        model.train()
-        logp0, entropy0 = token_logprobs(model, micro_batches[0], groups, temperature)
-        live, old_logp, entropy = [logp0], [logp0.detach()], [entropy0.detach()]
-    else:
-        live = None
-        old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
-    advantages, mod_metrics = _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation)
+    # Before any modulation collective, on every path: DP ranks may take different paths below (their
+    # micro-batch counts can differ) and must still issue their DP all-reduces in one order.
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
+    modulate = _modulator(dp_group, algo, modulation)
+    live, old_logp, advantages, mod_metrics = _prepare_modulation(
+        model, micro_batches, groups, temperature, old, modulation, modulate
+    )
     model.train()
     loss_total, metrics = 0.0, []
-    for i, (mb, olp, ent, adv) in enumerate(zip(micro_batches, old_logp, entropy, advantages, strict=True)):
-        logp = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)[0]
-        loss, m = _micro_batch_loss(logp, mb, olp, ent, adv, algo, num_tokens)
+    for i, mb in enumerate(micro_batches):
+        logp, entropy = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)
+        adv = _micro_batch_advantages(i, mb, logp, entropy, old_logp, advantages, modulate, mod_metrics)
+        loss, m = _micro_batch_loss(logp, mb, old_logp[i], entropy, adv, algo, num_tokens)
         loss.backward()
         loss_total += loss.item()
         metrics.append(m)
@@ -163,26 +165,79 @@ def policy_step(
     return _policy_stats(metrics, loss_total, grad_norm, stepped, mod_metrics, dp_group)
 
 
+def _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate):
+    """(live training forwards [(logp, entropy)] or None, behaviour log-probs per micro-batch, token advantages per
+    micro-batch or None, modulation metric sums). Advantages None: each micro-batch is modulated from its own
+    training forward, in the loop (`_micro_batch_advantages`)."""
+    if old is None and len(micro_batches) == 1:
+        # One micro-batch, one optimizer step: the training forward IS the pre-update pass (same weights),
+        # so reuse it instead of running the model twice; current == behaviour, r_t = 1.
+        model.train()
+        logp0, entropy0 = token_logprobs(model, micro_batches[0], groups, temperature)
+        old_logp = [logp0.detach()]
+        advantages, mod_metrics = modulate(micro_batches, old_logp, old_logp, [entropy0.detach()])
+        return [(logp0, entropy0)], old_logp, advantages, mod_metrics
+    if old is None:
+        # The weights are the behaviour policy: one no-grad pass gives logp_old and the (current) factors' inputs.
+        old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
+        advantages, mod_metrics = modulate(micro_batches, old_logp, old_logp, entropy)
+        return None, old_logp, advantages, mod_metrics
+    old_logp = old[0]
+    if not (_global_scope(modulation) and len(micro_batches) > 1):
+        return None, old_logp, None, {}  # the training forward of each micro-batch gives its own factors
+    # Global scope over several micro-batches: the min/max statistics need the CURRENT log-probs and entropies of
+    # every micro-batch before the first backward. Keeping every micro-batch's autograd graph until then would
+    # hold the activations of the whole mini-batch at once (what micro-batching exists to avoid), so pay one
+    # no-grad forward of the current policy instead (measured in bench/results/train_step.md).
+    logp_now, entropy_now = old_logprobs(model, micro_batches, groups, temperature)
+    advantages, mod_metrics = modulate(micro_batches, logp_now, old_logp, entropy_now)
+    return None, old_logp, advantages, mod_metrics
+
+
+def _global_scope(modulation) -> bool:
+    """Modulation on, with statistics over the whole step: one micro-batch's factors depend on every forward."""
+    return modulation is not None and modulation.enabled and modulation.scope == "global"
+
+
+def _micro_batch_advantages(i, mb, logp_BS, entropy_BS, old_logp, advantages, modulate, mod_metrics):
+    """Micro-batch i's token advantages: precomputed, or modulated from this very training forward (detached),
+    with this micro-batch's statistics alone: the `microbatch` scope, or `global` with one micro-batch (then its
+    statistics, all-reduced over DP inside `modulate`, are the step's)."""
+    if advantages is not None:
+        return advantages[i]
+    adv, metrics = modulate([mb], [logp_BS.detach()], [old_logp[i]], [entropy_BS.detach()])
+    for key, value in metrics.items():
+        mod_metrics[key] = mod_metrics.get(key, 0.0) + value
+    return adv[0]
+
+
 def _pipeline_policy_step(
     model, optimizer, scheduler, micro_batches, groups: ParallelGroups, *, algo, temperature, grad_clip, modulation, old
 ) -> dict[str, float]:
-    """policy_step at PP > 1: a forward-only schedule pass for the old log-probs and entropies (unless given),
-    modulation and loss on the last stage, the training pass (1F1B) with the loss in the schedule's loss
-    function, the tied-embedding gradient sum, then the usual DP sync, clipping (over all stages) and step."""
+    """policy_step at PP > 1: a forward-only schedule pass for the old log-probs and entropies unless given (then,
+    with `global` scope, that pass runs on the current weights for the modulation factors: the 1F1B schedule
+    interleaves backwards with forwards, so the statistics cannot wait for its forwards); modulation and loss on
+    the last stage, the training pass (1F1B) with the loss in the schedule's loss function, the tied-embedding
+    gradient sum, then the usual DP sync, clipping (over all stages) and step."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
-    if old is None:
-        old = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)  # each stage's DP group
-    if groups.is_last_stage:
-        old_logp, entropy = old
-        advantages, mod_metrics = _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation)
+    modulate = _modulator(dp_group, algo, modulation)
+    current = None
+    if old is None:
+        old = current = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
+    elif _global_scope(modulation):
+        current = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
+    advantages, mod_metrics = None, {}
+    if groups.is_last_stage and current is not None:
+        advantages, mod_metrics = modulate(micro_batches, current[0], old[0], current[1])
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     losses, metrics = [], []
 
     def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
         mb = micro_batches[i]
-        logp, _ = vocab_parallel_logprobs_entropy(logits_BSV, mb.targets, tp_group, temperature=temperature)
-        loss, m = _micro_batch_loss(logp, mb, old_logp[i], entropy[i], advantages[i], algo, num_tokens)
+        logp, entropy = vocab_parallel_logprobs_entropy(logits_BSV, mb.targets, tp_group, temperature=temperature)
+        adv = _micro_batch_advantages(i, mb, logp, entropy, old[0], advantages, modulate, mod_metrics)
+        loss, m = _micro_batch_loss(logp, mb, old[0][i], entropy, adv, algo, num_tokens)
         losses.append(loss.item())
         metrics.append(m)
         return loss
@@ -197,28 +252,33 @@ def _pipeline_policy_step(
     return pipeline.broadcast_from_last_stage(stats, groups)
 
 
-def _modulated_advantages(micro_batches, old_logp, entropy, dp_group, algo, modulation):
-    """(token advantages per micro-batch, modulation metrics): DynaMO modulation when enabled."""
-    advantages = [mb.advantages for mb in micro_batches]
-    if modulation is None or not modulation.enabled:
-        return advantages, {}
-    return modulate_micro_batches(
-        advantages,
-        old_logp,
-        old_logp,
-        entropy,
-        [mb.mask for mb in micro_batches],
-        scope=modulation.scope,
-        dp_group=dp_group,
-        variant=modulation.variant,
-        eps_low=algo.eps_low,
-        eps_high=algo.eps_high,
-        mu_max=modulation.mu_max,
-        lambda_min=modulation.lambda_min,
-        gamma=modulation.gamma,
-        tau=modulation.tau,
-        segments=[mb.segments for mb in micro_batches],
-    )
+def _modulator(dp_group, algo, modulation):
+    """modulate(micro_batches, logp, old_logp, entropy) -> (token advantages per micro-batch, metric sums): DynaMO
+    modulation when enabled (factors from logp, entropy; r_t = exp(logp - old_logp)), the plain advantages else."""
+
+    def modulate(micro_batches, logp, old_logp, entropy):
+        advantages = [mb.advantages for mb in micro_batches]
+        if modulation is None or not modulation.enabled:
+            return advantages, {}
+        return modulate_micro_batches(
+            advantages,
+            logp,
+            old_logp,
+            entropy,
+            [mb.mask for mb in micro_batches],
+            scope=modulation.scope,
+            dp_group=dp_group,
+            variant=modulation.variant,
+            eps_low=algo.eps_low,
+            eps_high=algo.eps_high,
+            mu_max=modulation.mu_max,
+            lambda_min=modulation.lambda_min,
+            gamma=modulation.gamma,
+            tau=modulation.tau,
+            segments=[mb.segments for mb in micro_batches],
+        )
+
+    return modulate
 
 
 def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: float):

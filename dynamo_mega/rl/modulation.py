@@ -22,22 +22,21 @@ Statistics H_min, H_max, max |dH| are taken over valid tokens of the SCOPE:
   the data-parallel group, so factors do not depend on the micro-batch split or DP size. Every
   sequence must lie whole inside one micro-batch (the centred mean runs along the last dim).
 
-Which log-probs: the factors need logp_t, pi_t = exp(logp_t), H_t and r_t = exp(logp_t - logp_old_t).
-The reference computes them from the CURRENT forward of each training micro-batch (detached). With
-`global` scope the statistics must be complete before the first backward of the optimizer step,
-i.e. before those current forwards exist, so the recommended call uses the pre-update pass that
-already yields logp_old and H for every micro-batch: pass logp = old_logp (then r_t = 1 and I_t =
-[A_t != 0]). On the first forward of a PPO epoch the current policy IS the old one (same logp and
-H, r_t = 1), so with one optimizer step per rollout batch (the default: 1 PPO epoch, mini-batch =
-batch) this equals the reference's quantity exactly, at no extra forward. With several optimizer
-steps per rollout batch, later mini-batches differ from the reference by one or more steps' drift
-of pi_t and H_t and by r_t != 1; tokens that drift pushed out of the clip range get zero policy
-gradient anyway. To reproduce the reference there, use `microbatch` scope with current detached
-values. Under pipeline parallelism all of this runs on the last stage (where logp and H live), with
-that stage's DP group; every rank of a TP group computes the same factors.
+Which log-probs: the factors need logp_t, pi_t = exp(logp_t), H_t and r_t = exp(logp_t - logp_old_t), with
+logp_t and H_t from the policy being updated (detached) and logp_old_t from the behaviour policy, as in the
+reference. parallel/train_step.policy_step does this in every PPO mini-batch (ALGORITHM.md section 5):
+- one optimizer step per rollout batch (the current policy IS the behaviour one): logp = old_logp, r_t = 1,
+  from the pass that already yields logp_old and H (for one micro-batch, the training forward itself);
+- several mini-batches (logp_old of all of them taken before the rollout batch's first step): `microbatch`
+  scope, or one micro-batch, modulates each micro-batch from its own training forward, at no extra cost;
+  `global` scope over several micro-batches needs every micro-batch's current values before the first
+  backward, so a no-grad forward of the current policy runs first (at PP > 1 a forward-only schedule pass,
+  for any number of micro-batches) rather than keeping the graphs of the whole mini-batch alive.
+Under pipeline parallelism all of this runs on the last stage (where logp and H live), with that stage's DP
+group; every rank of a TP group computes the same factors.
 
 Call sequence for one optimizer step with micro-batches m (see `modulate_micro_batches`):
-    dh[m]    = entropy_change(old_logp[m], old_logp[m], entropy[m], adv[m], mask[m], ...)
+    dh[m]    = entropy_change(logp[m], old_logp[m], entropy[m], adv[m], mask[m], ...)
     part[m]  = modulation_stats(entropy[m], dh[m], mask[m])
     stats    = reduce_modulation_stats(part, dp_group)           # global scope only
     adv2[m], metrics[m] = modulate_advantages(adv[m], entropy[m], dh[m], mask[m], stats or part[m], ...)
