@@ -1,12 +1,19 @@
-"""A/B on the tiny CPU task: DynaMO allocation (`optimal`) vs uniform GRPO allocation at the same rollout budget.
+"""DynaMO's effect, side by side in one run: uniform GRPO, DAPO dynamic sampling and the allocation modes, at an
+equal rollout budget per step, on a mixed-difficulty task (chains of 2 to 4 single-digit operands).
 
-Runs the real main job (`dynamo-mega train`, Megatron + vLLM + math-verify) once per (seed, mode), identical
-except for `allocation.mode`; the seed fixes the initial weights, the warm-up and the prompt order, so each
-pair starts RL from the same policy. Held-out greedy accuracy is recorded every `--eval-every` RL steps against
-the rollouts consumed so far (both modes spend exactly prompts_per_step x samples_per_prompt per step).
+Runs the real main job (`dynamo-mega train`, Megatron + vLLM + math-verify) once per (seed, arm), identical except
+for the arm's settings; the seed fixes the initial weights, the warm-up and the prompt order, so every arm of a seed
+starts RL from the same policy: the seed's warm-up runs once and is saved as an HF folder (warmup.save_hf_dir) that
+every arm loads (model.hf_checkpoint). Arms:
+    uniform, dapo, reference, optimal, probing   (allocation.mode; modulation on)
+    uniform_nomod                                 (allocation.mode=uniform, modulation.enabled=false)
+Rollouts consumed count EVERY generated sample (probes and DAPO's dropped groups included), from the trainer's own
+per-step `rollouts_generated` / `tokens_generated` metrics. The accuracy threshold is fixed by a stated rule before
+looking at the other arms: --threshold-frac (0.9) of uniform GRPO's mean final held-out accuracy.
 
-    python bench/allocation_ab.py                 # 3 seeds x 2 modes; writes bench/results/allocation_ab.{json,md}
-    python bench/allocation_ab.py --quick         # 1 seed, a few steps: a smoke test of the script
+    python bench/allocation_ab.py                    # 3 seeds x 6 arms; writes bench/results/allocation_ab.{json,md}
+    python bench/allocation_ab.py --quick            # 1 seed, 2 arms, a few steps: a smoke test of the script
+    python bench/allocation_ab.py --collect DIR      # tabulate finished runs found as DIR/<arm>_<seed>/
 """
 
 from __future__ import annotations
@@ -17,107 +24,271 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-MODES = ("uniform", "optimal")
+ARMS = {
+    "uniform": ["allocation.mode=uniform"],
+    "dapo": ["allocation.mode=dapo"],
+    "reference": ["allocation.mode=reference"],
+    "optimal": ["allocation.mode=optimal"],
+    "probing": ["allocation.mode=probing"],
+    "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
+}
+# The task: configs/tiny_cpu.yaml with chains of 2..4 operands in equal shares (level = operand count), a small train
+# split so that every prompt is revisited every ~6 steps (history-based modes need history), and a warm-up that stops
+# once 2-operand chains are mostly solved: at RL start many groups are all-correct AND many all-wrong.
+TASK = [
+    "data.num_operands=2",
+    "data.max_operands=4",
+    "data.num_train=360",
+    "data.num_eval=240",
+    "warmup.stop_accuracy=0.35",
+    "rollout.samples_per_prompt=8",
+    "allocation.n_low=4",
+    "allocation.n_high=16",
+]
 
 
-def run_one(out: Path, seed: int, mode: str, steps: int, eval_every: int, config: str, overrides: list[str]) -> dict:
+def _train(out: Path, seed: int, args, extra: list[str]) -> None:
     cmd = [
-        sys.executable, "-m", "dynamo_mega.cli", "train", config, f"run.output_dir={out}", f"run.seed={seed}",
-        f"allocation.mode={mode}", f"run.steps={steps}", f"run.eval_every={eval_every}", "run.max_minutes=0",
-        "run.progress=false", "checkpoint.resume=none", *overrides,
+        sys.executable,
+        "-m",
+        "dynamo_mega.cli",
+        "train",
+        args.config,
+        f"run.output_dir={out}",
+        f"run.seed={seed}",
+        f"run.eval_every={args.eval_every}",
+        "run.max_minutes=0",
+        "run.progress=false",
+        "checkpoint.resume=none",
+        *TASK,
+        *extra,
+        *args.override,
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"run {mode} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    return collect(out, seed, mode)
+        raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
 
 
-def collect(out: Path, seed: int, mode: str) -> dict:
-    """Accuracy vs rollouts consumed, and the budget share on zero-variance groups, from a finished run."""
+def warm_start(seed: int, args) -> Path:
+    """The seed's supervised warm-up, run once and saved as an HF folder that every arm of the seed starts from."""
+    folder = Path(args.work) / f"warm_{seed}_hf"
+    if not (folder / "model.safetensors").is_file():
+        _train(Path(args.work) / f"warm_{seed}", seed, args, ["run.steps=0", f"warmup.save_hf_dir={folder}"])
+    return folder
+
+
+def run_one(out: Path, seed: int, arm: str, args) -> dict:
+    t0 = time.time()
+    start = [f"model.hf_checkpoint={warm_start(seed, args)}", "warmup.enabled=false"]
+    _train(out, seed, args, [f"run.steps={args.steps}", *start, *ARMS[arm]])
+    return collect(out, seed, arm) | {"wall_s": time.time() - t0}
+
+
+def collect(out: Path, seed: int, arm: str) -> dict:
+    """The curve (held-out accuracy against rollouts and tokens consumed) and per-step allocation facts of a run."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    samples = {r["step"]: r["samples"] for r in records if r["phase"] == "train"}
+    train = [r for r in records if r["phase"] == "train"]
     curve = []
     for r in records:
         if r["phase"] == "eval":
-            curve.append({"step": r["step"], "rollouts": sum(n for s, n in samples.items() if s <= r["step"]),
-                          "accuracy": r["accuracy"]})
-    train = [r for r in records if r["phase"] == "train"]
-    waste = statistics.mean(r["frac_budget_all_correct"] + r["frac_budget_all_wrong"] for r in train)
-    return {"seed": seed, "mode": mode, "curve": curve, "budget_on_zero_variance_groups": waste}
+            done = [x for x in train if x["step"] <= r["step"]]
+            levels = {k: v for k, v in r.items() if k.startswith("accuracy_level_")}
+            curve.append(
+                {
+                    "step": r["step"],
+                    "accuracy": r["accuracy"],
+                    **levels,
+                    "rollouts": sum(x["rollouts_generated"] for x in done),
+                    "tokens": sum(x["tokens_generated"] for x in done),
+                }
+            )
+
+    def mean(key: str) -> float | None:
+        vals = [x[key] for x in train if key in x]
+        return statistics.mean(vals) if vals else None
+
+    def spread(key: str) -> float | None:
+        vals = [x[key] for x in train if key in x]
+        return statistics.pstdev(vals) if len(vals) > 1 else None
+
+    return {
+        "seed": seed,
+        "arm": arm,
+        "curve": curve,
+        "budget_on_zero_variance_groups": mean("frac_budget_all_correct") + mean("frac_budget_all_wrong"),
+        "first_step_frac_all_correct": train[0]["frac_prompts_all_correct"] if train else None,
+        "first_step_frac_all_wrong": train[0]["frac_prompts_all_wrong"] if train else None,
+        "grad_var_proxy": mean("grad_var_proxy"),
+        "n_std": mean("n_std"),
+        "estimate_abs_error": mean("estimate_abs_error"),
+        "entropy_mean": mean("entropy"),
+        "entropy_std": spread("entropy"),
+        "grad_norm_mean": mean("grad_norm"),
+        "grad_norm_std": spread("grad_norm"),
+        "grad_norm_max": max((x["grad_norm"] for x in train), default=None),
+        "rl_s": sum(x.get("time_rollout", 0) + x.get("time_reward", 0) + x["time_train"] + x["time_sync"] for x in train),
+    }
+
+
+def rollouts_to_reach(run: dict, threshold: float) -> float | None:
+    """Rollouts consumed at the first evaluation whose accuracy reaches the threshold (None: never reached)."""
+    return next((p["rollouts"] for p in run["curve"] if p["accuracy"] >= threshold), None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
-    # Per-prompt history exists only from a prompt's second visit: a smaller train split gives it more epochs.
-    ap.add_argument("--override", nargs="*", default=["data.num_train=1024"], help="extra dotted config overrides")
+    ap.add_argument("--override", nargs="*", default=[], help="extra dotted config overrides, after the task's")
+    ap.add_argument("--threshold-frac", type=float, default=0.9)
+    ap.add_argument("--work", default="runs/bench_allocation_ab", help="run folders (kept, for --collect)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--collect", default=None, help="only tabulate finished runs found as DIR/<mode>_<seed>/")
+    ap.add_argument("--collect", default=None, help="only tabulate finished runs found as DIR/<arm>_<seed>/")
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.steps, args.eval_every = [1], 2, 1
+        args.seeds, args.arms, args.steps, args.eval_every = [1], ["uniform", "probing"], 2, 1
     runs = []
     if args.collect:
         for seed in args.seeds:
-            for mode in MODES:
-                if (Path(args.collect) / f"{mode}_{seed}" / "summary.json").is_file():
-                    runs.append(collect(Path(args.collect) / f"{mode}_{seed}", seed, mode))
-        args.seeds = sorted({r["seed"] for r in runs})
+            for arm in args.arms:
+                if (Path(args.collect) / f"{arm}_{seed}" / "summary.json").is_file():
+                    runs.append(collect(Path(args.collect) / f"{arm}_{seed}", seed, arm))
     else:
-        run_all(args, runs)
+        for seed in args.seeds:
+            for arm in args.arms:
+                runs.append(run_one(Path(args.work) / f"{arm}_{seed}", seed, arm, args))
+                print(json.dumps({"seed": seed, "arm": arm, "final": runs[-1]["curve"][-1]}), flush=True)
     report(args, runs)
 
 
-def run_all(args, runs: list[dict]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for mode in MODES:
-                runs.append(run_one(
-                    Path(tmp) / f"{mode}_{seed}", seed, mode, args.steps, args.eval_every, args.config, args.override
-                ))
-                print(json.dumps({k: runs[-1][k] for k in ("seed", "mode")} | {"final": runs[-1]["curve"][-1]}), flush=True)
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def report(args, runs: list[dict]) -> None:
-    steps = sorted({p["step"] for r in runs for p in r["curve"]})
-    table = []
-    for step in steps:
-        row = {"step": step}
-        for mode in MODES:
-            accs = [p["accuracy"] for r in runs if r["mode"] == mode for p in r["curve"] if p["step"] == step]
-            rollouts = [p["rollouts"] for r in runs if r["mode"] == mode for p in r["curve"] if p["step"] == step]
-            row[mode] = {"mean": statistics.mean(accs), "per_seed": accs, "rollouts": rollouts[0] if rollouts else None}
-        table.append(row)
-    out = {"args": vars(args), "runs": runs, "table": table, "loadavg_1min_at_end": os.getloadavg()[0]}
+    arms = [a for a in args.arms if any(r["arm"] == a for r in runs)]
+    by_arm = {a: [r for r in runs if r["arm"] == a] for a in arms}
+    base = by_arm.get("uniform") or runs
+    threshold = args.threshold_frac * statistics.mean(r["curve"][-1]["accuracy"] for r in base)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    summary = {}
+    for arm, rs in by_arm.items():
+        reach = [rollouts_to_reach(r, threshold) for r in rs]
+        finals = [r["curve"][-1]["accuracy"] for r in rs]
+        summary[arm] = {
+            "rollouts_to_threshold_per_seed": reach,
+            "rollouts_to_threshold_mean": statistics.mean(reach) if all(x is not None for x in reach) else None,
+            "final_accuracy_mean": statistics.mean(finals),
+            "final_accuracy_per_seed": finals,
+            "final_rollouts_mean": statistics.mean(r["curve"][-1]["rollouts"] for r in rs),
+            "final_tokens_mean": statistics.mean(r["curve"][-1]["tokens"] for r in rs),
+            **{
+                k: statistics.mean(r[k] for r in rs) if all(r[k] is not None for r in rs) else None
+                for k in (
+                    "budget_on_zero_variance_groups",
+                    "grad_var_proxy",
+                    "n_std",
+                    "estimate_abs_error",
+                    "entropy_mean",
+                    "entropy_std",
+                    "grad_norm_mean",
+                    "grad_norm_std",
+                    "grad_norm_max",
+                    "first_step_frac_all_correct",
+                    "first_step_frac_all_wrong",
+                )
+            },
+        }
+    uni = summary.get("uniform", {}).get("rollouts_to_threshold_mean")
+    for s in summary.values():
+        mine = s["rollouts_to_threshold_mean"]
+        s["rollouts_to_threshold_vs_uniform"] = mine / uni if mine is not None and uni else None
+    out = {
+        "args": vars(args),
+        "task_overrides": TASK,
+        "commit": commit,
+        "dirty_tree": dirty,
+        "threshold": threshold,
+        "summary": summary,
+        "runs": runs,
+        "loadavg_1min_at_end": os.getloadavg()[0],
+    }
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
     (RESULTS / f"allocation_ab{suffix}.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"allocation_ab{suffix}.md").write_text(markdown(args, out, by_arm) + "\n")
+    print(markdown(args, out, by_arm))
+
+
+def markdown(args, out: dict, by_arm: dict) -> str:
+    s, thr = out["summary"], out["threshold"]
     lines = [
-        f"Held-out greedy accuracy (mean of seeds {args.seeds}; per-seed values in brackets), {args.config} "
-        f"with {' '.join(args.override)}.",
+        f"# Allocation A/B: {len(args.seeds)} seeds x {len(by_arm)} arms (commit {out['commit']}"
+        f"{', uncommitted changes' if out['dirty_tree'] else ''})",
         "",
-        "| RL step | rollouts consumed | uniform | optimal (DynaMO) | optimal - uniform |",
-        "|---|---|---|---|---|",
+        f"Task: {args.config} with {' '.join(TASK + list(args.override))}; {args.steps} RL steps, 64 prompts x 8 rollouts "
+        "budget per step; held-out greedy accuracy on 240 prompts (80 per level) every "
+        f"{args.eval_every} steps. Rollouts count every generated sample (probes, DAPO's dropped groups). Loss: global "
+        "token mean (a prompt's weight grows with its n_i; ALGORITHM.md section 4).",
+        "",
+        f"Threshold: {args.threshold_frac} x uniform's mean final accuracy = {thr:.3f}.",
+        "",
+        "| arm | rollouts to threshold (per seed) | mean | vs uniform | final acc (per seed) | rollouts consumed | "
+        "tokens generated | budget on zero-var groups | grad-var proxy | mean n_std | estimate error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in table:
-        u, o = row["uniform"], row["optimal"]
+    for arm, x in s.items():
+        per = ", ".join("not reached" if v is None else f"{v:.0f}" for v in x["rollouts_to_threshold_per_seed"])
+        mean = "not reached by all" if x["rollouts_to_threshold_mean"] is None else f"{x['rollouts_to_threshold_mean']:.0f}"
+        finals = ", ".join(f"{a:.3f}" for a in x["final_accuracy_per_seed"])
         lines.append(
-            f"| {row['step']} | {u['rollouts']} | {u['mean']:.3f} {[round(a, 3) for a in u['per_seed']]} | "
-            f"{o['mean']:.3f} {[round(a, 3) for a in o['per_seed']]} | {o['mean'] - u['mean']:+.3f} |"
+            f"| {arm} | {per} | {mean} | {_fmt(x['rollouts_to_threshold_vs_uniform'], 2)} | {x['final_accuracy_mean']:.3f} "
+            f"({finals}) | {x['final_rollouts_mean']:.0f} | {x['final_tokens_mean']:.0f} | "
+            f"{_fmt(x['budget_on_zero_variance_groups'])} | {_fmt(x['grad_var_proxy'], 4)} | {_fmt(x['n_std'], 2)} | "
+            f"{_fmt(x['estimate_abs_error'])} |"
         )
-    for mode in MODES:
-        waste = statistics.mean(r["budget_on_zero_variance_groups"] for r in runs if r["mode"] == mode)
-        lines.append(f"\n{mode}: mean share of the rollout budget spent on all-correct or all-wrong groups: {waste:.3f}")
-    (RESULTS / f"allocation_ab{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", "## Held-out accuracy against rollouts consumed (mean over seeds; per level 2 / 3 / 4 operands)", ""]
+    lines += ["| arm | step | rollouts | tokens | accuracy | level 2 | level 3 | level 4 |", "|---|---|---|---|---|---|---|---|"]
+    for arm, rs in by_arm.items():
+        for i, p in enumerate(rs[0]["curve"]):
+            pts = [r["curve"][i] for r in rs if len(r["curve"]) > i]
+            avg = {k: statistics.mean(q.get(k, float("nan")) for q in pts) for k in p if k != "step"}
+            lv = " | ".join(_fmt(avg.get(f"accuracy_level_{n}")) for n in (2, 3, 4))
+            lines.append(f"| {arm} | {p['step']} | {avg['rollouts']:.0f} | {avg['tokens']:.0f} | {avg['accuracy']:.3f} | {lv} |")
+    lines += [
+        "",
+        "## Modulation on vs off (uniform allocation), mean over seeds",
+        "",
+        "| arm | final acc | entropy mean | entropy std over steps | grad norm mean | grad norm std | grad norm max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in ("uniform", "uniform_nomod"):
+        if arm in s:
+            x = s[arm]
+            lines.append(
+                f"| {arm} | {x['final_accuracy_mean']:.3f} | {_fmt(x['entropy_mean'])} | {_fmt(x['entropy_std'])} | "
+                f"{_fmt(x['grad_norm_mean'])} | {_fmt(x['grad_norm_std'])} | {_fmt(x['grad_norm_max'])} |"
+            )
+    u = s.get("uniform", {})
+    lines += [
+        "",
+        f"At the first RL step (uniform arm, mean over seeds): all-correct prompts {_fmt(u.get('first_step_frac_all_correct'))}, "
+        f"all-wrong {_fmt(u.get('first_step_frac_all_wrong'))}.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class DataConfig:
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
+    difficulty_key: str | None = None  # source=file: a field labelling each row's difficulty (held-out accuracy per label)
     drop_bad_rows: bool = False  # source=file: skip rows without an answer and exact repeats (counts printed)
     prompt_format: str = "chat"  # source=file: chat (system + user turn through the tokenizer's chat template) | raw
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # chat; "" for none
@@ -70,6 +71,7 @@ class DataConfig:
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
     num_operands: int = 3  # synthetic only: a+b-c... chains
+    max_operands: int = 0  # synthetic only: > num_operands mixes chain lengths num_operands..max_operands (difficulty levels)
     operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
     reverse_answer: bool = False  # synthetic only: answer digits ones-first (58+89=? -> 741); needs operators "+"
     show_work: str = "running_totals"  # synthetic only: none | bare | running_totals | column_digits (tasks/arithmetic.py)
@@ -100,17 +102,28 @@ class RolloutConfig:
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
 
+ALLOCATION_MODES = ("uniform", "reference", "optimal", "probing", "dapo")
+
+
 @dataclass
 class AllocationConfig:
-    """DynaMO rollout allocation (ALGORITHM.md section 1): each prompt's own n_i, summing to
-    prompts_per_step * samples_per_prompt per step."""
+    """How many rollouts each prompt of a step gets. The budget is prompts_per_step * samples_per_prompt
+    rollouts per step; n_low <= n_i <= n_high (ALGORITHM.md sections 1 and 4)."""
 
-    mode: str = "optimal"  # uniform (GRPO) | reference (paper's code) | optimal (exact minimiser, with prior)
-    n_low: int = 8
-    n_high: int = 24
-    prior_alpha: float = 0.5  # Beta prior on each prompt's success rate (optimal mode)
+    # uniform: GRPO, samples_per_prompt each | reference: the paper's code (cumulative, epoch-stale history)
+    # | optimal: exact Neyman allocation from per-prompt history | probing: n_low probes per prompt first, scored,
+    # then the rest of the same step's budget by `optimal` on history + probes | dapo: DAPO dynamic sampling,
+    # the practitioners' baseline: samples_per_prompt each, groups with all-equal rewards dropped, more prompts
+    # drawn until prompts_per_step groups are kept (at most dapo_max_rounds generation rounds per step)
+    mode: str = "probing"
+    n_low: int = 4
+    n_high: int = 16
+    prior_alpha: float = 0.5  # Beta prior on each prompt's success rate (optimal, probing)
     prior_beta: float = 0.5
-    decay: float = 0.95  # per-step decay of old outcomes (1.0: keep everything; the policy drifts)
+    # Multiplies a prompt's earlier history each time the prompt is visited again (1.0: keep everything).
+    # A visit, not a global step, is what lets the policy move away from what the history says.
+    decay: float = 0.8
+    dapo_max_rounds: int = 3  # dapo: generation rounds per step; a step still short of groups trains on what it kept
 
 
 @dataclass
@@ -163,6 +176,7 @@ class WarmupConfig:
     lr: float = 1e-3
     eval_every: int = 20
     stop_accuracy: float = 0.10  # stop once held-out greedy accuracy reaches this
+    save_hf_dir: str | None = None  # write the warmed-up policy here as an HF folder (a start other runs can share)
 
 
 @dataclass
@@ -383,12 +397,22 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
     _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
     al = cfg.allocation
-    _require(al.mode in ("uniform", "reference", "optimal"), f"allocation.mode={al.mode!r}: use uniform, reference or optimal")
+    _require(al.mode in ALLOCATION_MODES, f"allocation.mode={al.mode!r}: use one of {', '.join(ALLOCATION_MODES)}")
     _require(
         1 <= al.n_low <= r.samples_per_prompt <= al.n_high,
         f"allocation bounds must satisfy 1 <= allocation.n_low ({al.n_low}) <= rollout.samples_per_prompt "
         f"({r.samples_per_prompt}) <= allocation.n_high ({al.n_high})",
     )
+    if al.mode in ("reference", "optimal", "probing"):
+        # A budget at either bound forces every n_i to it: the allocator would silently be uniform GRPO.
+        _require(
+            al.n_low < r.samples_per_prompt < al.n_high,
+            f"allocation.mode={al.mode} has no room to reallocate: rollout.samples_per_prompt={r.samples_per_prompt} "
+            f"must lie strictly between allocation.n_low={al.n_low} and allocation.n_high={al.n_high} "
+            f"(e.g. n_low={max(1, r.samples_per_prompt // 2)}, n_high={2 * r.samples_per_prompt}), "
+            "or use allocation.mode=uniform",
+        )
+    _require(al.dapo_max_rounds >= 1, f"allocation.dapo_max_rounds={al.dapo_max_rounds} must be >= 1")
     _require(0 < al.decay <= 1, f"allocation.decay={al.decay} must be in (0, 1]")
     _require(al.prior_alpha > 0 and al.prior_beta > 0, "allocation.prior_alpha and prior_beta must be > 0")
     a = cfg.algo

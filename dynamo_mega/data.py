@@ -25,6 +25,7 @@ class Prompt:
     id: str
     prompt: str  # text given to the tokenizer (already rendered for this task)
     answer: str  # ground truth compared by the reward
+    difficulty: str = ""  # optional label (synthetic: operand count; files: data.difficulty_key) for per-level metrics
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -78,7 +79,9 @@ def drop_bad_rows(rows: list[dict], *, prompt_key: str, answer_key: str, source:
     return kept
 
 
-def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str) -> list[Prompt]:
+def records_to_prompts(
+    rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str, difficulty_key: str | None = None
+) -> list[Prompt]:
     """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text.
     Missing or duplicate ids fail the whole dataset (rl/prompt_stats.validate_prompt_ids names the rows)."""
     texts, answers, ids = [], [], []
@@ -100,7 +103,8 @@ def records_to_prompts(rows: list[dict], *, prompt_key: str, answer_key: str, id
     except ValueError as exc:
         hint = "" if id_key is None else " Or set data.id_key=null to hash the prompt text."
         raise ValueError(f"{source}: {exc}{hint}") from None
-    return [Prompt(str(pid), text, answer) for pid, text, answer in zip(ids, texts, answers, strict=True)]
+    levels = ["" if difficulty_key is None or row.get(difficulty_key) is None else str(row[difficulty_key]) for row in rows]
+    return [Prompt(str(pid), text, answer, level) for pid, text, answer, level in zip(ids, texts, answers, levels, strict=True)]
 
 
 def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
@@ -114,13 +118,14 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             seed=cfg.seed,
             operators=cfg.operators,
             reverse_answer=cfg.reverse_answer,
+            max_operands=cfg.max_operands,
         )
-        keys = dict(prompt_key="prompt", answer_key="answer", id_key="id")
+        keys = dict(prompt_key="prompt", answer_key="answer", id_key="id", difficulty_key="level")
         return (
             records_to_prompts(train, source="synthetic train", **keys),
             records_to_prompts(held_out, source="synthetic eval", **keys),
         )
-    keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key)
+    keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key, difficulty_key=cfg.difficulty_key)
 
     def read(path: str) -> list[Prompt]:
         rows = _read_rows(Path(path))
@@ -140,7 +145,7 @@ def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Pr
             {"role": "user", "content": p.prompt}
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append(Prompt(p.id, text, p.answer))
+        out.append(Prompt(p.id, text, p.answer, p.difficulty))
     return out
 
 

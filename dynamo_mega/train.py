@@ -30,8 +30,9 @@ from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_p
 from dynamo_mega.parallel.pipeline_broadcast import StageCarrier
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
 from dynamo_mega.parallel.weight_bridge import BucketBuffers
+from dynamo_mega.rl import step_rollouts
 from dynamo_mega.rl.advantage import group_advantages
-from dynamo_mega.rl.allocation import allocate, allocation_metrics
+from dynamo_mega.rl.allocation import allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.reward import MathVerifyReward
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, response_texts, to_token_batch
@@ -151,6 +152,29 @@ def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
     )
 
 
+def save_hf_snapshot(t: Trainer, directory: Path) -> None:
+    """The current policy as a Hugging Face model folder (config.json, model.safetensors, tokenizer), e.g. a warmed-up
+    start that several runs share through model.hf_checkpoint. Written to a sibling folder and renamed into place, so
+    the folder is complete or absent. Collective (the export gathers TP shards)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    hf_state = export_hf_state(t.model, t.arch, t.groups)
+    if not t.groups.is_driver:
+        return
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = hf_config_dict(t.arch, t.cfg.model.params_dtype, t.tokenizer.eos_token_id)
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(hf_state, str(partial / "model.safetensors"))
+    t.tokenizer.save_pretrained(str(partial))
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    print(f"dynamo-mega: saved the warmed-up policy to {directory}", flush=True)
+
+
 def sync_weights(t: Trainer) -> None:
     """After an optimizer step: a new policy version, pushed into the engine."""
     t.version += 1
@@ -208,7 +232,11 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
         )
         correct = t.reward.correctness(response_texts(batch, t.tokenizer), batch.answers)
         acc = sum(correct) / max(len(correct), 1)
-        t.logger.log(step, {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}, phase=phase)
+        record = {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}
+        for level in sorted({p.difficulty for p in prompts} - {""}):  # held-out accuracy per difficulty label
+            hits = [c for c, p in zip(correct, prompts, strict=True) if p.difficulty == level]
+            record[f"accuracy_level_{level}"] = sum(hits) / len(hits)
+        t.logger.log(step, record, phase=phase)
         return acc
 
     return with_engine(t, run)
@@ -235,36 +263,61 @@ def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
     return with_engine(t, run)
 
 
-def collect_rollouts(t: Trainer, prompts: list[Prompt], step: int) -> tuple[RolloutBatch, dict[str, float]]:
-    """Generate counts[i] samples per prompt and score each against ITS OWN prompt's answer (driver).
-    Returns the batch (on every rank) and the driver's time split {time_rollout, time_reward}."""
+def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step_rollouts.StepRollouts, dict[str, float]]:
+    """This step's prompts and rollouts by allocation.mode (rl/step_rollouts.py), each sample scored against ITS
+    OWN prompt's answer (driver); the result, and the sampler's new cursor, on every rank. Returns it with the
+    driver's time split {time_rollout, time_reward}."""
+    r, al = t.cfg.rollout, t.cfg.allocation
+    cursor = sampler.state_dict()
 
-    def run() -> tuple[RolloutBatch, dict[str, float]]:
-        t0 = time.time()
-        r, al = t.cfg.rollout, t.cfg.allocation
-        budget = r.samples_per_prompt * len(prompts)
-        counts = allocate([p.id for p in prompts], t.stats, budget=budget, n_low=al.n_low, n_high=al.n_high, mode=al.mode)
-        sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
-        batch = generate(t, prompts, counts, **sampling, seed=r.seed + 1_000_003 * step)
-        t1 = time.time()
-        texts = response_texts(batch, t.tokenizer)
-        batch.rewards = t.reward(texts, batch.answers)
-        _log_samples(t, step, batch, texts)
-        return batch, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
+    def run():
+        sampler.load_state_dict(cursor)  # a retry after an engine restart draws the same prompts again
+        t0, reward_s = time.time(), 0.0
 
-    batch, timing = with_engine(t, run)
+        def draw(k: int) -> list[Prompt]:
+            return [t.train_set[i] for i in sampler.next_batch(k)]
+
+        def generate_scored(prompts: list[Prompt], counts: list[int], round_no: int) -> RolloutBatch:
+            nonlocal reward_s
+            sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+            batch = generate(t, prompts, counts, **sampling, seed=r.seed + 1_000_003 * step + 7_919 * round_no)
+            t1 = time.time()
+            batch.rewards = t.reward(response_texts(batch, t.tokenizer), batch.answers)
+            reward_s += time.time() - t1
+            return batch
+
+        prompts, budget = draw(r.prompts_per_step), r.prompts_per_step * r.samples_per_prompt
+        bounds = dict(budget=budget, n_low=al.n_low, n_high=al.n_high)
+        if al.mode == "probing":
+            out = step_rollouts.probing(prompts, t.stats, generate_scored, **bounds)
+        elif al.mode == "dapo":
+            out = step_rollouts.dapo(
+                prompts, draw, generate_scored, samples_per_prompt=r.samples_per_prompt,
+                max_rounds=al.dapo_max_rounds, min_groups=t.cfg.optim.mini_batches,
+            )
+        else:
+            out = step_rollouts.allocated(prompts, t.stats, generate_scored, mode=al.mode, **bounds)
+        _log_samples(t, step, out.batch)
+        timing = {"time_rollout": time.time() - t0 - reward_s, "time_reward": reward_s}
+        return out, sampler.state_dict(), timing
+
+    out, cursor, timing = with_engine(t, run)
+    sampler.load_state_dict(cursor)
     if t.engine is not None:
         t.engine.sleep()  # colocated on GPU: the trainer gets the memory until the weight sync wakes it
+    timing.update(step_rollouts.step_metrics(t.stats, out))
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
-    t.stats.update(batch.prompt_ids, [float(x > 0) for x in batch.rewards], [len(x) for x in batch.response_tokens])
-    return batch, timing
+    b = out.batch
+    t.stats.update(b.prompt_ids, [float(x > 0) for x in b.rewards], [len(x) for x in b.response_tokens])
+    return out, timing
 
 
-def _log_samples(t: Trainer, step: int, batch: RolloutBatch, texts: list[str]) -> None:
+def _log_samples(t: Trainer, step: int, batch: RolloutBatch) -> None:
     """The first `run.log_samples` rollouts of the step, for reading what the policy writes."""
     keep = min(t.cfg.run.log_samples, len(batch))
     if keep == 0:
         return
+    texts = t.tokenizer.batch_decode(batch.response_tokens[:keep], skip_special_tokens=True)
     prompts = t.tokenizer.batch_decode(batch.prompt_tokens[:keep], skip_special_tokens=True)
     with (t.run_dir / "samples.jsonl").open("a") as f:
         for i in range(keep):
@@ -431,6 +484,8 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
         if cfg.warmup.enabled:
             summary["warmup_steps"] = supervised_warmup(t)
             sync_weights(t)
+            if cfg.warmup.save_hf_dir:
+                save_hf_snapshot(t, Path(cfg.warmup.save_hf_dir))
         summary["accuracy_before_rl"] = evaluate(t, 0)
         return 0, -1, summary, 0.0
     state = load_checkpoint(path, t.model, t.optimizer, t.groups)
@@ -473,10 +528,9 @@ def train(cfg: Config) -> dict:
             if sampler.epoch != epoch:  # the reference mode re-reads its history once per epoch
                 epoch = sampler.epoch
                 t.stats.refresh_priorities()
-            prompts = [t.train_set[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
-            batch, timing = collect_rollouts(t, prompts, step)
+            rollouts, timing = collect_rollouts(t, sampler, step)
             t1 = time.time()
-            stats = rl_step(t, batch)
+            stats = rl_step(t, rollouts.batch)
             t2 = time.time()
             sync_weights(t)
             t.skipped_steps += int(stats["skipped_step"])  # non-finite loss/grad norm: update dropped, counted

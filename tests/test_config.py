@@ -42,6 +42,11 @@ def test_resolved_config_round_trips(tmp_path):
         (["parallel.pipeline_parallel=0"], "parallel.pipeline_parallel=0 must be >= 1"),
         (["modulation.scope=everywhere"], "modulation.scope"),
         (["run.steps"], "section.key=value"),
+        # a budget at a bound forces every n_i to it: allocation would silently be uniform GRPO
+        (["allocation.mode=optimal", "allocation.n_low=8", "rollout.samples_per_prompt=8"], "no room to reallocate"),
+        (["allocation.mode=probing", "allocation.n_high=8", "rollout.samples_per_prompt=8"], "no room to reallocate"),
+        (["allocation.mode=greedy"], "allocation.mode"),
+        (["allocation.dapo_max_rounds=0"], "dapo_max_rounds"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, needle):
@@ -98,3 +103,10 @@ def test_ipc_weight_transport_needs_a_gpu():
         load_config(None, ["rollout.weight_transport=ipc"])
     with pytest.raises(ConfigError, match="use rpc, ipc .GPU. or broadcast"):
         load_config(None, ["rollout.weight_transport=nfs"])
+
+
+def test_built_in_defaults_leave_room_to_reallocate():
+    """The defaults alone must not make allocation a no-op (samples_per_prompt strictly inside the bounds)."""
+    cfg = load_config(None, [])
+    al, r = cfg.allocation, cfg.rollout
+    assert al.mode != "uniform" and al.n_low < r.samples_per_prompt < al.n_high

@@ -137,3 +137,29 @@ def test_mini_batches_keep_prompt_groups_whole():
     assert [p.tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]]  # prompts {0,1} and {2,3,4}
     with pytest.raises(ValueError, match="exceeds"):
         mini_batch_indices(sizes, 6)
+
+
+def test_mixed_difficulty_splits():
+    """Chains of 2..5 operands in equal shares as far as each level has problems (2 operands: only 200), disjoint
+    splits, every record labelled with its level and answered correctly."""
+    from collections import Counter
+
+    from dynamo_mega.tasks.arithmetic import make_splits
+
+    train, held_out = make_splits(2400, 240, num_operands=2, operand_max=9, seed=7, max_operands=5)
+    assert Counter(r["level"] for r in held_out) == {2: 60, 3: 60, 4: 60, 5: 60}
+    assert Counter(r["level"] for r in train) == {2: 140, 3: 754, 4: 753, 5: 753}
+    assert not {r["id"] for r in train} & {r["id"] for r in held_out}
+    for r in train[:50] + held_out[:50]:
+        assert r["prompt"].count("+") + r["prompt"].count("-") == r["level"] - 1
+        assert eval(r["prompt"].rstrip("=")) == int(r["answer"])  # noqa: S307 - digits and +/- only
+    assert len({r["level"] for r in held_out[:20]}) > 1  # interleaved: a prefix (run.eval_prompts) mixes levels
+    with pytest.raises(ValueError, match="distinct problems"):
+        make_splits(1_000_000, 10, num_operands=2, operand_max=9, seed=7, max_operands=3)
+    with pytest.raises(ValueError, match="max_operands"):
+        make_splits(10, 10, num_operands=3, operand_max=9, seed=7, max_operands=2)
+
+
+def test_mixed_difficulty_prompts_carry_their_level():
+    train, held_out = load_splits(DataConfig(num_operands=2, max_operands=3, num_train=100, num_eval=40))
+    assert {p.difficulty for p in held_out} == {"2", "3"} and all(p.difficulty for p in train)

@@ -30,6 +30,7 @@ TINY_JOB = [
     "run.progress=false",
     "rollout.prompts_per_step=8",
     "rollout.samples_per_prompt=4",
+    "allocation.n_low=2",
     "warmup.enabled=false",
     "data.num_train=100",
     "data.num_eval=32",

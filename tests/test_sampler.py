@@ -12,7 +12,9 @@ from dynamo_mega.data import EpochSampler
 def _old_sampler_batch(num_items: int, seed: int, batch_size: int, step: int) -> list[int]:
     """The pre-fix rule (fill a crossing batch straight from the next shuffle), as a witness that the cases
     below are the ones that crashed runs."""
-    stream = np.concatenate([np.random.default_rng([seed, e]).permutation(num_items) for e in range(step * batch_size // num_items + 2)])
+    stream = np.concatenate(
+        [np.random.default_rng([seed, e]).permutation(num_items) for e in range(step * batch_size // num_items + 2)]
+    )
     return stream[(step - 1) * batch_size : step * batch_size].tolist()
 
 

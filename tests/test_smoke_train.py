@@ -43,8 +43,15 @@ def run_dir(tmp_path_factory):
         "warmup.max_steps=10",
         "warmup.eval_every=5",
         "warmup.stop_accuracy=1.0",
+        # Chains of 2 and 3 operands: held-out accuracy is also logged per level.
+        "data.num_operands=2",
+        "data.max_operands=3",
         "data.num_train=200",
         "data.num_eval=64",
+        # In-step probing: 2 probes per prompt, scored, then the rest of the step's budget where they disagree.
+        "allocation.mode=probing",
+        "allocation.n_low=2",
+        f"warmup.save_hf_dir={out.parent / 'warm_hf'}",
         # The disaggregated transport (gloo broadcast to the engine's worker); the other CLI tests use rpc.
         "rollout.weight_transport=broadcast",
     ]
@@ -94,6 +101,34 @@ def test_metrics_per_step(run_dir):
         # reached the new engine (it starts from the initial export) before it sampled.
         assert r["logprob_mismatch"] < 1e-3
     assert sum(r["phase"] == "warmup_eval" for r in records) == 2
+    for r in train:  # probing: every probe is trained on, so generated == trained, in two rounds
+        assert r["rollouts_generated"] == r["samples"] == 64 and r["generation_rounds"] in (1.0, 2.0)
+        assert r["tokens_generated"] == r["response_len_mean"] * r["samples"]
+        assert 0.0 <= r["probe_frac_zero_variance"] <= 1.0
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert all({"accuracy_level_2", "accuracy_level_3"} <= r.keys() for r in evals)
+
+
+def test_dapo_run_from_the_saved_warm_start(run_dir, tmp_path):
+    """The smoke run's warmed-up policy, saved as an HF folder, starts a DAPO dynamic-sampling run: same weights
+    (same greedy held-out accuracy before RL), and every generated rollout counted, dropped groups included."""
+    warm = run_dir.parent / "warm_hf"
+    assert (warm / "model.safetensors").is_file() and not (warm.parent / "warm_hf.partial").exists()
+    out = tmp_path / "dapo"
+    cmd = [sys.executable, "-m", "dynamo_mega.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
+           "run.steps=2", "run.eval_every=0", "run.eval_prompts=64", "run.progress=false", "rollout.prompts_per_step=16",
+           "rollout.samples_per_prompt=4", "data.num_operands=2", "data.max_operands=3", "data.num_train=200",
+           "data.num_eval=64", f"model.hf_checkpoint={warm}", "warmup.enabled=false", "allocation.mode=dapo"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mine = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    smoke = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    before = [r["accuracy"] for r in mine if r["phase"] == "eval" and r["step"] == 0]
+    assert before == [r["accuracy"] for r in smoke if r["phase"] == "eval" and r["step"] == 0]
+    for r in (r for r in mine if r["phase"] == "train"):
+        kept = r["dapo_groups_kept"]
+        assert r["samples"] == 4 * max(kept, 4) and r["rollouts_generated"] == 4 * r["dapo_prompts_drawn"]
+        assert r["rollouts_generated"] >= r["samples"] and 1 <= r["generation_rounds"] <= 3
 
 
 def test_rewards_use_each_prompts_own_answer(run_dir):
@@ -118,7 +153,7 @@ def _torchrun(out: Path, *overrides: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dynamo_mega.cli", "train",
            "configs/tiny_cpu.yaml", f"run.output_dir={out}", "run.eval_every=0", "run.eval_prompts=32", "run.progress=false",
            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "warmup.enabled=false", "data.num_train=100",
-           "data.num_eval=32", *overrides]
+           "data.num_eval=32", "allocation.n_low=2", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

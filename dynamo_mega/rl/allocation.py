@@ -13,11 +13,12 @@ same statistics. Modes:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from dynamo_mega.rl.prompt_stats import PromptStats, validate_prompt_ids
+from dynamo_mega.rl.prompt_stats import PromptStats
 
 MODES = ("uniform", "reference", "optimal")
 # reference-rule constants, from the paper's released code (ALGORITHM.md section 1)
@@ -187,6 +188,8 @@ def allocation_metrics(counts: Sequence[int], group_rewards: Sequence[Sequence[f
     group_rewards_N: the rewards of each prompt's responses (len == counts[i]); a response is correct
     when its reward > 0. frac_budget_all_correct / _all_wrong: share of the step's rollouts spent on
     groups whose responses were all correct / all wrong (zero-advantage groups: spend that was wasted).
+    grad_var_proxy: mean over prompts of P_i / n_i with P_i the group's realised unbiased p(1-p): the in-run
+    value of the variance proxy that `optimal` minimises (lower is better at equal budget).
     """
     counts_N = np.asarray(counts, dtype=np.float64)
     if counts_N.size == 0 or len(group_rewards) != counts_N.size:
@@ -198,6 +201,9 @@ def allocation_metrics(counts: Sequence[int], group_rewards: Sequence[Sequence[f
     all_wrong_N = np.array([len(g) > 0 and all(r <= 0 for r in g) for g in group_rewards])
     total = counts_N.sum()
     p10, p50, p90 = np.percentile(counts_N, [10, 50, 90])
+    # Realised unbiased p(1-p) per group (0 for groups of one), then the objective optimal minimises, per prompt.
+    k_N = np.array([sum(r > 0 for r in g) for g in group_rewards], dtype=np.float64)
+    p_var_N = np.where(counts_N > 1, k_N * (counts_N - k_N) / (counts_N * np.maximum(counts_N - 1, 1)), 0.0)
     return {
         "n_min": float(counts_N.min()),
         "n_p10": float(p10),
@@ -210,6 +216,7 @@ def allocation_metrics(counts: Sequence[int], group_rewards: Sequence[Sequence[f
         "frac_budget_all_wrong": float(counts_N[all_wrong_N].sum() / total) if total else 0.0,
         "frac_prompts_all_correct": float(all_correct_N.mean()),
         "frac_prompts_all_wrong": float(all_wrong_N.mean()),
+        "grad_var_proxy": allocation_objective(counts_N, p_var_N) / counts_N.size,
     }
 
 
@@ -227,7 +234,9 @@ def _check_args(prompt_ids: Sequence[str], *, budget: int, n_low: int, n_high: i
             f"budget {budget} is outside [n_low*N, n_high*N] = [{n_low * n}, {n_high * n}] for N={n} prompts; "
             "change the rollout budget or the per-prompt bounds n_low/n_high"
         )
-    validate_prompt_ids(prompt_ids)
+    # Datasets are checked for unique ids when loaded, so a repeat here is a sampler bug, not the user's data.
+    repeats = [pid for pid, c in Counter(prompt_ids).items() if c > 1]
+    assert not repeats, f"internal error (a dynamo_mega bug, please report it): a step holds prompts {repeats[:5]} twice"
     return n
 
 

@@ -132,3 +132,25 @@ def to_token_batch(
         if rollout_logprobs is not None and r:
             rollout_logp[i, first : first + len(r)] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
     return TokenBatch(input_ids, targets, mask, rollout_logp)
+
+
+def regroup(batches: list[RolloutBatch], groups: list[list[tuple[int, int]]]) -> RolloutBatch:
+    """A new batch whose group g concatenates the groups (b, i) = (batch b, its group i) listed in groups[g].
+
+    Used to join a step's rounds of generation (in-step probes and the rest of the budget, or DAPO's refill
+    rounds) into one group-ordered batch; every per-sample field moves with its sample, rewards included."""
+    versions = {b.policy_version for b in batches}
+    assert len(versions) == 1, f"internal error: one step's rollouts come from policy versions {sorted(versions)}"
+    starts = [[0, *torch.tensor(b.group_sizes, dtype=torch.long).cumsum(0).tolist()] for b in batches]
+    out = RolloutBatch([], [], [], [], [], [], [], versions.pop())
+    per_sample = ("prompt_ids", "answers", "prompt_tokens", "response_tokens", "rollout_logprobs", "finished", "rewards")
+    for members in groups:
+        size = 0
+        for b, i in members:
+            src, lo, hi = batches[b], starts[b][i], starts[b][i + 1]
+            assert len(src.rewards) == len(src), "internal error: regroup needs scored batches"
+            for name in per_sample:
+                getattr(out, name).extend(getattr(src, name)[lo:hi])
+            size += hi - lo
+        out.group_sizes.append(size)
+    return out

@@ -68,31 +68,67 @@ def make_splits(
     seed: int,
     operators: str = "+-",
     reverse_answer: bool = False,
+    max_operands: int = 0,
 ) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out splits of records {id, prompt, answer}; ids are content hashes (stable).
+    """Disjoint train / held-out splits of records {id, prompt, answer, level}; ids are content hashes (stable).
 
-    reverse_answer: the answer is the value with its digits in reverse order (58+89= -> 741), i.e. written
-    ones digit first the way column addition produces it, so each generated digit depends on one column and a
-    carry already written. Only for non-negative values (operators "+")."""
+    max_operands > num_operands mixes difficulties: chains of num_operands..max_operands operands in equal
+    shares of each split (level = the chain's operand count) as far as each level has distinct problems (2
+    single-digit operands give only 200: the other levels take the rest), the way real math data mixes problems
+    a policy always solves with problems it never does. reverse_answer: the answer is the value with its digits in
+    reverse order (58+89= -> 741), i.e. written ones digit first the way column addition produces it, so each
+    generated digit depends on one column and a carry already written. Only for non-negative values ("+")."""
     if reverse_answer and operators != "+":
         raise ValueError("data.reverse_answer=true needs data.operators='+' (reversed digits of a negative value are ambiguous)")
     if num_operands < 2:
         raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")
-    problems = all_problems(num_operands, operand_max, operators)
-    if num_train + num_eval > len(problems):
-        raise ValueError(
-            f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {len(problems)} distinct problems with "
-            f"{num_operands} operands in [0, {operand_max}]; lower them or raise data.operand_max / data.num_operands"
-        )
-    random.Random(seed).shuffle(problems)
+    if max_operands and max_operands < num_operands:
+        raise ValueError(f"data.max_operands={max_operands} must be 0 (one level) or >= data.num_operands={num_operands}")
+    levels = list(range(num_operands, max(num_operands, max_operands) + 1))
 
-    def record(text: str, value: int) -> dict:
+    def record(text: str, value: int, level: int) -> dict:
         answer = str(value)[::-1] if reverse_answer else str(value)
         prompt = text + ("=?" if reverse_answer else "=")  # "=?" marks the reversed-answer task in the prompt
-        return {"id": "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12], "prompt": prompt, "answer": answer}
+        pid = "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
+        return {"id": pid, "prompt": prompt, "answer": answer, "level": level}
 
-    chosen = [record(t, v) for t, v in problems[: num_train + num_eval]]
-    return chosen[:num_train], chosen[num_train:]
+    pools = []
+    for level in levels:
+        problems = all_problems(level, operand_max, operators)
+        random.Random(seed if len(levels) == 1 else seed + 7919 * level).shuffle(problems)
+        pools.append([record(t, v, level) for t, v in problems])
+    eval_n = _equal_shares(num_eval, [len(p) // 2 for p in pools])  # a level keeps at least half for training
+    train_n = _equal_shares(num_train, [len(p) - e for p, e in zip(pools, eval_n)])
+    if sum(eval_n) < num_eval or sum(train_n) < num_train:
+        raise ValueError(
+            f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {sum(map(len, pools))} distinct problems "
+            f"with {'-'.join(map(str, sorted({levels[0], levels[-1]})))} operands in [0, {operand_max}]; lower them or raise "
+            "data.operand_max / data.num_operands"
+        )
+    train = [r for pool, e, n in zip(pools, eval_n, train_n) for r in pool[e : e + n]]
+    held_out = [r for pool, e in zip(pools, eval_n) for r in pool[:e]]
+    if len(levels) == 1:  # the one-level split as it always was: train first, then held-out, from one shuffle
+        chosen = pools[0][: num_train + num_eval]
+        train, held_out = chosen[:num_train], chosen[num_train:]
+    if len(levels) > 1:  # interleave levels so that any prefix of either split (run.eval_prompts) is a mix
+        random.Random(seed).shuffle(train)
+        random.Random(seed + 1).shuffle(held_out)
+    return train, held_out
+
+
+def _equal_shares(total: int, caps: list[int]) -> list[int]:
+    """Split `total` as equally as the caps allow (water-filling: a capped level's leftover goes to the others);
+    the earlier levels get the odd units. Sums to min(total, sum(caps))."""
+    shares = [0] * len(caps)
+    left = min(total, sum(caps))
+    while left > 0:
+        open_levels = [i for i, c in enumerate(caps) if shares[i] < c]
+        each, odd = divmod(left, len(open_levels))
+        for k, i in enumerate(open_levels):
+            add = min(each + (k < odd), caps[i] - shares[i])
+            shares[i] += add
+            left -= add
+    return shares
 
 
 def running_totals(expression: str) -> list[int]:
