@@ -212,7 +212,10 @@ def _modulation_table(mod: dict) -> list[str]:
         f"The RL update of one rollout batch as the quick start runs it: tiny model, {q['samples']} samples x "
         f"{q['seq']} tokens, {q['mini_batches']} mini-batches (behaviour log-probs of all, then one policy_step "
         "each), one process, 2 threads. off: no modulation; stale: factors of the pre-update policy (r_t = 1, the "
-        "trainer before it used the current policy); current: factors from the policy being updated (global scope).\n",
+        "trainer before it used the current policy); current: factors from the policy being updated (global scope). "
+        "With one micro-batch per mini-batch (the quick start) the training forward gives the current factors, so "
+        "current costs only the modulation arithmetic; with two, global scope adds one no-grad forward of each "
+        "mini-batch. The machine is shared: the fastest run is the least disturbed one.\n",
         "| micro-batch size | micro-batches per mini-batch | off (s) | stale (s) | current (s) | stale / off "
         "| current / off | current / stale |",
         "|---|---|---|---|---|---|---|---|",
