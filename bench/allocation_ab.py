@@ -37,19 +37,21 @@ ARMS = {
     "probing": ["allocation.mode=probing"],
     "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
 }
-# The task: configs/tiny_cpu.yaml with chains of 2..4 operands in equal shares (level = operand count), a small train
-# split so that every prompt is revisited every ~6 steps (history-based modes need history), and a warm-up that stops
-# once 2-operand chains are mostly solved: at RL start many groups are all-correct AND many all-wrong.
+# The task: configs/tiny_cpu.yaml with chains of 2..5 single-digit operands in equal shares as far as each level has
+# problems (level = operand count; 2 operands give only 200), 960 RL training prompts (15 steps per epoch, as in the
+# paper's MATH setting, so history-based modes get history), 240 held-out prompts (60 per level). The warm-up trains
+# on a superset (2,400 prompts: make_splits gives the same held-out set and a superset of the train prompts per level)
+# until held-out greedy accuracy reaches 0.5, so that RL starts with solved and unsolved prompts side by side.
 TASK = [
     "data.num_operands=2",
-    "data.max_operands=4",
-    "data.num_train=360",
+    "data.max_operands=5",
+    "data.num_train=960",
     "data.num_eval=240",
-    "warmup.stop_accuracy=0.35",
     "rollout.samples_per_prompt=8",
     "allocation.n_low=4",
     "allocation.n_high=16",
 ]
+WARMUP = ["data.num_train=2400", "warmup.stop_accuracy=0.5", "warmup.max_steps=800"]
 
 
 def _train(out: Path, seed: int, args, extra: list[str]) -> None:
@@ -78,7 +80,7 @@ def warm_start(seed: int, args) -> Path:
     """The seed's supervised warm-up, run once and saved as an HF folder that every arm of the seed starts from."""
     folder = Path(args.work) / f"warm_{seed}_hf"
     if not (folder / "model.safetensors").is_file():
-        _train(Path(args.work) / f"warm_{seed}", seed, args, ["run.steps=0", f"warmup.save_hf_dir={folder}"])
+        _train(Path(args.work) / f"warm_{seed}", seed, args, [*WARMUP, "run.steps=0", f"warmup.save_hf_dir={folder}"])
     return folder
 
 
@@ -240,7 +242,7 @@ def markdown(args, out: dict, by_arm: dict) -> str:
         f"{', uncommitted changes' if out['dirty_tree'] else ''})",
         "",
         f"Task: {args.config} with {' '.join(TASK + list(args.override))}; {args.steps} RL steps, 64 prompts x 8 rollouts "
-        "budget per step; held-out greedy accuracy on 240 prompts (80 per level) every "
+        "budget per step; held-out greedy accuracy on 240 prompts (60 per level) every "
         f"{args.eval_every} steps. Rollouts count every generated sample (probes, DAPO's dropped groups). Loss: global "
         "token mean (a prompt's weight grows with its n_i; ALGORITHM.md section 4).",
         "",
@@ -260,13 +262,16 @@ def markdown(args, out: dict, by_arm: dict) -> str:
             f"{_fmt(x['budget_on_zero_variance_groups'])} | {_fmt(x['grad_var_proxy'], 4)} | {_fmt(x['n_std'], 2)} | "
             f"{_fmt(x['estimate_abs_error'])} |"
         )
-    lines += ["", "## Held-out accuracy against rollouts consumed (mean over seeds; per level 2 / 3 / 4 operands)", ""]
-    lines += ["| arm | step | rollouts | tokens | accuracy | level 2 | level 3 | level 4 |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Held-out accuracy against rollouts consumed (mean over seeds; per level: 2 to 5 operands)", ""]
+    lines += [
+        "| arm | step | rollouts | tokens | accuracy | level 2 | level 3 | level 4 | level 5 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm, rs in by_arm.items():
         for i, p in enumerate(rs[0]["curve"]):
             pts = [r["curve"][i] for r in rs if len(r["curve"]) > i]
             avg = {k: statistics.mean(q.get(k, float("nan")) for q in pts) for k in p if k != "step"}
-            lv = " | ".join(_fmt(avg.get(f"accuracy_level_{n}")) for n in (2, 3, 4))
+            lv = " | ".join(_fmt(avg.get(f"accuracy_level_{n}")) for n in (2, 3, 4, 5))
             lines.append(f"| {arm} | {p['step']} | {avg['rollouts']:.0f} | {avg['tokens']:.0f} | {avg['accuracy']:.3f} | {lv} |")
     lines += [
         "",

@@ -344,12 +344,9 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
     mini_batches = mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches)
     plans = [this_rank_micro_batches(t, tokens, adv_N, idx) for idx in mini_batches]
-    # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one.
-    olds = (
-        [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans]
-        if len(plans) > 1
-        else [None]
-    )
+    # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one. The
+    # first mini-batch's are the current policy's: policy_step takes them itself (None), sparing a no-grad pass.
+    olds = [None] + [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans[1:]]
     per_step = [
         train_step.policy_step(
             t.model,
