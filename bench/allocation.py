@@ -63,14 +63,14 @@ MODES = (
     ModeSpec("uniform", "uniform"),
     ModeSpec("reference", "reference"),
     ModeSpec("optimal", "optimal"),
-    ModeSpec("optimal_decay0.95", "optimal", decay=0.95),
+    ModeSpec("optimal_decay0.8", "optimal", decay=0.8),
     ModeSpec("probing", "optimal", probe=True),
-    ModeSpec("probing_decay0.95", "optimal", decay=0.95, probe=True),
+    ModeSpec("probing_decay0.8", "optimal", decay=0.8, probe=True),
 )
 ESTIMATORS = ("reinforce_loo_prompt_mean", "grpo_prompt_mean", "grpo_token_mean")
 PRIOR_SWEEP = tuple(
     ModeSpec(f"optimal_prior{a}_decay{dec}", "optimal", prior=a, decay=dec)
-    for dec in (1.0, 0.95, 0.9)
+    for dec in (1.0, 0.8, 0.5)
     for a in (0.1, 0.25, 0.5, 1.0)
 )
 
@@ -317,7 +317,7 @@ def write_report(result: dict) -> None:
         f"step, {cfg['steps']} steps ({cfg['steps'] * cfg['batch'] // cfg['prompts']} epochs), budget "
         f"{AVG_ROLLOUTS} x batch, {cfg['seeds']} seeds. Cells: V/V_uniform / V/V_oracle, V = sum_i p_i(1-p_i)/n_i "
         "with the TRUE p_i, summed over steps; lower is better, 1.000 in the second number is the oracle. "
-        "Prior Beta(0.5, 0.5) unless named; decay is per training step."
+        "Prior Beta(0.5, 0.5) unless named; decay multiplies a prompt's history at each of its own visits."
     )
     mc_title = (
         "## Does the proxy track the real gradient variance? (softmax bandit, static mix, "

@@ -1,10 +1,10 @@
 """DynaMO's effect, side by side in one run: uniform GRPO, DAPO dynamic sampling and the allocation modes, at an
-equal rollout budget per step, on a mixed-difficulty task (chains of 2 to 4 single-digit operands).
+equal rollout budget per step, on a mixed-difficulty task (levels 2x9, 3x9, 3x99: see TASK).
 
 Runs the real main job (`dynamo-mega train`, Megatron + vLLM + math-verify) once per (seed, arm), identical except
-for the arm's settings; the seed fixes the initial weights, the warm-up and the prompt order, so every arm of a seed
-starts RL from the same policy: the seed's warm-up runs once and is saved as an HF folder (warmup.save_hf_dir) that
-every arm loads (model.hf_checkpoint). Arms:
+for the arm's settings; the seed fixes the initial weights, the warm-up, the prompt order and the rollout
+sampling seed, so every arm of a seed starts RL from the same policy: the seed's warm-up runs once and is saved as an
+HF folder (warmup.save_hf_dir) that every arm loads (model.hf_checkpoint). Arms:
     uniform, dapo, reference, optimal, probing   (allocation.mode; modulation on)
     uniform_nomod                                 (allocation.mode=uniform, modulation.enabled=false)
 Rollouts consumed count EVERY generated sample (probes and DAPO's dropped groups included), from the trainer's own
@@ -37,21 +37,20 @@ ARMS = {
     "probing": ["allocation.mode=probing"],
     "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
 }
-# The task: configs/tiny_cpu.yaml with chains of 2..5 single-digit operands in equal shares as far as each level has
-# problems (level = operand count; 2 operands give only 200), 960 RL training prompts (15 steps per epoch, as in the
-# paper's MATH setting, so history-based modes get history), 240 held-out prompts (60 per level). The warm-up trains
-# on a superset (2,400 prompts: make_splits gives the same held-out set and a superset of the train prompts per level)
-# until held-out greedy accuracy reaches 0.5, so that RL starts with solved and unsolved prompts side by side.
+# The task: configs/tiny_cpu.yaml with three difficulty levels in equal shares (NxM = chains of N operands in [0, M]):
+# 2x9 (200 problems: what the policy masters), 3x9 (the quick start's chains: learnable) and 3x99 (beyond this policy),
+# 480 RL training prompts (7.5 steps per epoch, so history-based modes get history), 240 held-out prompts (80 per
+# level). The seed's warm-up trains on a superset (2,400 prompts: make_splits gives the same held-out set and, per
+# level, a superset of the train prompts) until held-out greedy accuracy reaches 0.42.
 TASK = [
-    "data.num_operands=2",
-    "data.max_operands=5",
-    "data.num_train=960",
+    "data.levels=[2x9,3x9,3x99]",
+    "data.num_train=480",
     "data.num_eval=240",
     "rollout.samples_per_prompt=8",
     "allocation.n_low=4",
     "allocation.n_high=16",
 ]
-WARMUP = ["data.num_train=2400", "warmup.stop_accuracy=0.5", "warmup.max_steps=800"]
+WARMUP = ["data.num_train=2400", "warmup.stop_accuracy=0.42", "warmup.max_steps=1000"]
 
 
 def _train(out: Path, seed: int, args, extra: list[str]) -> None:
@@ -87,7 +86,7 @@ def warm_start(seed: int, args) -> Path:
 def run_one(out: Path, seed: int, arm: str, args) -> dict:
     t0 = time.time()
     start = [f"model.hf_checkpoint={warm_start(seed, args)}", "warmup.enabled=false"]
-    _train(out, seed, args, [f"run.steps={args.steps}", *start, *ARMS[arm]])
+    _train(out, seed, args, [f"run.steps={args.steps}", f"rollout.seed={seed}", *start, *ARMS[arm]])
     return collect(out, seed, arm) | {"wall_s": time.time() - t0}
 
 
@@ -242,7 +241,7 @@ def markdown(args, out: dict, by_arm: dict) -> str:
         f"{', uncommitted changes' if out['dirty_tree'] else ''})",
         "",
         f"Task: {args.config} with {' '.join(TASK + list(args.override))}; {args.steps} RL steps, 64 prompts x 8 rollouts "
-        "budget per step; held-out greedy accuracy on 240 prompts (60 per level) every "
+        "budget per step; held-out greedy accuracy on 240 prompts (80 per level) every "
         f"{args.eval_every} steps. Rollouts count every generated sample (probes, DAPO's dropped groups). Loss: global "
         "token mean (a prompt's weight grows with its n_i; ALGORITHM.md section 4).",
         "",
@@ -262,16 +261,19 @@ def markdown(args, out: dict, by_arm: dict) -> str:
             f"{_fmt(x['budget_on_zero_variance_groups'])} | {_fmt(x['grad_var_proxy'], 4)} | {_fmt(x['n_std'], 2)} | "
             f"{_fmt(x['estimate_abs_error'])} |"
         )
-    lines += ["", "## Held-out accuracy against rollouts consumed (mean over seeds; per level: 2 to 5 operands)", ""]
+    levels = sorted(
+        {k[len("accuracy_level_") :] for r in out["runs"] for p in r["curve"] for k in p if k.startswith("accuracy_level_")}
+    )
+    lines += ["", "## Held-out accuracy against rollouts consumed (mean over seeds; per level NxM = N operands in [0, M])", ""]
     lines += [
-        "| arm | step | rollouts | tokens | accuracy | level 2 | level 3 | level 4 | level 5 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | step | rollouts | tokens | accuracy | " + " | ".join(levels) + " |",
+        "|---|---|---|---|---|" + "---|" * len(levels),
     ]
     for arm, rs in by_arm.items():
         for i, p in enumerate(rs[0]["curve"]):
             pts = [r["curve"][i] for r in rs if len(r["curve"]) > i]
             avg = {k: statistics.mean(q.get(k, float("nan")) for q in pts) for k in p if k != "step"}
-            lv = " | ".join(_fmt(avg.get(f"accuracy_level_{n}")) for n in (2, 3, 4, 5))
+            lv = " | ".join(_fmt(avg.get(f"accuracy_level_{n}")) for n in levels)
             lines.append(f"| {arm} | {p['step']} | {avg['rollouts']:.0f} | {avg['tokens']:.0f} | {avg['accuracy']:.3f} | {lv} |")
     lines += [
         "",

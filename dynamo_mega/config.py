@@ -71,7 +71,9 @@ class DataConfig:
     num_eval: int = 500  # synthetic only; never overlaps train
     operand_max: int = 9  # synthetic only: operands in [0, operand_max]
     num_operands: int = 3  # synthetic only: a+b-c... chains
-    max_operands: int = 0  # synthetic only: > num_operands mixes chain lengths num_operands..max_operands (difficulty levels)
+    # synthetic only: a mix of difficulty levels in equal shares, each NxM = chains of N operands in [0, M], e.g.
+    # [3x9, 2x99]; held-out accuracy is also logged per level. Empty: num_operands operands in [0, operand_max].
+    levels: list[str] = field(default_factory=list)
     operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
     reverse_answer: bool = False  # synthetic only: answer digits ones-first (58+89=? -> 741); needs operators "+"
     show_work: str = "running_totals"  # synthetic only: none | bare | running_totals | column_digits (tasks/arithmetic.py)
@@ -360,6 +362,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(
         cfg.data.source in ("synthetic_arithmetic", "file"), f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file"
     )
+    if cfg.data.levels:
+        from dynamo_mega.tasks.arithmetic import parse_level
+
+        for spec in cfg.data.levels:
+            try:
+                parse_level(spec)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if cfg.data.source == "file":
         d = cfg.data
         _require(d.train_path is not None, "data.train_path must be set when data.source=file")

@@ -118,7 +118,7 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             seed=cfg.seed,
             operators=cfg.operators,
             reverse_answer=cfg.reverse_answer,
-            max_operands=cfg.max_operands,
+            levels=list(cfg.levels),
         )
         keys = dict(prompt_key="prompt", answer_key="answer", id_key="id", difficulty_key="level")
         return (

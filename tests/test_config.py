@@ -47,6 +47,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["allocation.mode=probing", "allocation.n_high=8", "rollout.samples_per_prompt=8"], "no room to reallocate"),
         (["allocation.mode=greedy"], "allocation.mode"),
         (["allocation.dapo_max_rounds=0"], "dapo_max_rounds"),
+        (["data.levels=[3x9,two]"], "data.levels entry 'two'"),
     ],
 )
 def test_bad_overrides_name_the_problem(overrides, needle):

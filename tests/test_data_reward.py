@@ -140,26 +140,38 @@ def test_mini_batches_keep_prompt_groups_whole():
 
 
 def test_mixed_difficulty_splits():
-    """Chains of 2..5 operands in equal shares as far as each level has problems (2 operands: only 200), disjoint
-    splits, every record labelled with its level and answered correctly."""
+    """Levels NxM (N operands in [0, M]) in equal shares as far as each level has problems (2x9: only 200),
+    disjoint splits, every record labelled with its level and answered correctly."""
     from collections import Counter
 
     from dynamo_mega.tasks.arithmetic import make_splits
 
-    train, held_out = make_splits(2400, 240, num_operands=2, operand_max=9, seed=7, max_operands=5)
-    assert Counter(r["level"] for r in held_out) == {2: 60, 3: 60, 4: 60, 5: 60}
-    assert Counter(r["level"] for r in train) == {2: 140, 3: 754, 4: 753, 5: 753}
+    levels = ["2x9", "3x9", "2x99"]
+    train, held_out = make_splits(1500, 240, num_operands=3, operand_max=9, seed=7, levels=levels)
+    assert Counter(r["level"] for r in held_out) == {"2x9": 80, "3x9": 80, "2x99": 80}
+    assert Counter(r["level"] for r in train) == {"2x9": 120, "3x9": 690, "2x99": 690}
     assert not {r["id"] for r in train} & {r["id"] for r in held_out}
     for r in train[:50] + held_out[:50]:
-        assert r["prompt"].count("+") + r["prompt"].count("-") == r["level"] - 1
+        n_ops, top = map(int, r["level"].split("x"))
+        numbers = [int(x) for x in r["prompt"].rstrip("=").replace("-", "+").split("+")]
+        assert len(numbers) == n_ops and max(numbers) <= top
         assert eval(r["prompt"].rstrip("=")) == int(r["answer"])  # noqa: S307 - digits and +/- only
     assert len({r["level"] for r in held_out[:20]}) > 1  # interleaved: a prefix (run.eval_prompts) mixes levels
+    # A level too large to list (3x99: 4M problems) is drawn; a smaller num_train keeps the same held-out set and
+    # takes a subset of the larger split's train prompts (a warm-up on more prompts, RL on fewer).
+    big_train, big_eval = make_splits(600, 60, num_operands=3, operand_max=9, seed=7, levels=["3x9", "3x99"])
+    small_train, small_eval = make_splits(200, 60, num_operands=3, operand_max=9, seed=7, levels=["3x9", "3x99"])
+    assert small_eval == big_eval and {r["id"] for r in small_train} <= {r["id"] for r in big_train}
+    hard = [r for r in big_train if r["level"] == "3x99"]
+    assert len(hard) == 300 and all(eval(r["prompt"].rstrip("=")) == int(r["answer"]) for r in hard)  # noqa: S307
     with pytest.raises(ValueError, match="distinct problems"):
-        make_splits(1_000_000, 10, num_operands=2, operand_max=9, seed=7, max_operands=3)
-    with pytest.raises(ValueError, match="max_operands"):
-        make_splits(10, 10, num_operands=3, operand_max=9, seed=7, max_operands=2)
+        make_splits(1_000_000, 10, num_operands=2, operand_max=9, seed=7, levels=["2x9", "3x9"])
+    with pytest.raises(ValueError, match="NxM"):
+        make_splits(10, 10, num_operands=3, operand_max=9, seed=7, levels=["3"])
 
 
 def test_mixed_difficulty_prompts_carry_their_level():
-    train, held_out = load_splits(DataConfig(num_operands=2, max_operands=3, num_train=100, num_eval=40))
-    assert {p.difficulty for p in held_out} == {"2", "3"} and all(p.difficulty for p in train)
+    train, held_out = load_splits(DataConfig(levels=["2x9", "3x9"], num_train=100, num_eval=40))
+    assert {p.difficulty for p in held_out} == {"2x9", "3x9"} and all(p.difficulty for p in train)
+    single, _ = load_splits(DataConfig(num_train=10, num_eval=5))
+    assert {p.difficulty for p in single} == {"3x9"}

@@ -261,3 +261,20 @@ def test_state_dict_is_plain_python():
     json.dumps(state)
     assert all(type(x) is float for x in state["successes"]) and all(type(x) is int for x in state["cum_rollouts"])
     assert not math.isnan(sum(state["length_sum"]))
+
+
+def test_version_1_state_loads_with_its_pending_decay_applied():
+    """A checkpoint from before per-visit decay: its lazily decayed counts are read as that run would have read
+    them (decay ** steps since the prompt's last update), then follow the per-visit rule."""
+    v1 = {
+        "version": 1, "config": {"prior_alpha": 0.5, "prior_beta": 0.5, "decay": 0.5}, "step": 3, "ids": ["a", "b"],
+        "successes": [4.0, 1.0], "rollouts": [8.0, 2.0], "length_sum": [16.0, 4.0], "length_count": [8.0, 2.0],
+        "last_step": [1, 3], "cum_successes": [4, 1], "cum_rollouts": [8, 2], "ref_successes": [0, 0], "ref_rollouts": [0, 0],
+    }
+    stats = PromptStats(prior_alpha=0.5, prior_beta=0.5, decay=0.5)
+    stats.load_state_dict(v1)
+    succ, roll = stats.counts(["a", "b"])
+    assert succ.tolist() == [1.0, 1.0] and roll.tolist() == [2.0, 2.0]
+    assert stats.visits(["a", "b", "c"]).tolist() == [1, 1, 0]
+    stats.update(["a"], [1.0], [3])
+    assert stats.counts(["a"])[0].tolist() == [1.5]

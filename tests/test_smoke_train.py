@@ -43,9 +43,8 @@ def run_dir(tmp_path_factory):
         "warmup.max_steps=10",
         "warmup.eval_every=5",
         "warmup.stop_accuracy=1.0",
-        # Chains of 2 and 3 operands: held-out accuracy is also logged per level.
-        "data.num_operands=2",
-        "data.max_operands=3",
+        # Chains of 2 and 3 single-digit operands: held-out accuracy is also logged per level.
+        "data.levels=[2x9,3x9]",
         "data.num_train=200",
         "data.num_eval=64",
         # In-step probing: 2 probes per prompt, scored, then the rest of the step's budget where they disagree.
@@ -106,7 +105,7 @@ def test_metrics_per_step(run_dir):
         assert r["tokens_generated"] == r["response_len_mean"] * r["samples"]
         assert 0.0 <= r["probe_frac_zero_variance"] <= 1.0
     evals = [r for r in records if r["phase"] == "eval"]
-    assert all({"accuracy_level_2", "accuracy_level_3"} <= r.keys() for r in evals)
+    assert all({"accuracy_level_2x9", "accuracy_level_3x9"} <= r.keys() for r in evals)
 
 
 def test_dapo_run_from_the_saved_warm_start(run_dir, tmp_path):
@@ -117,7 +116,7 @@ def test_dapo_run_from_the_saved_warm_start(run_dir, tmp_path):
     out = tmp_path / "dapo"
     cmd = [sys.executable, "-m", "dynamo_mega.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
            "run.steps=2", "run.eval_every=0", "run.eval_prompts=64", "run.progress=false", "rollout.prompts_per_step=16",
-           "rollout.samples_per_prompt=4", "data.num_operands=2", "data.max_operands=3", "data.num_train=200",
+           "rollout.samples_per_prompt=4", "data.levels=[2x9,3x9]", "data.num_train=200",
            "data.num_eval=64", f"model.hf_checkpoint={warm}", "warmup.enabled=false", "allocation.mode=dapo"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -59,6 +59,16 @@ def all_problems(num_operands: int, operand_max: int, operators: str = "+-") -> 
     return problems
 
 
+def parse_level(spec: str) -> tuple[int, int]:
+    """'3x9' -> (3, 9): chains of 3 operands, each in [0, 9]."""
+    parts = str(spec).split("x")
+    if len(parts) != 2 or not all(x.isdigit() for x in parts) or int(parts[0]) < 2:
+        raise ValueError(
+            f"data.levels entry {spec!r}: write NxM for chains of N >= 2 operands in [0, M], e.g. 3x9 (a+b-c, single digits)"
+        )
+    return int(parts[0]), int(parts[1])
+
+
 def make_splits(
     num_train: int,
     num_eval: int,
@@ -68,52 +78,79 @@ def make_splits(
     seed: int,
     operators: str = "+-",
     reverse_answer: bool = False,
-    max_operands: int = 0,
+    levels: list[str] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Disjoint train / held-out splits of records {id, prompt, answer, level}; ids are content hashes (stable).
 
-    max_operands > num_operands mixes difficulties: chains of num_operands..max_operands operands in equal
-    shares of each split (level = the chain's operand count) as far as each level has distinct problems (2
-    single-digit operands give only 200: the other levels take the rest), the way real math data mixes problems
-    a policy always solves with problems it never does. reverse_answer: the answer is the value with its digits in
-    reverse order (58+89= -> 741), i.e. written ones digit first the way column addition produces it, so each
-    generated digit depends on one column and a carry already written. Only for non-negative values ("+")."""
+    levels (e.g. ["3x9", "2x99"]) mixes difficulties: each NxM level is chains of N operands in [0, M] (less any
+    problem an earlier level already has), in equal shares of each split as far as the level has distinct problems
+    (2x9 has only 200: the other levels take the rest), the way real math data mixes problems a policy solves with
+    problems beyond it; `level` labels each record. A level too large to list (over 200k problems) is drawn at
+    random instead, as a prefix of one seeded stream, so a smaller num_train still takes a subset. Without levels,
+    every problem has num_operands operands in [0, operand_max] (level "NxM" of those).
+    reverse_answer: the answer is the value with its digits in reverse order (58+89= -> 741), i.e. written ones
+    digit first the way column addition produces it, so each generated digit depends on one column and a carry
+    already written. Only for non-negative values ("+")."""
     if reverse_answer and operators != "+":
         raise ValueError("data.reverse_answer=true needs data.operators='+' (reversed digits of a negative value are ambiguous)")
     if num_operands < 2:
         raise ValueError(f"data.num_operands={num_operands}: need at least 2 operands")
-    if max_operands and max_operands < num_operands:
-        raise ValueError(f"data.max_operands={max_operands} must be 0 (one level) or >= data.num_operands={num_operands}")
-    levels = list(range(num_operands, max(num_operands, max_operands) + 1))
+    shapes = [parse_level(x) for x in levels] if levels else [(num_operands, operand_max)]
+    if len(set(shapes)) != len(shapes):
+        raise ValueError(f"data.levels={list(levels)} names a level twice")
 
-    def record(text: str, value: int, level: int) -> dict:
+    def record(text: str, value: int, label: str) -> dict:
         answer = str(value)[::-1] if reverse_answer else str(value)
         prompt = text + ("=?" if reverse_answer else "=")  # "=?" marks the reversed-answer task in the prompt
         pid = "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
-        return {"id": pid, "prompt": prompt, "answer": answer, "level": level}
+        return {"id": pid, "prompt": prompt, "answer": answer, "level": label}
 
-    pools = []
-    for level in levels:
-        problems = all_problems(level, operand_max, operators)
-        random.Random(seed if len(levels) == 1 else seed + 7919 * level).shuffle(problems)
-        pools.append([record(t, v, level) for t, v in problems])
-    eval_n = _equal_shares(num_eval, [len(p) // 2 for p in pools])  # a level keeps at least half for training
-    train_n = _equal_shares(num_train, [len(p) - e for p, e in zip(pools, eval_n)])
+    pools, taken = [], set()
+    for k, (n_ops, top) in enumerate(shapes):
+        # A problem of two levels (2x9 lies inside 2x99) belongs to the first one that lists it: ids stay unique.
+        rng = random.Random(seed if len(shapes) == 1 else seed + 7919 * (k + 1))
+        if (top + 1) ** n_ops * len(operators) ** (n_ops - 1) <= _ENUMERATE_UP_TO:
+            problems = [(t, v) for t, v in all_problems(n_ops, top, operators) if t not in taken]
+            rng.shuffle(problems)
+        else:  # e.g. 3x99 has 4M problems: draw what the splits can use instead of listing them all
+            problems = _draw_problems(n_ops, top, operators, num_train + num_eval, taken, rng)
+        taken.update(t for t, _ in problems)
+        pools.append([record(t, v, f"{n_ops}x{top}") for t, v in problems])
+    if len(pools) == 1:  # one level: train first, then held-out, from one shuffle (the split as it always was)
+        eval_n, train_n = [min(num_eval, len(pools[0]))], [min(num_train, max(len(pools[0]) - num_eval, 0))]
+    else:
+        eval_n = _equal_shares(num_eval, [len(p) // 2 for p in pools])  # a level keeps at least half for training
+        train_n = _equal_shares(num_train, [len(p) - e for p, e in zip(pools, eval_n)])
     if sum(eval_n) < num_eval or sum(train_n) < num_train:
         raise ValueError(
             f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {sum(map(len, pools))} distinct problems "
-            f"with {'-'.join(map(str, sorted({levels[0], levels[-1]})))} operands in [0, {operand_max}]; lower them or raise "
-            "data.operand_max / data.num_operands"
+            f"of levels {[f'{n}x{m}' for n, m in shapes]} (N operands in [0, M]); lower them or raise data.operand_max / "
+            "data.num_operands (or the levels' M)"
         )
+    if len(pools) == 1:
+        chosen = pools[0][: num_train + num_eval]
+        return chosen[:num_train], chosen[num_train:]
     train = [r for pool, e, n in zip(pools, eval_n, train_n) for r in pool[e : e + n]]
     held_out = [r for pool, e in zip(pools, eval_n) for r in pool[:e]]
-    if len(levels) == 1:  # the one-level split as it always was: train first, then held-out, from one shuffle
-        chosen = pools[0][: num_train + num_eval]
-        train, held_out = chosen[:num_train], chosen[num_train:]
-    if len(levels) > 1:  # interleave levels so that any prefix of either split (run.eval_prompts) is a mix
-        random.Random(seed).shuffle(train)
-        random.Random(seed + 1).shuffle(held_out)
+    # interleave levels so that any prefix of either split (run.eval_prompts) is a mix
+    random.Random(seed).shuffle(train)
+    random.Random(seed + 1).shuffle(held_out)
     return train, held_out
+
+
+_ENUMERATE_UP_TO = 200_000
+
+
+def _draw_problems(n_ops: int, top: int, operators: str, count: int, taken: set, rng: random.Random) -> list[tuple[str, int]]:
+    """`count` distinct random problems of a level too large to enumerate, none of them in `taken`."""
+    out, seen = [], set(taken)
+    while len(out) < count:
+        values = [rng.randint(0, top) for _ in range(n_ops)]
+        text = str(values[0]) + "".join(rng.choice(operators) + str(v) for v in values[1:])
+        if text not in seen:
+            seen.add(text)
+            out.append((text, eval(text)))  # noqa: S307 - digits and +/- only, built above
+    return out
 
 
 def _equal_shares(total: int, caps: list[int]) -> list[int]:
