@@ -75,6 +75,11 @@ def setup(cfg: Config) -> Trainer:
     config_mod.validate(cfg, groups.world_size)
     run_dir = Path(cfg.run.output_dir)
     train_set, eval_set = load_splits(cfg.data)
+    if cfg.rollout.prompts_per_step > len(train_set):  # a step's prompts are distinct: say so before anything is written
+        raise config_mod.ConfigError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(train_set)} training prompts; "
+            "lower it or add training data"
+        )
     model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed, random_init=cfg.model.hf_checkpoint is None)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
@@ -415,7 +420,9 @@ def supervised_warmup(t: Trainer) -> int:
     )
     sampler = EpochSampler(len(t.train_set), t.cfg.run.seed + 1)
     for step in range(1, w.max_steps + 1):
-        prompts = [t.train_set[i] for i in sampler.next_batch(w.batch_size)]
+        # Supervised examples may repeat within a batch when the batch outgrows the training set.
+        picks = [sampler.next_batch(min(w.batch_size - k, len(t.train_set))) for k in range(0, w.batch_size, len(t.train_set))]
+        prompts = [t.train_set[i] for batch in picks for i in batch]
         p_tok = [t.tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
         r_tok = [
             t.tokenizer.encode(arithmetic.solution_text(p.prompt, p.answer, t.cfg.data.show_work), add_special_tokens=False)
