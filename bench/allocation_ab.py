@@ -121,7 +121,7 @@ def collect(out: Path, seed: int, arm: str) -> dict:
         "seed": seed,
         "arm": arm,
         "curve": curve,
-        "budget_on_zero_variance_groups": mean("frac_budget_all_correct") + mean("frac_budget_all_wrong"),
+        "budget_on_zero_variance_groups": zero_variance_share(train),
         "first_step_frac_all_correct": train[0]["frac_prompts_all_correct"] if train else None,
         "first_step_frac_all_wrong": train[0]["frac_prompts_all_wrong"] if train else None,
         "grad_var_proxy": mean("grad_var_proxy"),
@@ -134,6 +134,16 @@ def collect(out: Path, seed: int, arm: str) -> dict:
         "grad_norm_max": max((x["grad_norm"] for x in train), default=None),
         "rl_s": sum(x.get("time_rollout", 0) + x.get("time_reward", 0) + x["time_train"] + x["time_sync"] for x in train),
     }
+
+
+def zero_variance_share(train: list[dict]) -> float:
+    """Share of all generated rollouts that carried no gradient: groups trained on whose rewards were all equal, plus
+    (DAPO) every group generated and never trained on (the dropped all-equal ones and any beyond the batch)."""
+    wasted = sum(
+        (x["frac_budget_all_correct"] + x["frac_budget_all_wrong"]) * x["samples"] + x["rollouts_generated"] - x["samples"]
+        for x in train
+    )
+    return wasted / sum(x["rollouts_generated"] for x in train)
 
 
 def rollouts_to_reach(run: dict, threshold: float) -> float | None:
@@ -248,7 +258,7 @@ def markdown(args, out: dict, by_arm: dict) -> str:
         f"Threshold: {args.threshold_frac} x uniform's mean final accuracy = {thr:.3f}.",
         "",
         "| arm | rollouts to threshold (per seed) | mean | vs uniform | final acc (per seed) | rollouts consumed | "
-        "tokens generated | budget on zero-var groups | grad-var proxy | mean n_std | estimate error |",
+        "tokens generated | budget without signal (zero-var or dropped) | grad-var proxy | mean n_std | estimate error |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, x in s.items():

@@ -117,7 +117,7 @@ class AllocationConfig:
     # then the rest of the same step's budget by `optimal` on history + probes | dapo: DAPO dynamic sampling,
     # the practitioners' baseline: samples_per_prompt each, groups with all-equal rewards dropped, more prompts
     # drawn until prompts_per_step groups are kept (at most dapo_max_rounds generation rounds per step)
-    mode: str = "probing"
+    mode: str = "optimal"
     n_low: int = 4
     n_high: int = 16
     prior_alpha: float = 0.5  # Beta prior on each prompt's success rate (optimal, probing)
