@@ -125,7 +125,7 @@ class AllocationConfig:
     # Multiplies a prompt's earlier history each time the prompt is visited again (1.0: keep everything).
     # A visit, not a global step, is what lets the policy move away from what the history says.
     decay: float = 0.8
-    dapo_max_rounds: int = 3  # dapo: generation rounds per step; a step still short of groups trains on what it kept
+    dapo_max_rounds: int = 3  # dapo: rounds per step; still short, it trains on what it kept (at least mini_batches groups)
 
 
 @dataclass

@@ -175,3 +175,11 @@ def test_mixed_difficulty_prompts_carry_their_level():
     assert {p.difficulty for p in held_out} == {"2x9", "3x9"} and all(p.difficulty for p in train)
     single, _ = load_splits(DataConfig(num_train=10, num_eval=5))
     assert {p.difficulty for p in single} == {"3x9"}
+
+
+def test_file_rows_carry_their_difficulty_label(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 1, "problem": "p1", "answer": "1", "level": 3.0}, {"id": 2, "problem": "p2", "answer": "2"}]))
+    train, _ = load_splits(DataConfig(source="file", train_path=str(path), prompt_key="problem", difficulty_key="level"))
+    assert [p.difficulty for p in train] == ["3.0", ""]

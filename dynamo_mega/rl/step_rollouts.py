@@ -65,8 +65,8 @@ def probing(
         for j, i in enumerate(more):
             members[i].append((1, j))
     batch = regroup(batches, members)
-    solved = [all(c == c_[0] for c in c_) for c_ in probe_correct]
-    metrics = {"probe_frac_zero_variance": float(np.mean(solved))}
+    zero_variance = [len(set(outcomes)) == 1 for outcomes in probe_correct]
+    metrics = {"probe_frac_zero_variance": float(np.mean(zero_variance))}
     return StepRollouts(batch, prompts, *_consumed(batches), rounds=len(batches), metrics=metrics)
 
 
