@@ -25,7 +25,7 @@ class Prompt:
     id: str
     prompt: str  # text given to the tokenizer (already rendered for this task)
     answer: str  # ground truth compared by the reward
-    difficulty: str = ""  # optional label (synthetic: operand count; files: data.difficulty_key) for per-level metrics
+    difficulty: str = ""  # optional label (synthetic: its level, e.g. 3x9; files: data.difficulty_key) for per-level metrics
 
 
 def _read_rows(path: Path) -> list[dict]:
