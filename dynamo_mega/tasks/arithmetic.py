@@ -116,20 +116,20 @@ def make_splits(
             problems = _draw_problems(n_ops, top, operators, num_train + num_eval, taken, rng)
         taken.update(t for t, _ in problems)
         pools.append([record(t, v, f"{n_ops}x{top}") for t, v in problems])
+    names = [f"{n}x{m}" for n, m in shapes]
+    too_many = ValueError(
+        f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {sum(map(len, pools))} distinct problems "
+        f"of levels {names} (N operands in [0, M]); lower them or raise data.operand_max / data.num_operands (or M)"
+    )
     if len(pools) == 1:  # one level: train first, then held-out, from one shuffle (the split as it always was)
-        eval_n, train_n = [min(num_eval, len(pools[0]))], [min(num_train, max(len(pools[0]) - num_eval, 0))]
-    else:
-        eval_n = _equal_shares(num_eval, [len(p) // 2 for p in pools])  # a level keeps at least half for training
-        train_n = _equal_shares(num_train, [len(p) - e for p, e in zip(pools, eval_n)])
-    if sum(eval_n) < num_eval or sum(train_n) < num_train:
-        raise ValueError(
-            f"data.num_train + data.num_eval = {num_train + num_eval} exceeds the {sum(map(len, pools))} distinct problems "
-            f"of levels {[f'{n}x{m}' for n, m in shapes]} (N operands in [0, M]); lower them or raise data.operand_max / "
-            "data.num_operands (or the levels' M)"
-        )
-    if len(pools) == 1:
+        if num_train + num_eval > len(pools[0]):
+            raise too_many
         chosen = pools[0][: num_train + num_eval]
         return chosen[:num_train], chosen[num_train:]
+    eval_n = _equal_shares(num_eval, [len(p) // 2 for p in pools])  # a level keeps at least half for training
+    train_n = _equal_shares(num_train, [len(p) - e for p, e in zip(pools, eval_n)])
+    if sum(eval_n) < num_eval or sum(train_n) < num_train:
+        raise too_many
     train = [r for pool, e, n in zip(pools, eval_n, train_n) for r in pool[e : e + n]]
     held_out = [r for pool, e in zip(pools, eval_n) for r in pool[:e]]
     # interleave levels so that any prefix of either split (run.eval_prompts) is a mix
