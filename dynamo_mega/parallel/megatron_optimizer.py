@@ -94,7 +94,7 @@ class MegatronAdam:
         )
         self.base_lr = lr
         # Megatron's own default layout. "fully_reshardable" failed to save on an H100 (megatron-core 0.19.2, torch
-        # AdamW fallback: a size mismatch inside get_parameter_state_dp_zero), see README "GPU path".
+        # AdamW fallback: a size mismatch inside get_parameter_state_dp_zero), see docs/gpu.md.
         self.checkpoint_format = "dp_reshardable" if distributed else "fully_reshardable"
         self.steps_taken = 0  # optimizer steps attempted (skipped ones included): the LR schedule's position
         self.schedule = MegatronLRSchedule(self)
