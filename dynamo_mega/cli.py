@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -102,8 +103,9 @@ def _eval(args) -> int:
         metrics = run_eval(args.model_dir, cfg, out)
     except ValueError as exc:  # not a Qwen checkpoint, missing benchmark files, ...
         return _fail(str(exc))
-    print((out / "step_000000.md").read_text())
-    print(json.dumps(metrics))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank evaluates; rank 0 wrote the results
+        print((out / "step_000000.md").read_text())
+        print(json.dumps(metrics))
     return 0
 
 

@@ -92,7 +92,9 @@ class RolloutConfig:
     vllm_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     vllm_gpu_memory_utilization: float = 0.5  # on GPU
     vllm_max_num_seqs: int = 1024  # sequences decoded together (vLLM's CPU default of 256 splits a step in waves)
-    vllm_tensor_parallel: int = 1  # GPUs per vLLM engine (planner and recipes; the CPU engine runs TP=1)
+    # Ranks (GPUs) per vLLM engine: the world is split into world / k rollout replicas of k consecutive ranks,
+    # each running one engine of tensor parallel size k (spawned workers; on CPU k processes). Must divide the world.
+    vllm_tensor_parallel: int = 1
     colocated: bool = True  # vLLM shares the trainer's GPUs (sleep/wake); the planner counts both on one GPU
     max_prompt_tokens: int = 1024  # prompt tokens per sequence the memory planner budgets for (with max_new_tokens)
     seed: int = 0
@@ -458,6 +460,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             world_size % (tp * p.pipeline_parallel) == 0,
             f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {tp * p.pipeline_parallel}; "
             "change parallel.* or the number of processes",
+        )
+        k = r.vllm_tensor_parallel
+        _require(
+            k >= 1 and world_size % k == 0,
+            f"rollout.vllm_tensor_parallel={k} must divide the {world_size} ranks: the world is split into world / k "
+            f"rollout replicas of k ranks; use one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}",
+        )
+        _require(
+            r.weight_transport != "broadcast" or world_size // k == 1,
+            f"rollout.weight_transport=broadcast feeds one engine, but {world_size} ranks with vllm_tensor_parallel={k} "
+            f"make {world_size // k} replicas: use weight_transport=rpc, or vllm_tensor_parallel={world_size}",
         )
 
 

@@ -24,6 +24,11 @@ Colocated (vLLM shares the trainer's GPUs with sleep/wake): the rollout phase ho
     training state stays resident (all of it, unless `offload` moves weights/grads/optimizer to host memory while
     vLLM generates); the training phase holds the training state plus activations and logits (vLLM asleep).
 A fixed `overhead_gib` (CUDA context, NCCL buffers, allocator fragmentation) is added to both phases.
+Rollout replicas (what the trainer starts): the W = `gpus` ranks form R = W / vLLM TP engines of TP = vLLM TP
+    (replica r = ranks r*k .. r*k+k-1 for k = vLLM TP; the replica's first rank starts the engine), i.e.
+    `gpus_per_node` / vLLM TP engines per node (8-GPU nodes unless the config says otherwise); every rank takes
+    part in generation. Each GPU holds 1/vLLM TP of one engine, so the vLLM numbers above are per GPU of any
+    replica: `kv_tokens` is what one engine's KV cache holds, R x `kv_tokens` in all.
 """
 
 from __future__ import annotations
@@ -52,10 +57,21 @@ class PlanInputs:
     colocated: bool = True
     offload: bool = False  # training state moved to host memory while vLLM generates
     overhead_gib: float = 2.0
+    gpus_per_node: int = 8  # where the engines sit (the rollout line); the config's launch.procs_per_node
 
     @property
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
+
+    @property
+    def rollout_replicas(self) -> int:
+        """R: vLLM engines the trainer starts, one per vllm_tp consecutive ranks."""
+        return self.gpus // self.vllm_tp
+
+    @property
+    def replicas_per_node(self) -> float:
+        """Engines per node (a fraction when one engine spans several nodes)."""
+        return min(self.gpus, self.gpus_per_node) / self.vllm_tp
 
 
 @dataclass
@@ -212,6 +228,25 @@ def suggest_layouts(arch: QwenArch, base: PlanInputs, gpus_per_node: int = 8) ->
     return sorted(fitting, key=lambda m: (m.inputs.tp * m.inputs.pp, m.inputs.pp, m.inputs.tp))
 
 
+def rollout_layout(plan: MemoryPlan) -> str:
+    """One line: the rollout replicas a layout gets (the module docstring's "Rollout replicas")."""
+    p = plan.inputs
+    r, k, node = p.rollout_replicas, p.vllm_tp, min(p.gpus, p.gpus_per_node)
+    if node % k == 0:
+        where = f"{node // k} per {node}-GPU node"
+    elif k % node == 0:
+        where = f"each spanning {k // node} {node}-GPU nodes"
+    else:
+        where = f"engines straddle {node}-GPU nodes"
+    on = "" if p.colocated else f" on {p.gpus} separate rollout GPUs"
+    ranks = "the one rank generates" if p.gpus == 1 else f"all {p.gpus} ranks generate"
+    share = "each GPU runs its own engine" if k == 1 else f"each GPU holds 1/{k} of one engine"
+    return (
+        f"Rollout: {r} vLLM replica{'' if r == 1 else 's'} of TP={k} ({where}){on}, {ranks} ({share}); "
+        f"KV cache {plan.kv_tokens:,} tokens per engine"
+    )
+
+
 def format_plan(plan: MemoryPlan, title: str = "") -> str:
     p = plan.inputs
     rows = [
@@ -222,8 +257,8 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
         ("logits (bf16 + fp32 grad)", plan.logits),
         ("overhead (CUDA context, NCCL, fragmentation)", p.overhead_gib),
         ("= training phase", plan.train_peak),
-        (f"vLLM weights (TP={p.vllm_tp})", plan.vllm_weights),
-        (f"vLLM KV cache ({plan.kv_tokens:,} tokens = {plan.kv_tokens // p.seq_len} full sequences)", plan.kv_cache),
+        (f"vLLM weights (1/{p.vllm_tp} of a TP={p.vllm_tp} engine)", plan.vllm_weights),
+        (f"vLLM KV cache ({plan.kv_tokens:,} tokens per engine = {plan.kv_tokens // p.seq_len} full sequences)", plan.kv_cache),
         ("= rollout phase" + (" (training state offloaded)" if p.offload else ""), plan.rollout_peak),
     ]
     head = (
@@ -231,7 +266,7 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
         f"TP={p.tp} PP={p.pp} DP={p.dp}, vLLM TP={p.vllm_tp} ({p.vllm_memory_fraction:g} of each GPU), "
         f"{'colocated' if p.colocated else 'separate rollout GPUs'}"
     )
-    lines = [head, "", "| per GPU | GiB |", "|---|---|"] + [f"| {name} | {gib:.2f} |" for name, gib in rows]
+    lines = [head, rollout_layout(plan), "", "| per GPU | GiB |", "|---|---|"] + [f"| {name} | {gib:.2f} |" for name, gib in rows]
     verdict = "FITS" if plan.fits else "DOES NOT FIT: " + "; ".join(plan.notes)
     return "\n".join(lines + ["", verdict])
 
@@ -252,4 +287,5 @@ def inputs_from_config(cfg, gpus: int, gpu_mem_gib: float, *, offload: bool = Fa
         vllm_memory_fraction=r.vllm_gpu_memory_utilization,
         colocated=r.colocated,
         offload=offload,
+        gpus_per_node=cfg.launch.procs_per_node,
     )

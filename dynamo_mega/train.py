@@ -1,6 +1,7 @@
 """The RL loop, top to bottom. Run with `dynamo-mega train CONFIG [key=value ...]` (one process) or under
-torchrun (several gloo/NCCL ranks). Rank 0, the driver, owns the rollout engine, the reward pool and the run
-directory; every rank holds one Megatron shard of the policy.
+torchrun (several gloo/NCCL ranks). Every rank holds one Megatron shard of the policy and takes part in the
+rollout service (rl/rollout_service.py): world / rollout.vllm_tensor_parallel vLLM engine replicas, each fed its
+share of every step's allocation. Rank 0, the driver, owns the run directory and the logs.
 
     evaluate -> [supervised warm-up] -> for each step:
         sample prompts -> rollouts (vLLM) -> math-verify rewards -> group advantages
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,23 +22,22 @@ from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, load_checkp
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
 from dynamo_mega.data import EpochSampler, Prompt, load_splits, render_chat
-from dynamo_mega.guards import EngineRestarted, StopSignal, broadcast, on_driver
+from dynamo_mega.guards import StopSignal, broadcast
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
-from dynamo_mega.parallel.pipeline_broadcast import StageCarrier
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
-from dynamo_mega.parallel.weight_bridge import BucketBuffers
 from dynamo_mega.rl import step_rollouts
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.reward import MathVerifyReward
-from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, response_texts, to_token_batch
+from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, to_token_batch
+from dynamo_mega.rl.rollout_service import RolloutService
 from dynamo_mega.tasks import arithmetic
-from dynamo_mega.weight_push import push_weights, restart_engine
+from dynamo_mega.weight_push import WeightStream
 
 
 @dataclass
@@ -52,8 +52,7 @@ class Trainer:
     eval_set: list[Prompt]
     model: torch.nn.Module
     arch: object
-    engine: object | None  # driver only
-    reward: MathVerifyReward | None  # driver only
+    rollout: RolloutService  # the engine replicas, their rewards and weight refits (collective calls)
     logger: MetricsLogger | None  # driver only
     stats: PromptStats | None = None  # per-prompt outcome history (identical on every rank)
     optimizer: torch.optim.Optimizer | None = None
@@ -61,13 +60,6 @@ class Trainer:
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
-    # The weight stream's bucket buffers, kept between syncs on CPU: writing into memory that was never touched
-    # runs at about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (plus two
-    # gather chunks, 1/4 bucket by default, at TP > 1) of host memory. On GPUs torch's caching allocator keeps
-    # freed blocks anyway: None (per-sync buffers).
-    bucket_buffers: BucketBuffers | None = field(default_factory=lambda: None if torch.cuda.is_available() else BucketBuffers())
-    # Broadcast transport at PP > 1, on a later stage's carrier: its sender in the engine's weight group.
-    stage_carrier: StageCarrier | None = None
 
 
 def setup(cfg: Config) -> Trainer:
@@ -95,12 +87,21 @@ def setup(cfg: Config) -> Trainer:
     tokenizer = load_tokenizer(cfg, run_dir, groups.is_driver)
     if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
         train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
+    _check_vocab(tokenizer, arch.vocab_size)
+    if arch.num_attention_heads % cfg.rollout.vllm_tensor_parallel:  # vLLM splits the heads over its TP ranks
+        raise config_mod.ConfigError(
+            f"rollout.vllm_tensor_parallel={cfg.rollout.vllm_tensor_parallel} does not divide the model's "
+            f"{arch.num_attention_heads} attention heads; use a divisor of {arch.num_attention_heads}"
+        )
     hf_state = export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
-    engine = reward = logger = None
     if groups.is_driver:
-        _check_vocab(tokenizer, arch.vocab_size)
-        engine = _start_engine(cfg, run_dir, hf_state, arch, tokenizer)
-        reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward)
+        _write_hf_init(cfg, run_dir / "hf_init", hf_state, arch, tokenizer)
+    del hf_state
+    broadcast(None, groups)  # every replica's engine starts from hf_init: wait until it is written
+    weights = WeightStream(model, arch, groups, cfg.rollout)
+    rollout = _start_rollout(cfg, run_dir / "hf_init", arch.max_position_embeddings, weights, tokenizer, groups)
+    logger = None
+    if groups.is_driver:
         logger = MetricsLogger(
             run_dir,
             tensorboard=cfg.run.tensorboard,
@@ -109,9 +110,8 @@ def setup(cfg: Config) -> Trainer:
             resume_step=resume_step,
             wandb=_wandb_sink(cfg, run_dir),
         )
-    del hf_state
     return Trainer(
-        cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, engine, reward, logger, resume_path=resume_path
+        cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, rollout, logger, resume_path=resume_path
     )
 
 
@@ -132,28 +132,50 @@ def _check_vocab(tokenizer, vocab_size: int) -> None:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; raise model.vocab_size")
 
 
-def _start_engine(cfg: Config, run_dir: Path, hf_state: dict, arch, tokenizer):
+def _write_hf_init(cfg: Config, init_dir: Path, hf_state: dict, arch, tokenizer) -> None:
+    """The initial policy as an HF folder: what every engine starts from (and restarts from)."""
     from safetensors.torch import save_file
 
-    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
-
-    init_dir = run_dir / "hf_init"
     init_dir.mkdir(exist_ok=True)
     (init_dir / "config.json").write_text(
         json.dumps(hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id), indent=1)
     )
     save_file(hf_state, str(init_dir / "model.safetensors"))
-    r = cfg.rollout
-    return VLLMEngine(
-        init_dir,
-        dtype=r.vllm_dtype,
-        seed=r.seed,
-        max_model_len=arch.max_position_embeddings,
-        kv_cache_gib=r.vllm_kv_cache_gib,
-        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-        max_num_seqs=r.vllm_max_num_seqs,
-        sleep_level=r.vllm_sleep_level,
-        weight_transport=r.weight_transport,
+
+
+def _start_rollout(cfg: Config, model_dir: Path, max_len: int, weights: WeightStream | None, tokenizer, groups: ParallelGroups):
+    """world / k engine replicas of vLLM TP = k (k = rollout.vllm_tensor_parallel), math-verify on each leader.
+    weights: the refit stream (None: the engines keep model_dir's weights). max_len: the engines' context."""
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
+
+    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
+
+    def start_engine(replica: int) -> VLLMEngine:
+        return VLLMEngine(
+            model_dir,
+            dtype=r.vllm_dtype,
+            seed=r.seed,
+            max_model_len=max_len,
+            kv_cache_gib=r.vllm_kv_cache_gib,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            max_num_seqs=r.vllm_max_num_seqs,
+            sleep_level=r.vllm_sleep_level,
+            weight_transport=r.weight_transport,
+            tensor_parallel=k,
+            devices=replica_devices(k),
+        )
+
+    def make_reward() -> MathVerifyReward:
+        return MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward)
+
+    return RolloutService(
+        replica_size=k,
+        start_engine=start_engine,
+        make_reward=make_reward,
+        decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        weights=weights.stream if weights is not None else None,
+        max_restarts=r.max_engine_restarts,
+        pp_size=groups.pp_size,
     )
 
 
@@ -181,19 +203,9 @@ def save_hf_snapshot(t: Trainer, directory: Path) -> None:
 
 
 def sync_weights(t: Trainer) -> None:
-    """After an optimizer step: a new policy version, pushed into the engine."""
+    """After an optimizer step: a new policy version, refitted into every rollout replica."""
     t.version += 1
-    push_weights(t)
-
-
-def with_engine(t: Trainer, fn):
-    """fn() on the driver (rollouts or evaluation), result on every rank. If the engine died and was replaced,
-    every rank takes part in pushing the current weights into the new one, then fn runs again."""
-    while True:
-        try:
-            return on_driver(t.groups, fn)
-        except EngineRestarted:
-            push_weights(t)
+    t.rollout.push(t.version)
 
 
 def _wandb_sink(cfg: Config, run_dir: Path):
@@ -207,114 +219,86 @@ def _wandb_sink(cfg: Config, run_dir: Path):
     return WandbSink(run_dir, project=cfg.run.wandb_project, mode=cfg.run.wandb_mode, config=config)
 
 
-def generate(t: Trainer, prompts: list[Prompt], counts: list[int], **sampling) -> RolloutBatch:
-    """Rollouts from the engine (driver). A dead engine is replaced (EngineRestarted: the caller pushes the
-    weights and retries) up to rollout.max_engine_restarts times in the run; then the run stops with an error."""
-    from dynamo_mega.rl.engines.vllm_engine import is_engine_dead
-
-    try:
-        return generate_rollouts(t.engine, t.tokenizer, prompts, counts, **sampling)
-    except Exception as exc:
-        if not is_engine_dead(exc):
-            raise
-        restart_engine(t, exc)
-        raise EngineRestarted() from exc
-
-
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
-    """Greedy held-out accuracy (math-verify), computed on the driver and shared with all ranks."""
-
-    def run() -> float:
-        prompts = t.eval_set[: t.cfg.run.eval_prompts]
-        batch = generate(
-            t,
-            prompts,
-            [1] * len(prompts),
-            max_new_tokens=t.cfg.rollout.max_new_tokens,
-            temperature=0.0,
-            top_p=1.0,
-            seed=None,
-        )
-        correct = t.reward.correctness(response_texts(batch, t.tokenizer), batch.answers)
-        acc = sum(correct) / max(len(correct), 1)
+    """Greedy held-out accuracy (math-verify) on the rollout replicas; the same on every rank."""
+    prompts = t.eval_set[: t.cfg.run.eval_prompts]
+    batch = generate_rollouts(
+        t.rollout, t.tokenizer, prompts, [1] * len(prompts),
+        max_new_tokens=t.cfg.rollout.max_new_tokens, temperature=0.0, top_p=1.0, seed=None, score=True,
+    )
+    t.rollout.take_metrics()  # the replicas' counters describe training steps only
+    correct = [r == 1.0 for r in batch.rewards]  # MathVerifyReward scores a correct answer 1.0
+    acc = sum(correct) / max(len(correct), 1)
+    if t.groups.is_driver:
         record = {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}
         for level in sorted({p.difficulty for p in prompts} - {""}):  # held-out accuracy per difficulty label
             hits = [c for c, p in zip(correct, prompts, strict=True) if p.difficulty == level]
             record[f"accuracy_level_{level}"] = sum(hits) / len(hits)
         t.logger.log(step, record, phase=phase)
-        return acc
-
-    return with_engine(t, run)
+    return acc
 
 
 def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
     """pass@1 / pass@k on the configured math benchmarks (eval.*), files under RUN_DIR/eval, metrics logged."""
     from dynamo_mega.eval.runner import evaluate_benchmarks
 
-    def run() -> dict[str, float]:
-        out = t.run_dir / "eval"
-        metrics = evaluate_benchmarks(
-            t.engine,
-            t.tokenizer,
-            t.cfg.eval,
-            step=step,
-            reward=t.reward,
-            output_dir=out,
-            max_model_len=t.arch.max_position_embeddings,  # the engine's context (_start_engine)
-        )
+    metrics = evaluate_benchmarks(
+        t.rollout,
+        t.tokenizer,
+        t.cfg.eval,
+        step=step,
+        output_dir=t.run_dir / "eval",
+        max_model_len=t.arch.max_position_embeddings,  # the engines' context (_start_rollout)
+        write=t.groups.is_driver,
+    )
+    t.rollout.take_metrics()
+    if t.groups.is_driver:
         t.logger.log(step, {**metrics, "policy_version": t.version}, phase="benchmarks")
-        return metrics
-
-    return with_engine(t, run)
+    return metrics
 
 
 def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step_rollouts.StepRollouts, dict[str, float]]:
-    """This step's prompts and rollouts by allocation.mode (rl/step_rollouts.py), each sample scored against ITS
-    OWN prompt's answer (driver); the result, and the sampler's new cursor, on every rank. Returns it with the
-    driver's time split {time_rollout, time_reward}."""
+    """This step's prompts and rollouts by allocation.mode (rl/step_rollouts.py) from the rollout replicas, each
+    sample scored against ITS OWN prompt's answer on the replica that generated it. Every rank runs this with
+    identical statistics and sampler, so every rank draws the same prompts and allocation. Returns the rollouts
+    with the step's generation metrics (time split, per-replica work, imbalance)."""
     r, al = t.cfg.rollout, t.cfg.allocation
-    cursor = sampler.state_dict()
+    t0 = time.time()
 
-    def run():
-        sampler.load_state_dict(cursor)  # a retry after an engine restart draws the same prompts again
-        t0, reward_s = time.time(), 0.0
+    def draw(k: int) -> list[Prompt]:
+        return [t.train_set[i] for i in sampler.next_batch(k)]
 
-        def draw(k: int) -> list[Prompt]:
-            return [t.train_set[i] for i in sampler.next_batch(k)]
+    def generate_scored(prompts: list[Prompt], counts: list[int], round_no: int) -> RolloutBatch:
+        return generate_rollouts(
+            t.rollout, t.tokenizer, prompts, counts,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            seed=r.seed + 1_000_003 * step + 7_919 * round_no, score=True,
+            expected_lengths=t.stats.expected_lengths([p.id for p in prompts]).tolist(),
+        )
 
-        def generate_scored(prompts: list[Prompt], counts: list[int], round_no: int) -> RolloutBatch:
-            nonlocal reward_s
-            sampling = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
-            batch = generate(t, prompts, counts, **sampling, seed=r.seed + 1_000_003 * step + 7_919 * round_no)
-            t1 = time.time()
-            batch.rewards = t.reward(response_texts(batch, t.tokenizer), batch.answers)
-            reward_s += time.time() - t1
-            return batch
-
-        prompts, budget = draw(r.prompts_per_step), r.prompts_per_step * r.samples_per_prompt
-        bounds = dict(budget=budget, n_low=al.n_low, n_high=al.n_high)
-        if al.mode == "probing":
-            out = step_rollouts.probing(prompts, t.stats, generate_scored, **bounds)
-        elif al.mode == "dapo":
-            out = step_rollouts.dapo(
-                prompts, draw, generate_scored, samples_per_prompt=r.samples_per_prompt,
-                max_rounds=al.dapo_max_rounds, min_groups=t.cfg.optim.mini_batches,
-            )
-        else:
-            out = step_rollouts.allocated(prompts, t.stats, generate_scored, mode=al.mode, **bounds)
+    prompts, budget = draw(r.prompts_per_step), r.prompts_per_step * r.samples_per_prompt
+    bounds = dict(budget=budget, n_low=al.n_low, n_high=al.n_high)
+    if al.mode == "probing":
+        out = step_rollouts.probing(prompts, t.stats, generate_scored, **bounds)
+    elif al.mode == "dapo":
+        out = step_rollouts.dapo(
+            prompts, draw, generate_scored, samples_per_prompt=r.samples_per_prompt,
+            max_rounds=al.dapo_max_rounds, min_groups=t.cfg.optim.mini_batches,
+        )
+    else:
+        out = step_rollouts.allocated(prompts, t.stats, generate_scored, mode=al.mode, **bounds)
+    t.rollout.sleep()  # colocated on GPU: the trainer gets the memory until the weight sync wakes it
+    if t.groups.is_driver:
         _log_samples(t, step, out.batch)
-        timing = {"time_rollout": time.time() - t0 - reward_s, "time_reward": reward_s}
-        return out, sampler.state_dict(), timing
-
-    out, cursor, timing = with_engine(t, run)
-    sampler.load_state_dict(cursor)
-    if t.engine is not None:
-        t.engine.sleep()  # colocated on GPU: the trainer gets the memory until the weight sync wakes it
-    timing.update(step_rollouts.step_metrics(t.stats, out))
+    metrics = t.rollout.take_metrics()
+    replicas = range(t.rollout.num_replicas)
+    reward_s = max(metrics.get(f"replica{i}/score_s", 0.0) for i in replicas)  # the slowest replica's scoring
+    metrics.update(time_rollout=time.time() - t0 - reward_s, time_reward=reward_s)
+    metrics.update(step_rollouts.step_metrics(t.stats, out))
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     b = out.batch
     t.stats.update(b.prompt_ids, [float(x > 0) for x in b.rewards], [len(x) for x in b.response_tokens])
-    return out, timing
+    return out, metrics
 
 
 def _log_samples(t: Trainer, step: int, batch: RolloutBatch) -> None:
@@ -460,7 +444,7 @@ def trainer_state(t: Trainer, step: int, sampler: EpochSampler, epoch: int, summ
         "scheduler": t.scheduler.state_dict(),
         "summary": summary,
         "rl_seconds": rl_seconds,
-        "engine_restarts": t.engine.restarts if t.engine is not None else 0,
+        "engine_restarts": t.rollout.restarts,
         "skipped_steps": t.skipped_steps,
     }
 
@@ -498,10 +482,10 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
     t.scheduler.load_state_dict(state["scheduler"])
     t.version = state["policy_version"]
     t.skipped_steps = state["skipped_steps"]
-    hf_state = export_hf_state(t.model, t.arch, t.groups)  # collective
+    t.rollout.push(t.version)
+    t.rollout.restarts = state["engine_restarts"]
+    t.rollout.take_metrics()
     if t.groups.is_driver:
-        t.engine.load_weights(hf_state, t.version)
-        t.engine.restarts = state["engine_restarts"]
         t.logger.log(state["step"], {"resumed_from_step": state["step"], "policy_version": t.version}, phase="resume")
         print(f"dynamo-mega: resumed from {path}", flush=True)
     return state["step"], state["epoch"], {**state["summary"], "resumed_from": str(path)}, state["rl_seconds"]
@@ -539,11 +523,12 @@ def train(cfg: Config) -> dict:
             sync_weights(t)
             t.skipped_steps += int(stats["skipped_step"])  # non-finite loss/grad norm: update dropped, counted
             stats.update(timing, time_train=t2 - t1, time_sync=time.time() - t2, policy_version=t.version)
+            stats.update(t.rollout.take_metrics())  # each replica's refit time
             stats.update(skipped_steps_total=t.skipped_steps)
             step_s = max(time.time() - t0, 1e-9)
             stats.update(response_tokens_per_s=stats["response_len_mean"] * stats["samples"] / step_s, rss_gib=_rss_gib())
+            stats["engine_restarts"] = t.rollout.restarts
             if t.groups.is_driver:
-                stats["engine_restarts"] = t.engine.restarts
                 t.logger.log(step, stats)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
                 evaluate(t, step)
@@ -564,10 +549,7 @@ def train(cfg: Config) -> dict:
         return summary
     finally:
         stop.restore()
-        if t.engine is not None:
-            t.engine.close()
-        if t.reward is not None:
-            t.reward.close()
+        t.rollout.close()
         destroy_parallel()
 
 

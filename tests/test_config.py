@@ -111,3 +111,27 @@ def test_built_in_defaults_leave_room_to_reallocate():
     cfg = load_config(None, [])
     al, r = cfg.allocation, cfg.rollout
     assert al.mode != "uniform" and al.n_low < r.samples_per_prompt < al.n_high
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "needle"),
+    [
+        (2, ["rollout.vllm_tensor_parallel=3"], "rollout.vllm_tensor_parallel=3 must divide the 2 ranks"),
+        (4, ["rollout.vllm_tensor_parallel=3"], "use one of [1, 2, 4]"),
+        (2, ["rollout.weight_transport=broadcast"], "make 2 replicas: use weight_transport=rpc, or vllm_tensor_parallel=2"),
+    ],
+)
+def test_rollout_replica_layout_is_checked_against_the_world(world, overrides, needle):
+    from dynamo_mega.config import validate
+
+    cfg = load_config(TINY, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    assert needle in str(err.value)
+
+
+def test_rollout_replica_layouts_that_divide_the_world_are_accepted():
+    from dynamo_mega.config import validate
+
+    validate(load_config(TINY, ["rollout.vllm_tensor_parallel=2", "rollout.weight_transport=broadcast"]), 2)
+    validate(load_config(TINY, ["rollout.vllm_tensor_parallel=1"]), 2)

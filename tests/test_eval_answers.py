@@ -111,6 +111,20 @@ class ScriptedEngine:
         return groups
 
 
+def _service(engine, reward, tokenizer):
+    """One replica around the scripted engine, scoring with the real math-verify pool."""
+    from dynamo_mega.rl.rollout_service import RolloutService
+
+    return RolloutService(
+        replica_size=1,
+        start_engine=lambda replica: engine,
+        make_reward=lambda: reward,
+        decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        weights=None,
+        max_restarts=0,
+    )
+
+
 def test_evaluate_benchmarks_reports_scripted_accuracy(reward, tmp_path):
     from transformers import AutoTokenizer
 
@@ -119,7 +133,7 @@ def test_evaluate_benchmarks_reports_scripted_accuracy(reward, tmp_path):
     problems = load_benchmark("amc23", limit=3)
     correct = [0, 1, 4]
     engine = ScriptedEngine(tokenizer, [p.answer for p in problems], correct)
-    metrics = evaluate_benchmarks(engine, tokenizer, cfg, step=7, reward=reward, output_dir=tmp_path)
+    metrics = evaluate_benchmarks(_service(engine, reward, tokenizer), tokenizer, cfg, step=7, output_dir=tmp_path)
     for k in (1, 2, 4):
         assert metrics[f"amc23/pass@{k}"] == pytest.approx(mean_pass_at_k(4, correct, k))
     assert metrics["amc23/pass@1"] == pytest.approx(5 / 12) and metrics["mean/pass@4"] == pytest.approx(2 / 3)
@@ -148,4 +162,4 @@ def test_prompts_longer_than_the_engine_context_fail_before_generating(reward, t
     cfg = EvalConfig(benchmarks=["aime25"], max_problems=2)
     engine = ScriptedEngine(tokenizer, ["70", "588"], [1, 1])
     with pytest.raises(ValueError, match="max_model_len=64"):
-        evaluate_benchmarks(engine, tokenizer, cfg, step=0, reward=reward, output_dir=tmp_path, max_model_len=64)
+        evaluate_benchmarks(_service(engine, reward, tokenizer), tokenizer, cfg, step=0, output_dir=tmp_path, max_model_len=64)

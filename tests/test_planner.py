@@ -6,7 +6,15 @@ import pytest
 
 from dynamo_mega.cli import main
 from dynamo_mega.models.qwen import QwenArch
-from dynamo_mega.planner import GIB, PlanInputs, layout_problems, plan_memory, suggest_layouts, total_params
+from dynamo_mega.planner import (
+    GIB,
+    PlanInputs,
+    layout_problems,
+    plan_memory,
+    rollout_layout,
+    suggest_layouts,
+    total_params,
+)
 
 ARCH = QwenArch(
     vocab_size=1000,
@@ -100,3 +108,46 @@ def test_plan_cli_exit_codes(capsys):
     assert code == 1 and "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "configs/qwen2.5_32b.yaml", "parallel.tensor_parallel=3"]) == 2
     assert "does not divide num_attention_heads=40" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, gpus, vllm_tp, replicas, per_node",
+    [
+        ("configs/qwen2.5_math_1.5b.yaml", 8, 1, 8, 8),
+        ("configs/qwen2.5_math_7b.yaml", 16, 2, 8, 4),
+        ("configs/qwen2.5_32b.yaml", 32, 4, 8, 2),
+        ("configs/qwen3_32b.yaml", 32, 4, 8, 2),
+        ("configs/qwen2.5_72b.yaml", 64, 8, 8, 1),
+    ],
+)
+def test_plan_counts_the_rollout_replicas_the_trainer_starts(capsys, config, gpus, vllm_tp, replicas, per_node):
+    # R = W / vLLM TP engines, GPUs per node / vLLM TP of them per node (launch.procs_per_node = 8 in every recipe)
+    code = main(["plan", config])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = f"Rollout: {replicas} vLLM replicas of TP={vllm_tp} ({per_node} per 8-GPU node), all {gpus} ranks generate"
+    assert line in out
+
+
+def test_rollout_layout_line():
+    base = dict(tp=1, pp=1, seq_len=1024, micro_batch=1, gpu_mem_gib=80)
+    p = PlanInputs(**base, gpus=16, vllm_tp=2)  # per 8-GPU node unless told otherwise
+    assert (p.rollout_replicas, p.replicas_per_node) == (8, 4)
+    plan = plan_memory(ARCH, p)
+    assert rollout_layout(plan) == (
+        f"Rollout: 8 vLLM replicas of TP=2 (4 per 8-GPU node), all 16 ranks generate (each GPU holds 1/2 of one "
+        f"engine); KV cache {plan.kv_tokens:,} tokens per engine"
+    )
+    # memory per GPU does not depend on the replica count: each GPU holds 1/vLLM TP of one engine
+    one_node = plan_memory(ARCH, PlanInputs(**base, gpus=2, vllm_tp=2))
+    assert (one_node.vllm_weights, one_node.kv_tokens) == (plan.vllm_weights, plan.kv_tokens)
+    wide = PlanInputs(**base, gpus=16, vllm_tp=8, gpus_per_node=4)  # one engine over two 4-GPU nodes
+    assert (wide.rollout_replicas, wide.replicas_per_node) == (2, 0.5)
+    assert "2 vLLM replicas of TP=8 (each spanning 2 4-GPU nodes)" in rollout_layout(plan_memory(ARCH, wide))
+    odd = PlanInputs(**base, gpus=12, vllm_tp=4, gpus_per_node=6)
+    assert "3 vLLM replicas of TP=4 (engines straddle 6-GPU nodes)" in rollout_layout(plan_memory(ARCH, odd))
+    # a vLLM TP that does not divide the GPUs or the heads: no replica layout, the layout problems say why
+    assert layout_problems(ARCH, 1, 1, 6, vllm_tp=4) == ["6 GPUs are not a multiple of vllm_tensor_parallel=4"]
+    assert layout_problems(ARCH, 1, 1, 48, vllm_tp=16) == ["vllm_tensor_parallel=16 does not divide num_attention_heads=8"]
+    single = rollout_layout(plan_memory(ARCH, PlanInputs(**base, gpus=1)))
+    assert single.startswith("Rollout: 1 vLLM replica of TP=1 (1 per 1-GPU node), the one rank generates (each GPU runs")

@@ -9,7 +9,9 @@ weights into it before sampling again (one run serves both checks: each CLI laun
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,30 +150,94 @@ def test_rewards_use_each_prompts_own_answer(run_dir):
     assert all(s["reward"] == 1.0 for s, _ in exact)
 
 
-def _torchrun(out: Path, *overrides: str) -> list[dict]:
+def _torchrun(out: Path, *overrides: str, during=None) -> list[dict]:
+    """One 2-rank CLI run; during(proc) runs while it does (e.g. to kill an engine)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dynamo_mega.cli", "train",
            "configs/tiny_cpu.yaml", f"run.output_dir={out}", "run.eval_every=0", "run.eval_prompts=32", "run.progress=false",
            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "warmup.enabled=false", "data.num_train=100",
            "data.num_eval=32", "allocation.n_low=2", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    with open(log, "a") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            if during is not None:
+                during(proc)
+            assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_data_parallel_packed_run_resumes_as_a_pipeline(tmp_path):
-    """2 gloo ranks: DP=2 with packed micro-batches for 2 steps, then the same run resumed from its checkpoint
-    with the policy split into PP=2 stages (Megatron's 1F1B schedule) for a third step: rollouts from the driver,
-    whose engine receives each stage's weights by broadcast from that stage's own sender
-    (rollout.weight_transport=broadcast: the last stage's bytes never pass through the driver). (Resuming at
-    another TP is tested in tests/test_checkpoint.py.)"""
+def _engine_cores(proc: subprocess.Popen) -> dict[int, list[int]]:
+    """Each trainer rank's vLLM engine-core process ids, by the rank's RANK (processes that end meanwhile are
+    left out)."""
+    import psutil
+
+    ranks = {}
+    for child in psutil.Process(proc.pid).children():
+        try:
+            rank = int(child.environ().get("RANK", -1))
+            ranks[rank] = [
+                c.pid for c in child.children(recursive=True) if "EngineCore" in c.name() + " ".join(c.cmdline())
+            ]
+        except psutil.Error:  # ended (or a zombie) since it was listed
+            continue
+    return ranks
+
+
+def test_two_replicas_train_restart_one_resume_and_reshard(tmp_path):
+    """2 gloo ranks, the rollout side as world / k replicas:
+    1. trainer TP=2 -> two vLLM engines of TP=1 (one per rank), packed micro-batches, held-out evaluation on
+       both replicas every step; after step 1 replica 1's engine core is SIGKILLed: that replica alone is
+       restarted and refitted (replica 0's engine is the same process throughout) and the step completes;
+    2. resumed as DP=2 -> one engine of TP=2 spanning both ranks (rpc refit);
+    3. resumed as PP=2 -> one engine of TP=2 fed by each stage's own broadcast (rollout.weight_transport=broadcast).
+    In every step vLLM's log-probs of the sampled tokens equal the trainer's: every replica holds the trained
+    weights, whichever trainer layout streamed them."""
     out = tmp_path / "run"
     layers = "model.num_layers=4"  # the tiny model's 3 layers do not split into 2 stages
-    records = _torchrun(out, layers, "parallel.tensor_parallel=1", "optim.pack_row_tokens=32", "run.steps=2")
-    assert [r["step"] for r in records if r["phase"] == "train"] == [1, 2]
-    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
-    records = _torchrun(out, layers, "parallel.pipeline_parallel=2", "run.steps=3", "rollout.weight_transport=broadcast")
+    seen: dict = {}
+
+    def kill_replica_1_after_step_1(proc):
+        deadline = time.time() + 600
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and '"phase": "train", "step": 1,' in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before RL step 1"
+            time.sleep(0.2)
+        cores = _engine_cores(proc)
+        assert cores.get(0) and cores.get(1), f"expected one engine per rank, found {cores}"
+        seen["replica0"], seen["replica0_later"] = cores[0], set()
+        for pid in cores[1]:
+            os.kill(pid, signal.SIGKILL)
+        while proc.poll() is None:  # replica 0's engine survives the whole run
+            seen["replica0_later"].update(_engine_cores(proc).get(0, []))
+            time.sleep(0.5)
+
+    records = _torchrun(out, layers, "parallel.tensor_parallel=2", "optim.pack_row_tokens=32", "run.steps=3",
+                        "run.eval_every=1", during=kill_replica_1_after_step_1)
     train = [r for r in records if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
-    assert [r["resumed_from_step"] for r in records if r["phase"] == "resume"] == [2]
-    assert train[2]["policy_version"] == train[1]["policy_version"] + 1
-    assert all(r["logprob_mismatch"] < 1e-3 for r in train)  # DP=2 / PP=2 trainer vs TP=1 engine agree after sync
+    assert train[-1]["engine_restarts"] == 1 and train[0]["engine_restarts"] == 0
+    assert seen["replica0_later"] <= set(seen["replica0"]), "replica 0's engine was restarted too"
+    for r in train:
+        assert r["rollout_replicas"] == 2 and r["replica0/samples"] + r["replica1/samples"] == r["samples"] == 32
+        assert r["replica0/refit_s"] > 0 and r["replica1/refit_s"] > 0
+        assert r["logprob_mismatch"] < 1e-3
+    assert [r["step"] for r in records if r["phase"] == "eval"] == [0, 1, 2, 3]
+    assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+
+    records = _torchrun(out, layers, "parallel.tensor_parallel=1", "rollout.vllm_tensor_parallel=2", "run.steps=4")
+    train = [r for r in records if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["resumed_from_step"] for r in records if r["phase"] == "resume"] == [3]
+    assert train[3]["rollout_replicas"] == 1 and train[3]["replica0/samples"] == 32
+    assert train[3]["policy_version"] == train[2]["policy_version"] + 1 and train[3]["logprob_mismatch"] < 1e-3
+
+    records = _torchrun(out, layers, "parallel.pipeline_parallel=2", "rollout.vllm_tensor_parallel=2", "run.steps=5",
+                        "rollout.weight_transport=broadcast")
+    train = [r for r in records if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r["resumed_from_step"] for r in records if r["phase"] == "resume"] == [3, 4]
+    assert train[4]["policy_version"] == train[3]["policy_version"] + 1 and train[4]["logprob_mismatch"] < 1e-3

@@ -1,10 +1,11 @@
 """Evaluate a policy on the math benchmarks: render chat prompts, sample with vLLM, score with math-verify,
 report pass@1 and pass@k as JSON + a markdown table.
 
-Two entry points:
-- `evaluate_benchmarks(engine, tokenizer, eval_cfg, step=..., reward=..., output_dir=...)`: with a running engine
-  (the training loop calls it every `eval.interval` steps on the driver).
-- `run_eval(model_dir, cfg, output_dir)`: `dynamo-mega eval`, starts its own vLLM engine on an HF checkpoint.
+Two entry points, both collective over the ranks of the job:
+- `evaluate_benchmarks(rollout, tokenizer, eval_cfg, step=..., output_dir=...)`: on the running rollout service's
+  replicas (the training loop calls it every `eval.interval` steps);
+- `run_eval(model_dir, cfg, output_dir)`: `dynamo-mega eval`, starts its own replicas on an HF checkpoint
+  (one process, or under torchrun world / rollout.vllm_tensor_parallel replicas).
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def longest_prompt(tokenizer, cfg: EvalConfig) -> int:
     )
 
 
-def _score_benchmark(engine, tokenizer, problems, prompts, cfg: EvalConfig, reward, seed: int):
+def _score_benchmark(rollout, tokenizer, problems, prompts, cfg: EvalConfig, seed: int):
     """prompts[i]: token ids of problems[i]. Returns (BenchmarkResult, sample records)."""
-    groups = engine.generate(
+    answers = [p.answer for p in problems for _ in range(cfg.samples)]
+    groups = rollout.generate(
         prompts,
         [cfg.samples] * len(problems),
         max_new_tokens=cfg.max_new_tokens,
@@ -73,11 +75,11 @@ def _score_benchmark(engine, tokenizer, problems, prompts, cfg: EvalConfig, rewa
         top_p=cfg.top_p,
         stop_token_ids=stop_token_ids(tokenizer),
         seed=None if cfg.temperature == 0 else seed,
+        answers=[p.answer for p in problems],  # scored on the replica that generated each sample
     )
     completions = [c for group in groups for c in group]
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    answers = [p.answer for p in problems for _ in range(cfg.samples)]
-    correct = reward.correctness(texts, answers)
+    correct = [c.reward == 1.0 for c in completions]  # MathVerifyReward scores a correct answer 1.0
     counts = [sum(correct[i * cfg.samples : (i + 1) * cfg.samples]) for i in range(len(problems))]
     result = BenchmarkResult(
         benchmark=problems[0].benchmark,
@@ -96,16 +98,22 @@ def _score_benchmark(engine, tokenizer, problems, prompts, cfg: EvalConfig, rewa
 
 
 def evaluate_benchmarks(
-    engine, tokenizer, cfg: EvalConfig, *, step: int, reward, output_dir: str | Path, max_model_len: int | None = None
+    rollout,
+    tokenizer,
+    cfg: EvalConfig,
+    *,
+    step: int,
+    output_dir: str | Path,
+    max_model_len: int | None = None,
+    write: bool = True,
 ) -> dict[str, float]:
-    """Evaluate every benchmark of `cfg` with the engine's current weights.
+    """Evaluate every benchmark of `cfg` with the replicas' current weights (collective).
 
-    engine: anything with VLLMEngine.generate's signature; tokenizer: the policy's HF tokenizer (chat template);
-    reward: a MathVerifyReward (its process pool is reused); max_model_len: the engine's context, when known, so
-    a prompt that cannot fit fails with a message before any generation. Writes OUTPUT_DIR/step_{step:06d}.json,
-    .md and _samples.jsonl; returns flat metrics {"aime24/pass@1": ..., "mean/pass@1": ...} for the logger."""
+    rollout: a RolloutService (generates and scores on its replicas); tokenizer: the policy's HF tokenizer (chat
+    template); max_model_len: the engines' context, when known, so a prompt that cannot fit fails with a message
+    before any generation; write: this rank writes OUTPUT_DIR/step_{step:06d}.json, .md and _samples.jsonl (the
+    driver). Returns flat metrics {"aime24/pass@1": ..., "mean/pass@1": ...} for the logger, on every rank."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     results, samples, start = [], [], time.time()
     prepared = []
     for name in cfg.benchmarks:  # every prompt is checked before the first generation
@@ -114,9 +122,14 @@ def evaluate_benchmarks(
         _check_lengths(problems, prompts, max_model_len)
         prepared.append((problems, prompts))
     for problems, prompts in prepared:
-        result, records = _score_benchmark(engine, tokenizer, problems, prompts, cfg, reward, cfg.seed + step)
+        result, records = _score_benchmark(rollout, tokenizer, problems, prompts, cfg, cfg.seed + step)
         results.append(result)
         samples.extend(records)
+    metrics = {f"{r.benchmark}/{key}": value for r in results for key, value in r.pass_at_k.items()}
+    metrics.update({f"mean/{key}": value for key, value in _mean_row(results).items()})
+    if not write:
+        return metrics
+    output_dir.mkdir(parents=True, exist_ok=True)
     stem = output_dir / f"step_{step:06d}"
     summary = {
         "step": step,
@@ -129,8 +142,6 @@ def evaluate_benchmarks(
     stem.with_suffix(".md").write_text(markdown_table(results, step))
     with open(f"{stem}_samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in samples)
-    metrics = {f"{r.benchmark}/{key}": value for r in results for key, value in r.pass_at_k.items()}
-    metrics.update({f"mean/{key}": value for key, value in summary["mean"].items()})
     return metrics
 
 
@@ -157,33 +168,53 @@ def markdown_table(results: list[BenchmarkResult], step: int) -> str:
 
 
 def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict[str, float]:
-    """`dynamo-mega eval`: start vLLM on the HF checkpoint in `model_dir` and evaluate (step 0)."""
+    """`dynamo-mega eval`: rollout replicas on the HF checkpoint in `model_dir`, then evaluate (step 0). Under
+    torchrun every rank takes part (world / rollout.vllm_tensor_parallel replicas); rank 0 writes the results."""
+    import os
+
+    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from dynamo_mega.models.qwen import arch_from_hf_config
-    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
     from dynamo_mega.rl.reward import MathVerifyReward
+    from dynamo_mega.rl.rollout_service import RolloutService
 
     model_dir = Path(model_dir)
     arch = arch_from_hf_config(model_dir)  # ValueError with the fix when the folder is not a Qwen checkpoint
     tokenizer = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or str(model_dir))
-    r = cfg.rollout
+    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
     # Room for the longest prompt of the run (OlympiadBench reaches ~1,300 tokens with Qwen's template) + the answer.
     max_len = min(arch.max_position_embeddings, longest_prompt(tokenizer, cfg.eval) + cfg.eval.max_new_tokens)
-    engine = VLLMEngine(
-        model_dir,
-        dtype=r.vllm_dtype,
-        seed=cfg.eval.seed,
-        max_model_len=max_len,
-        kv_cache_gib=r.vllm_kv_cache_gib,
-        gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-        max_num_seqs=r.vllm_max_num_seqs,
-    )
-    reward = MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s)
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")  # the replicas' small collectives (plans, samples)
+    rollout = None
     try:
+        rollout = RolloutService(
+            replica_size=k,
+            start_engine=lambda replica: VLLMEngine(
+                model_dir,
+                dtype=r.vllm_dtype,
+                seed=cfg.eval.seed,
+                max_model_len=max_len,
+                kv_cache_gib=r.vllm_kv_cache_gib,
+                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                max_num_seqs=r.vllm_max_num_seqs,
+                tensor_parallel=k,
+                devices=replica_devices(k),
+            ),
+            make_reward=lambda: MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s),
+            decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+            weights=None,
+            max_restarts=r.max_engine_restarts,
+        )
+        write = not dist.is_initialized() or dist.get_rank() == 0
         return evaluate_benchmarks(
-            engine, tokenizer, cfg.eval, step=0, reward=reward, output_dir=output_dir, max_model_len=max_len
+            rollout, tokenizer, cfg.eval, step=0, output_dir=output_dir, max_model_len=max_len, write=write
         )
     finally:
-        engine.close()
-        reward.close()
+        if rollout is not None:
+            rollout.close()
+        if own_group:
+            dist.destroy_process_group()

@@ -17,9 +17,10 @@ from dynamo_mega.rl.engines.vllm_engine import Completion
 
 
 class Generator(Protocol):
-    """What the loop needs from a rollout engine."""
+    """What `generate_rollouts` needs: a VLLMEngine, or the RolloutService (which also takes `answers=` to score
+    on its replicas and `expected_lengths=` to balance them)."""
 
-    version: int
+    version: int  # policy version of the weights generating
 
     def generate(
         self,
@@ -31,9 +32,8 @@ class Generator(Protocol):
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
+        **service_options,
     ) -> list[list[Completion]]: ...
-
-    def load_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
 
 
 @dataclass
@@ -72,9 +72,18 @@ def generate_rollouts(
     temperature: float,
     top_p: float,
     seed: int | None,
+    score: bool = False,
+    expected_lengths: list[float] | None = None,
 ) -> RolloutBatch:
-    """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata."""
+    """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata. score: the
+    engine (the rollout service) scores each sample against its own prompt's answer; the batch carries rewards.
+    expected_lengths: tokens per response of each prompt, for the service's balancing across replicas."""
     prompt_tokens = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
+    extra = {}
+    if score:
+        extra["answers"] = [p.answer for p in prompts]
+    if expected_lengths is not None:
+        extra["expected_lengths"] = expected_lengths
     groups = engine.generate(
         prompt_tokens,
         counts,
@@ -83,6 +92,7 @@ def generate_rollouts(
         top_p=top_p,
         stop_token_ids=stop_token_ids(tokenizer),
         seed=seed,
+        **extra,
     )
     batch = RolloutBatch([], [], [], [], [], [], [], engine.version)
     for prompt, tokens, n, completions in zip(prompts, prompt_tokens, counts, groups, strict=True):
@@ -96,6 +106,8 @@ def generate_rollouts(
             batch.response_tokens.append(c.token_ids)
             batch.rollout_logprobs.append(c.logprobs)
             batch.finished.append(c.finished)
+            if score:
+                batch.rewards.append(c.reward)
     return batch
 
 

@@ -13,6 +13,7 @@ step the trainer's new weights are loaded in place (no restart) from the weight 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finished: bool  # ended with a stop token (False: cut at max_new_tokens)
+    reward: float | None = None  # set by the rollout service when it scores the sample on its replica
 
 
 def _scratch_root() -> str | None:
@@ -46,6 +48,42 @@ def _free_port(host: str) -> int:
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")  # "bfloat16": the worker rebuilds it with getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _engine_environment(devices: list[int] | None):
+    """The environment the engine's processes are spawned with: torchrun's rendezvous variables removed (the
+    engine's workers form their own process group, which must not join the trainer's), and on GPUs only the
+    replica's own devices visible."""
+    saved = dict(os.environ)
+    for key in _TORCHRUN_VARIABLES:
+        os.environ.pop(key, None)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def replica_devices(k: int) -> list[int] | None:
+    """The local GPUs of this rank's rollout replica: its k ranks' devices (LOCAL_RANK .. LOCAL_RANK + k - 1, the
+    caller being the replica's first rank); None without GPUs. A replica must not span nodes."""
+    if not torch.cuda.is_available():
+        return None
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world % k:
+        raise ValueError(
+            f"rollout.vllm_tensor_parallel={k} must divide the {local_world} GPUs per node: an engine's ranks share a node"
+        )
+    return list(range(local_rank, local_rank + k))
+
+
+_TORCHRUN_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+)
 
 
 def is_engine_dead(exc: BaseException) -> bool:
@@ -70,7 +108,11 @@ class VLLMEngine:
         max_num_seqs: int = 1024,
         sleep_level: int = 0,
         weight_transport: str = "rpc",
+        tensor_parallel: int = 1,
+        devices: list[int] | None = None,
     ):
+        """tensor_parallel: vLLM's tensor parallel size (its workers are spawned processes); devices: the local
+        GPU indices the engine runs on (its rollout replica's GPUs), None on CPU or to keep the visible ones."""
         if weight_transport not in ("rpc", "ipc", "broadcast"):
             raise ValueError(f"rollout.weight_transport={weight_transport!r}: use rpc, ipc (GPU) or broadcast")
         self.weight_transport = weight_transport  # how `push` sends buckets
@@ -100,7 +142,9 @@ class VLLMEngine:
             # vLLM's default (raw) ignores temperature, so rollout and trainer log-probs disagree at T != 1.
             logprobs_mode="processed_logprobs",
             worker_extension_cls="dynamo_mega.rl.engines.vllm_worker.PolicyWeightsExtension",
+            tensor_parallel_size=tensor_parallel,
         )
+        self.devices = devices
         if sleep_level:
             self._llm_kwargs["enable_sleep_mode"] = True
         self.sleep_level = sleep_level  # colocated on GPU: sleep while the trainer trains (1: KV cache, 2: + weights)
@@ -115,7 +159,8 @@ class VLLMEngine:
 
         from dynamo_mega.rl.engines.vllm_watchdog import watch_engine
 
-        llm = LLM(model=model_dir, **self._llm_kwargs)
+        with _engine_environment(self.devices):
+            llm = LLM(model=model_dir, **self._llm_kwargs)
         self._watchdog = watch_engine(llm)  # a dead engine core raises EngineDeadError instead of hanging
         self.worker_pids = llm.collective_rpc("watch_trainer", args=(os.getpid(),))  # no orphans if we are killed
         return llm
@@ -150,11 +195,12 @@ class VLLMEngine:
         temperature: float,
         top_p: float = 1.0,
         stop_token_ids: list[int] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[list[Completion]]:
         """counts[i] samples for prompts[i] (token ids); returns one list of Completions per prompt, in order.
 
-        temperature=0 is greedy (counts must then be 1)."""
+        seed: request i is seeded seed + i, or seed[i] when a list (the rollout service seeds each request by
+        its place in the whole step, whichever replica runs it); None: unseeded. temperature=0 is greedy."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -171,7 +217,7 @@ class VLLMEngine:
                 stop_token_ids=stop_token_ids or [],
                 logprobs=0,
                 detokenize=False,
-                seed=None if seed is None else seed + i,
+                seed=None if seed is None else seed[i] if isinstance(seed, list) else seed + i,
             )
             for i in keep
         ]
