@@ -1,17 +1,14 @@
 """Run guards that keep a multi-rank job from corrupting itself or hanging.
 
 - `StopSignal`: SIGTERM (Slurm's warning before a time limit) asks the loop to finish its step, save, exit.
-- `on_driver`: work done only on the driver rank (rollouts, rewards, evaluation) whose outcome every rank
-  learns: a result, an engine restart (weights must be pushed again, a collective), or a failure that is
-  raised on every rank instead of leaving the other ranks blocked in a broadcast.
-- `EngineRestarted`: raised after a dead rollout engine was replaced by a fresh one holding the initial weights.
+- `broadcast`: a choice made on the driver (e.g. the checkpoint to resume from) shared with every rank.
+(Rollout failures are told to every rank by the rollout service: rl/rollout_service.py.)
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -19,41 +16,13 @@ import torch.distributed as dist
 from dynamo_mega.parallel.groups import ParallelGroups
 
 
-class EngineRestarted(Exception):
-    """The driver replaced a dead rollout engine; the trainer's weights must be pushed into it again."""
-
-
-class DriverFailed(RuntimeError):
-    """The driver rank failed; raised on the other ranks with the driver's error message."""
-
-
 def broadcast(obj, groups: ParallelGroups):
-    """Driver -> all ranks (pickled; rollouts are small next to the model)."""
+    """Driver -> all ranks (pickled: small objects only)."""
     if groups.world_size == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def on_driver(groups: ParallelGroups, fn: Callable[[], object]):
-    """fn() on the driver, its result on every rank. A failure on the driver is raised on every rank."""
-    status, error = ("ok", None), None
-    if groups.is_driver:
-        try:
-            status = ("ok", fn())
-        except EngineRestarted as exc:
-            status, error = ("restarted", None), exc
-        except Exception as exc:  # noqa: BLE001 - re-raised below after telling the other ranks
-            status, error = ("error", f"{type(exc).__name__}: {exc}"), exc
-    kind, value = broadcast(status, groups)
-    if error is not None:
-        raise error
-    if kind == "restarted":
-        raise EngineRestarted()
-    if kind == "error":
-        raise DriverFailed(f"the driver rank failed: {value}")
-    return value
 
 
 class StopSignal:

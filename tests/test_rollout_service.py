@@ -31,9 +31,9 @@ class FakeEngine:
     replicas agree exactly when their refits delivered the same bytes. `die_at`: generate calls that raise
     vLLM's EngineDeadError (the engine process died)."""
 
-    def __init__(self, replica: int, die_at=(), fail_at=()):
-        self.replica, self.die_at, self.fail_at = replica, set(die_at), set(fail_at)
-        self.calls, self.version, self.weight_sum, self.loads, self.restarts = 0, 0, 0.0, 0, 0
+    def __init__(self, replica: int, die_at=(), fail_at=(), die_at_push=()):
+        self.replica, self.die_at, self.fail_at, self.die_at_push = replica, set(die_at), set(fail_at), set(die_at_push)
+        self.calls, self.version, self.weight_sum, self.loads, self.restarts, self.pushes = 0, 0, 0.0, 0, 0, 0
 
     def generate(self, prompts, counts, *, max_new_tokens, temperature, top_p, stop_token_ids, seed):
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -49,9 +49,14 @@ class FakeEngine:
         ]
 
     def push(self, buckets, version):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self.pushes += 1
         total = 0.0
         for b in buckets:
             total += float(b.flat.double().sum())
+            if self.pushes in self.die_at_push:  # dies after its first bucket: the stream must still be drained
+                raise EngineDeadError("engine core died during a weight update")
         self.weight_sum, self.version, self.loads = total, version, self.loads + 1
 
     def restart(self):
@@ -98,10 +103,10 @@ def _generate(service, seed=100):
     return [[(c.token_ids, c.logprobs[0], c.reward) for c in g] for g in groups]
 
 
-def _service_worker(rank: int, world: int, die_at: tuple, fail_at: tuple):
+def _service_worker(rank: int, world: int, die_at: tuple, fail_at: tuple, die_at_push: tuple = ()):
     engines = {}
     if rank == 1:  # replica 1's engine, as configured
-        engines[1] = FakeEngine(1, die_at=die_at, fail_at=fail_at)
+        engines[1] = FakeEngine(1, die_at=die_at, fail_at=fail_at, die_at_push=die_at_push)
     service = _service(engines)
     service.push(1)
     out = {"versions": [e.version for e in engines.values()], "sums": [e.weight_sum for e in engines.values()]}
@@ -156,6 +161,15 @@ def test_a_dead_replica_alone_is_restarted_refitted_and_regenerated():
     (r0,), (r1,) = outs[0]["engine"], outs[1]["engine"]
     assert r0 == (0, 1, 1, 0, 1)  # replica 0: generated once, loaded once, never restarted
     assert r1 == (1, 2, 2, 1, 1)  # replica 1: died, restarted, refitted (2nd load), generated again
+
+
+def test_a_replica_that_dies_during_a_refit_alone_is_restarted_and_refitted():
+    outs = run_gloo(_service_worker, 2, (), (), (1,))
+    assert outs[0]["versions"] == outs[1]["versions"] == [1] and outs[0]["sums"] == outs[1]["sums"]
+    assert outs[0]["restarts"] == outs[1]["restarts"] == 1
+    (r0,), (r1,) = outs[0]["engine"], outs[1]["engine"]
+    assert r0 == (0, 1, 1, 0, 1)  # replica 0: one load, no restart
+    assert r1 == (1, 1, 1, 1, 1)  # replica 1: died mid-refit (no load), restarted, refitted, generated once
 
 
 def test_a_replica_failure_fails_every_rank_naming_the_replica():

