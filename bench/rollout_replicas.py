@@ -8,8 +8,8 @@ is one of 32k tokens, so a random policy almost never stops early):
   (c) 2 gloo ranks: 1 replica of TP=2 (one engine spanning both ranks), for reference.
 Each arm runs `--steps` steps of: generate the allocation (timed) -> refit every replica from the Megatron
 policy through the weight bridge (timed per replica) -> a correctness probe: one prompt, greedy, asked twice;
-at R = 2 the two requests land on different replicas and must return the same tokens and log-probs.
-Reported per arm (median over steps after the first): generation time per step, generated tokens/s, replica
+at R = 2 the two requests land on different replicas and must return the same tokens (log-probs: max difference).
+Reported per arm (median over the steps after the first): generation time per step, generated tokens/s, replica
 imbalance (slowest / mean) by the plan's expected tokens, by generated tokens and by generation time, and refit
 time per replica. This machine has 2 cores: at R = 2 both engines share them, so the speed-up measures
 contention as much as parallelism (stated in the markdown); the balance and correctness are what must hold.
@@ -125,7 +125,8 @@ def worker(args) -> None:
                 "replica_samples": [gen[f"replica{r}/samples"] for r in range(service.num_replicas)],
                 "refit_wall_s": refit_wall,
                 "replica_refit_s": [refit[f"replica{r}/refit_s"] for r in range(service.num_replicas)],
-                "probe_identical": a.token_ids == b.token_ids and a.logprobs == b.logprobs,
+                "probe_same_tokens": a.token_ids == b.token_ids,
+                "probe_logprob_diff": max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)),
             }
         )
     service.close()
@@ -167,7 +168,8 @@ def _summary(name: str, world: int, tp: int, raw: dict) -> dict:
         "imbalance_time": med("imbalance_time"),
         "refit_s_per_replica": [statistics.median(s["replica_refit_s"][r] for s in timed) for r in range(replicas)],
         "refit_wall_s": med("refit_wall_s"),
-        "probe_identical": all(s["probe_identical"] for s in raw["steps"]),
+        "probe_same_tokens": all(s["probe_same_tokens"] for s in raw["steps"]),
+        "probe_logprob_diff": max(s["probe_logprob_diff"] for s in raw["steps"]),
         "samples_per_step": raw["steps"][0]["samples"],
         "engine_start_s": raw["engine_start_s"],
     }
@@ -184,7 +186,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['date']}, this 2-core machine, nothing else running.",
         "",
         "| arm | replicas x TP | generation s/step | tokens/s | vs 1 replica | imbalance expected / tokens / time "
-        "| refit s per replica | same tokens + log-probs on every replica |",
+        "| refit s per replica | probe: same tokens / max log-prob difference |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -192,13 +194,15 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['arm']} | {r['replicas']} x {r['vllm_tp']} | {r['generate_s']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {r['imbalance_expected']:.3f} / {r['imbalance_tokens']:.3f} / "
-            f"{r['imbalance_time']:.3f} | {refit} | {'yes' if r['probe_identical'] else 'NO'} |"
+            f"{r['imbalance_time']:.3f} | {refit} | {'yes' if r['probe_same_tokens'] else 'NO'} / "
+            f"{r['probe_logprob_diff']:.1e} |"
         )
     lines += [
         "",
         "Imbalance = slowest replica / mean over replicas: by the plan's expected tokens (what the planner balances; "
         "the bar is <= 1.1), by tokens actually generated, by generation time. The probe asks for the same prompt "
-        "twice, greedy, after each refit; with 2 replicas the two requests run on different engines.",
+        "twice, greedy, after each refit; with 2 replicas the two requests run on different engines (with one, in "
+        "one batch: fp32 rows of one batch need not agree to the last bit either).",
         "Two replicas on 2 cores share them: each engine's decode is memory-bound matrix-vector work, so the speed-up "
         "here is what two engines get from two cores with the trainer processes idle; on GPUs each replica has its "
         "own devices.",
@@ -212,7 +216,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", default="")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=96)
