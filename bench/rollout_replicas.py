@@ -203,9 +203,10 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         "the bar is <= 1.1), by tokens actually generated, by generation time. The probe asks for the same prompt "
         "twice, greedy, after each refit; with 2 replicas the two requests run on different engines (with one, in "
         "one batch: fp32 rows of one batch need not agree to the last bit either).",
-        "Two replicas on 2 cores share them: each engine's decode is memory-bound matrix-vector work, so the speed-up "
-        "here is what two engines get from two cores with the trainer processes idle; on GPUs each replica has its "
-        "own devices.",
+        "On this 2-core machine one engine already uses both cores (its OpenMP threads); two engines split the same "
+        "two cores and add a second engine-core and worker process each, so no speed-up is available here, and the "
+        "time imbalance is the two engines' share of the cores, not their work (expected and generated tokens are "
+        "balanced). On GPUs each replica has its own devices.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -119,6 +119,7 @@ def test_built_in_defaults_leave_room_to_reallocate():
         (2, ["rollout.vllm_tensor_parallel=3"], "rollout.vllm_tensor_parallel=3 must divide the 2 ranks"),
         (4, ["rollout.vllm_tensor_parallel=3"], "use one of [1, 2, 4]"),
         (2, ["rollout.weight_transport=broadcast"], "make 2 replicas: use weight_transport=rpc, or vllm_tensor_parallel=2"),
+        (8, ["rollout.vllm_tensor_parallel=8"], "rollout.vllm_tensor_parallel=8 does not divide model.num_attention_heads=4"),
     ],
 )
 def test_rollout_replica_layout_is_checked_against_the_world(world, overrides, needle):
