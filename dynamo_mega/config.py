@@ -331,6 +331,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         arch = arch_from_model_config(m)
         for name, value in (("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups)):
             _require(value % tp == 0, f"parallel.tensor_parallel={tp} does not divide the checkpoint's {name}={value}")
+        heads, heads_name = arch.num_attention_heads, "the checkpoint's num_attention_heads"
         _require(
             arch.num_layers % pp == 0,
             f"parallel.pipeline_parallel={pp} does not divide the checkpoint's num_hidden_layers={arch.num_layers}",
@@ -348,6 +349,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             m.num_layers % pp == 0,
             f"parallel.pipeline_parallel={pp} does not divide model.num_layers={m.num_layers}; pick a divisor",
         )
+        heads, heads_name = m.num_attention_heads, "model.num_attention_heads"
         _require(
             m.num_attention_heads % m.num_query_groups == 0,
             f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}",
@@ -360,6 +362,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             m.ffn_hidden_size % tp == 0,
             f"parallel.tensor_parallel={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}",
         )
+    k = r.vllm_tensor_parallel
+    _require(  # each vLLM engine splits the heads over its k ranks
+        k < 1 or heads % k == 0,
+        f"rollout.vllm_tensor_parallel={k} does not divide {heads_name}={heads}; pick a divisor",
+    )
     _require(m.params_dtype in ("float32", "bfloat16"), f"model.params_dtype={m.params_dtype!r}: use float32 or bfloat16")
     _require(
         cfg.data.source in ("synthetic_arithmetic", "file"), f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file"

@@ -88,11 +88,6 @@ def setup(cfg: Config) -> Trainer:
     if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
         train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
     _check_vocab(tokenizer, arch.vocab_size)
-    if arch.num_attention_heads % cfg.rollout.vllm_tensor_parallel:  # vLLM splits the heads over its TP ranks
-        raise config_mod.ConfigError(
-            f"rollout.vllm_tensor_parallel={cfg.rollout.vllm_tensor_parallel} does not divide the model's "
-            f"{arch.num_attention_heads} attention heads; use a divisor of {arch.num_attention_heads}"
-        )
     hf_state = export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
     if groups.is_driver:
         _write_hf_init(cfg, run_dir / "hf_init", hf_state, arch, tokenizer)

@@ -116,10 +116,9 @@ def test_built_in_defaults_leave_room_to_reallocate():
 @pytest.mark.parametrize(
     ("world", "overrides", "needle"),
     [
-        (2, ["rollout.vllm_tensor_parallel=3"], "rollout.vllm_tensor_parallel=3 must divide the 2 ranks"),
-        (4, ["rollout.vllm_tensor_parallel=3"], "use one of [1, 2, 4]"),
+        (2, ["rollout.vllm_tensor_parallel=4"], "rollout.vllm_tensor_parallel=4 must divide the 2 ranks"),
+        (6, ["rollout.vllm_tensor_parallel=4"], "use one of [1, 2, 3, 6]"),
         (2, ["rollout.weight_transport=broadcast"], "make 2 replicas: use weight_transport=rpc, or vllm_tensor_parallel=2"),
-        (8, ["rollout.vllm_tensor_parallel=8"], "rollout.vllm_tensor_parallel=8 does not divide model.num_attention_heads=4"),
     ],
 )
 def test_rollout_replica_layout_is_checked_against_the_world(world, overrides, needle):
@@ -129,6 +128,11 @@ def test_rollout_replica_layout_is_checked_against_the_world(world, overrides, n
     with pytest.raises(ConfigError) as err:
         validate(cfg, world)
     assert needle in str(err.value)
+
+
+def test_engine_tensor_parallel_must_divide_the_heads():
+    with pytest.raises(ConfigError, match=r"rollout.vllm_tensor_parallel=3 does not divide model.num_attention_heads=4"):
+        load_config(TINY, ["rollout.vllm_tensor_parallel=3"])
 
 
 def test_rollout_replica_layouts_that_divide_the_world_are_accepted():
