@@ -99,6 +99,7 @@ def _member(rank: int, world: int) -> dict:
     from dynamo_mega.parallel.weight_bridge import iter_buckets
     from dynamo_mega.rl.engines import weight_group
     from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
+    from dynamo_mega.weight_push import feed_engine
 
     groups = init_parallel(1, 2, seed=0)
     if rank in WORKERS:
@@ -112,8 +113,6 @@ def _member(rank: int, world: int) -> dict:
     carrier = None if rank == 0 else pipeline_broadcast.StageCarrier(pp_group=groups.pp_group, stage=1)
     engine = None
     if rank == 0:
-        from dynamo_mega.weight_push import announce_weight_group
-
         engine = object.__new__(VLLMEngine)  # the real methods, vLLM's RPC played by _RPC
         engine.weight_transport, engine.sleep_level, engine.asleep, engine.version = "broadcast", 0, False, 0
         engine._llm = _RPC()
@@ -131,8 +130,7 @@ def _member(rank: int, world: int) -> dict:
             else:
                 if push == "after restart":
                     engine._weight_group = None  # what VLLMEngine.restart leaves: its new workers need a new group
-                announce_weight_group(SimpleNamespace(engine=engine, groups=groups), stream)
-                engine.push(stream, len(bytes_per_push) + 1)
+                feed_engine(engine, stream, len(bytes_per_push) + 1, pp_size=2)  # announces the group, then pushes
         else:
             for _ in carrier.stream(own):
                 pass

@@ -224,7 +224,7 @@ class RolloutService:
                 reports = self._exchange(_Report(self.replica, "ok", version=self.version) if self.is_leader else None)
             else:
                 reports = self._exchange(self._refit(targets))
-            self._recover(reports)
+            refitted = self._recover(reports)  # dead ones: restarted and refitted by a nested push
             ok = {rep.replica for rep in reports if rep.status == "ok" and rep.replica in targets}
             for rep in reports:
                 if rep.replica in ok and rep.version != self.version:
@@ -233,7 +233,7 @@ class RolloutService:
                     )
                 if rep.replica in ok:
                     self._metrics[f"replica{rep.replica}/refit_s"] = rep.refit_s
-            targets = targets - ok
+            targets = targets - ok - refitted
 
     def _refit(self, targets: set[int]) -> _Report | None:
         """This rank's part of one refit pass; leaders return their replica's report."""
@@ -302,11 +302,11 @@ class RolloutService:
                 raise ReplicaFailed(f"rollout replica {rep.replica} failed: {rep.error}")
         return reports
 
-    def _recover(self, reports: list[_Report]) -> None:
-        """Restart the replicas whose engine died (within the run's restart budget) and refit them."""
+    def _recover(self, reports: list[_Report]) -> set[int]:
+        """Restart the replicas whose engine died (within the run's restart budget) and refit them; returns them."""
         dead = sorted(rep.replica for rep in reports if rep.status == "dead")
         if not dead:
-            return
+            return set()
         if self.restarts + len(dead) > self.max_restarts:
             raise RuntimeError(
                 f"rollout replica(s) {dead} died after {self.restarts} engine restarts in this run "
@@ -322,6 +322,7 @@ class RolloutService:
             )
             self.engine.restart()
         self._push(set(dead))
+        return set(dead)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
