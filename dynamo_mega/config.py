@@ -64,7 +64,9 @@ class DataConfig:
     answer_key: str = "answer"
     id_key: str | None = "id"  # None: id = hash of the prompt text (duplicates are an error)
     difficulty_key: str | None = None  # source=file: a field labelling each row's difficulty (held-out accuracy per label)
-    drop_bad_rows: bool = False  # source=file: skip rows without an answer and exact repeats (counts printed)
+    # source=file: skip rows with a null/empty/non-text prompt or answer, exact repeats and (once rendered) prompts
+    # too long for the model's context, counted (data.Splits.dropped, printed) instead of refusing them; false: refuse
+    drop_bad_rows: bool = False
     prompt_format: str = "chat"  # source=file: chat (system + user turn through the tokenizer's chat template) | raw
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # chat; "" for none
     num_train: int = 4000  # synthetic only

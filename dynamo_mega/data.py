@@ -4,18 +4,25 @@ with stable unique prompt ids, and a resumable epoch sampler.
 Ids matter: DynaMO keeps statistics per prompt id, so an id that silently defaults to a row number or collides
 with another prompt misattributes history (a defect of the paper's reference code). Missing or duplicate ids
 are therefore an error naming the rows.
+
+Data files are checked before anything starts or is written: an unreadable file (not UTF-8, not JSON), a row
+whose prompt or answer is null, empty or of the wrong type, an empty split, and (`check_prompt_lengths`, once
+the prompts are rendered) a prompt too long for the engine's context each raise `ConfigError` with one line
+naming the file or split, the line or row, and the fix. With data.drop_bad_rows those rows are dropped and
+counted instead (`Splits.dropped`); a split left empty is still an error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dynamo_mega.config import DataConfig
+from dynamo_mega.config import ConfigError, DataConfig
 from dynamo_mega.rl.prompt_stats import validate_prompt_ids
 from dynamo_mega.tasks import arithmetic
 
@@ -28,87 +35,169 @@ class Prompt:
     difficulty: str = ""  # optional label (synthetic: its level, e.g. 3x9; files: data.difficulty_key) for per-level metrics
 
 
-def _read_rows(path: Path) -> list[dict]:
+@dataclass(frozen=True)
+class Splits:
+    """load_splits' result; unpacks as `train, held_out = load_splits(cfg)`."""
+
+    train: list[Prompt]
+    held_out: list[Prompt]
+    # data.drop_bad_rows: rows dropped per split and reason, e.g. {"train/dropped_bad_rows": 2,
+    # "train/dropped_repeated_rows": 1, "eval/...": 0}; empty without drop_bad_rows or for the synthetic task
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.train, self.held_out))
+
+
+def _decode(data: bytes, source: str) -> str:
+    """The file's text; undecodable bytes name their line and column (1-based, in bytes)."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{source} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _read_rows(path: Path, source: str) -> tuple[list, list[str]]:
+    """(rows, where each row is: 'line N' in a .jsonl file, 'row N' (0-based) in a .json array or .parquet)."""
     if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
+        raise ConfigError(f"{source}: data file not found")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        rows, where = [], []
+        for n, line in enumerate(_decode(path.read_bytes(), source).split("\n"), start=1):  # not splitlines: U+2028 is valid JSON
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        return rows
+                    raise ConfigError(f"{source} line {n}: not valid JSON ({exc.msg}); fix or remove the line") from None
+                where.append(f"line {n}")
+        return rows, where
     if path.suffix == ".json":
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(_decode(path.read_bytes(), source)) if path.stat().st_size else []
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} line {exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON array of objects")
-        return rows
+            raise ConfigError(f"{source}: expected a JSON array of objects, got a {type(rows).__name__}")
+        return rows, [f"row {i}" for i in range(len(rows))]
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl, .json or .parquet")
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except pa.ArrowException as exc:
+            raise ConfigError(f"{source}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+        return rows, [f"row {i}" for i in range(len(rows))]
+    raise ConfigError(f"{source}: unsupported data format {path.suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _answer_text(value) -> str:
+def _answer_text(value) -> str | None:
+    """The ground truth as text, or None when the value is not usable (null, empty, not text or a number)."""
     if isinstance(value, list):  # e.g. OlympiadBench final_answer: a one-element list
-        value = value[0] if value else ""
-    if isinstance(value, float) and value.is_integer():  # e.g. AMC23 stores 27.0
-        value = int(value)
-    return "" if value is None else str(value).strip()
+        value = value[0] if value else None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value.is_integer():  # e.g. AMC23 stores 27.0
+            value = int(value)
+    return str(value).strip() or None
 
 
-def drop_bad_rows(rows: list[dict], *, prompt_key: str, answer_key: str, source: str) -> list[dict]:
-    """Rows without an answer, and repeats of an earlier row with the same prompt AND answer, removed (counts
-    printed). A prompt that appears with two different answers stays in, so that it still fails loudly."""
-    kept, seen, empty, repeats = [], set(), 0, 0
-    for row in rows:
-        if prompt_key in row and not _answer_text(row.get(answer_key)):
-            empty += 1
+def _row_problem(row, prompt_key: str, answer_key: str) -> str | None:
+    """Why this row cannot be trained on (a phrase for the error), or None when it can."""
+    if not isinstance(row, dict):
+        return f"not a JSON object (got {type(row).__name__})"
+    prompt = row.get(prompt_key)
+    if prompt is None:
+        return f"empty prompt (null) in field {prompt_key!r}"
+    if not isinstance(prompt, str):
+        return f"the prompt in field {prompt_key!r} is a {type(prompt).__name__}, not text"
+    if not prompt.strip():
+        return f"empty prompt in field {prompt_key!r}"
+    answer = row.get(answer_key)
+    if _answer_text(answer) is not None:
+        return None
+    inner = (answer[0] if answer else None) if isinstance(answer, list) else answer  # a one-element list holds it
+    if inner is None or (isinstance(inner, str) and not inner.strip()):
+        return f"empty answer ({'null' if answer is None else repr(answer)}) in field {answer_key!r}"
+    return f"the answer in field {answer_key!r} is a {type(answer).__name__} ({str(answer)[:40]!r}), not text or a number"
+
+
+def drop_bad_rows(
+    rows: list, *, prompt_key: str, answer_key: str, source: str, where: list[str] | None = None
+) -> tuple[list, list[str], dict[str, int]]:
+    """(kept rows, their places, counts {"bad_rows", "repeated_rows"}): rows with a null, empty or non-text prompt or
+    answer, and repeats of an earlier row with the same prompt AND answer, removed (counts printed). Rows without
+    the prompt field stay in (data.prompt_key is probably wrong), as does a prompt that appears with two different
+    answers, so that both still fail loudly."""
+    where = where if where is not None else [f"row {i}" for i in range(len(rows))]
+    kept, kept_where, seen, counts, first = [], [], set(), {"bad_rows": 0, "repeated_rows": 0}, ""
+    for row, place in zip(rows, where, strict=True):
+        problem = _row_problem(row, prompt_key, answer_key)
+        if problem is not None and (not isinstance(row, dict) or prompt_key in row):
+            counts["bad_rows"] += 1
+            first = first or f"{place}: {problem}"
             continue
         key = (str(row.get(prompt_key)), _answer_text(row.get(answer_key)))
         if key in seen:
-            repeats += 1
+            counts["repeated_rows"] += 1
             continue
         seen.add(key)
         kept.append(row)
-    if empty or repeats:
-        print(f"dynamo-mega: {source}: dropped {empty} rows without an answer and {repeats} repeated rows", flush=True)
-    return kept
+        kept_where.append(place)
+    if counts["bad_rows"] or counts["repeated_rows"]:
+        detail = f" (first: {first})" if first else ""
+        print(
+            f"dynamo-mega: {source}: dropped {counts['bad_rows']} bad rows{detail} and {counts['repeated_rows']} repeated rows",
+            flush=True,
+        )
+    return kept, kept_where, counts
 
 
 def records_to_prompts(
-    rows: list[dict], *, prompt_key: str, answer_key: str, id_key: str | None, source: str, difficulty_key: str | None = None
+    rows: list,
+    *,
+    prompt_key: str,
+    answer_key: str,
+    id_key: str | None,
+    source: str,
+    difficulty_key: str | None = None,
+    where: list[str] | None = None,
 ) -> list[Prompt]:
-    """Convert raw rows; ids come from `id_key` or, when it is None, from a hash of the prompt text.
-    Missing or duplicate ids fail the whole dataset (rl/prompt_stats.validate_prompt_ids names the rows)."""
+    """Convert raw rows (`where`: each row's place for errors, default 'row N'); ids come from `id_key` or, when it
+    is None, from a hash of the prompt text. A bad row, or missing or duplicate ids, fail the whole dataset
+    (rl/prompt_stats.validate_prompt_ids names the rows)."""
+    where = where if where is not None else [f"row {i}" for i in range(len(rows))]
     texts, answers, ids = [], [], []
-    for row_no, row in enumerate(rows):
-        if prompt_key not in row or answer_key not in row:
-            raise ValueError(
-                f"{source} row {row_no}: missing field {prompt_key!r} or {answer_key!r} (set data.prompt_key / data.answer_key)"
+    for row, place in zip(rows, where, strict=True):
+        if isinstance(row, dict) and (prompt_key not in row or answer_key not in row):
+            raise ConfigError(
+                f"{source} {place}: missing field {prompt_key!r} or {answer_key!r} (set data.prompt_key / data.answer_key)"
             )
-        answer = _answer_text(row[answer_key])
-        if not answer:
-            raise ValueError(
-                f"{source} row {row_no}: empty answer in field {answer_key!r}; fix the data or set data.drop_bad_rows=true"
-            )
-        texts.append(str(row[prompt_key]))
-        answers.append(answer)
+        problem = _row_problem(row, prompt_key, answer_key)
+        if problem is not None:
+            raise ConfigError(f"{source} {place}: {problem}; fix the data or set data.drop_bad_rows=true")
+        texts.append(row[prompt_key])
+        answers.append(_answer_text(row[answer_key]))
         ids.append("sha1-" + hashlib.sha1(texts[-1].encode()).hexdigest()[:16] if id_key is None else row.get(id_key))
     try:
         validate_prompt_ids(ids)
     except ValueError as exc:
         hint = "" if id_key is None else " Or set data.id_key=null to hash the prompt text."
-        raise ValueError(f"{source}: {exc}{hint}") from None
+        raise ConfigError(f"{source}: {exc}{hint}") from None
     levels = ["" if difficulty_key is None or row.get(difficulty_key) is None else str(row[difficulty_key]) for row in rows]
     return [Prompt(str(pid), text, answer, level) for pid, text, answer, level in zip(ids, texts, answers, levels, strict=True)]
 
 
-def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, eval) prompts for the configured source."""
+def load_splits(cfg: DataConfig) -> Splits:
+    """(train, eval) prompts for the configured source; for files, rows checked (module docstring)."""
     if cfg.source == "synthetic_arithmetic":
         train, held_out = arithmetic.make_splits(
             cfg.num_train,
@@ -121,19 +210,31 @@ def load_splits(cfg: DataConfig) -> tuple[list[Prompt], list[Prompt]]:
             levels=list(cfg.levels),
         )
         keys = dict(prompt_key="prompt", answer_key="answer", id_key="id", difficulty_key="level")
-        return (
+        return Splits(
             records_to_prompts(train, source="synthetic train", **keys),
             records_to_prompts(held_out, source="synthetic eval", **keys),
         )
     keys = dict(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, id_key=cfg.id_key, difficulty_key=cfg.difficulty_key)
+    dropped: dict[str, int] = {}
 
-    def read(path: str) -> list[Prompt]:
-        rows = _read_rows(Path(path))
+    def read(split: str, key: str) -> list[Prompt]:
+        source = f"data.{key}={getattr(cfg, key)}"
+        rows, where = _read_rows(Path(getattr(cfg, key)), source)
+        if not rows:
+            raise ConfigError(f"{source}: the file has no rows; point data.{key} at a file with {split} problems")
         if cfg.drop_bad_rows:
-            rows = drop_bad_rows(rows, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, source=path)
-        return records_to_prompts(rows, source=path, **keys)
+            kept, kept_where, counts = drop_bad_rows(
+                rows, prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, source=source, where=where
+            )
+            dropped.update({f"{split}/dropped_{reason}": n for reason, n in counts.items()})
+            if not kept:  # every row was bad (a repeat always leaves its first copy)
+                first = next(f"{w}: {m}" for r, w in zip(rows, where) if (m := _row_problem(r, cfg.prompt_key, cfg.answer_key)))
+                raise ConfigError(f"{source}: data.drop_bad_rows dropped all {len(rows)} rows (first: {first}); fix the data")
+            rows, where = kept, kept_where
+        return records_to_prompts(rows, source=source, where=where, **keys)
 
-    return read(cfg.train_path), read(cfg.eval_path) if cfg.eval_path else []
+    train = read("train", "train_path")
+    return Splits(train, read("eval", "eval_path") if cfg.eval_path else [], dropped)
 
 
 def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Prompt]:
@@ -147,6 +248,35 @@ def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Pr
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         out.append(Prompt(p.id, text, p.answer, p.difficulty))
     return out
+
+
+def check_prompt_lengths(
+    split: str, prompts: list[Prompt], tokenizer, max_context: int, max_new_tokens: int, drop_bad_rows: bool
+) -> list[Prompt]:
+    """`prompts` (rendered: the exact text the engine gets) whose tokens + max_new_tokens fit the engine's context of
+    max_context tokens (vLLM max_model_len = the model's max_position_embeddings). A longer one is refused naming
+    its split and id, or dropped (count printed) when drop_bad_rows; a split left empty is refused either way.
+    One batched tokenizer call, tokenized as the rollout does (no special tokens added)."""
+    if not prompts:
+        return prompts
+    budget = max_context - max_new_tokens
+    lengths = [len(ids) for ids in tokenizer([p.prompt for p in prompts], add_special_tokens=False)["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > budget]
+    if not too_long:
+        return prompts
+    first = too_long[0]
+    what = (
+        f"{split} prompt {prompts[first].id!r} has {lengths[first]} tokens: with rollout.max_new_tokens={max_new_tokens} "
+        f"that exceeds the model's context of {max_context} tokens"
+        + (f" (as do {len(too_long) - 1} more {split} prompts)" if len(too_long) > 1 else "")
+    )
+    if not drop_bad_rows:
+        raise ConfigError(f"{what}; shorten the prompt, use a model with a longer context, or set data.drop_bad_rows=true")
+    if len(too_long) == len(prompts):
+        raise ConfigError(f"{what}; data.drop_bad_rows would drop every {split} prompt: shorten the prompts")
+    print(f"dynamo-mega: {split}: dropped {len(too_long)} prompts too long for the context ({what})", flush=True)
+    drop = set(too_long)
+    return [p for i, p in enumerate(prompts) if i not in drop]
 
 
 class EpochSampler:

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from dynamo_mega import config as config_mod
-from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, load_checkpoint, resolve_resume, save_checkpoint
+from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
-from dynamo_mega.data import EpochSampler, Prompt, load_splits, render_chat
+from dynamo_mega.data import EpochSampler, Prompt, check_prompt_lengths, load_splits, render_chat
 from dynamo_mega.guards import StopSignal, broadcast
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
-from dynamo_mega.models.qwen import hf_config_dict
+from dynamo_mega.models.qwen import arch_from_model_config, hf_config_dict
 from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
@@ -66,13 +66,14 @@ def setup(cfg: Config) -> Trainer:
     groups = init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.run.seed)
     config_mod.validate(cfg, groups.world_size)
     run_dir = Path(cfg.run.output_dir)
-    train_set, eval_set = load_splits(cfg.data)
+    train_set, eval_set, tokenizer, data_dropped = load_data(cfg)  # every data check, before anything is written
     if cfg.rollout.prompts_per_step > len(train_set):  # a step's prompts are distinct: say so before anything is written
         raise config_mod.ConfigError(
             f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(train_set)} training prompts; "
             "lower it or add training data"
         )
     model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed, random_init=cfg.model.hf_checkpoint is None)
+    _check_vocab(tokenizer, arch.vocab_size)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
     resume_path = resume_point(cfg, groups)
@@ -84,10 +85,8 @@ def setup(cfg: Config) -> Trainer:
         else:
             truncate_jsonl(run_dir / "samples.jsonl", lambda r: r["step"] <= resume_step)
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
-    tokenizer = load_tokenizer(cfg, run_dir, groups.is_driver)
-    if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
-        train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
-    _check_vocab(tokenizer, arch.vocab_size)
+        if cfg.model.hf_checkpoint is None:  # the synthetic task's tokenizer, saved with the run as before
+            tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     hf_state = export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
     if groups.is_driver:
         _write_hf_init(cfg, run_dir / "hf_init", hf_state, arch, tokenizer)
@@ -105,13 +104,35 @@ def setup(cfg: Config) -> Trainer:
             resume_step=resume_step,
             wandb=_wandb_sink(cfg, run_dir),
         )
+        if data_dropped and resume_step is None:
+            logger.log(0, data_dropped, phase="data")
     return Trainer(
         cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, rollout, logger, resume_path=resume_path
     )
 
 
-def load_tokenizer(cfg: Config, run_dir: Path, is_driver: bool):
-    """The checkpoint's own tokenizer, or the synthetic task's (built locally; the driver saves it in HF format)."""
+def load_data(cfg: Config) -> tuple[list[Prompt], list[Prompt], object, dict[str, int]]:
+    """(train, held-out, tokenizer, dropped-row counts): the splits checked row by row (data.py) and, rendered with
+    the tokenizer, against the engines' context. A bad row is a ConfigError naming file and row, or is dropped
+    and counted with data.drop_bad_rows."""
+    splits = load_splits(cfg.data)
+    tokenizer = load_tokenizer(cfg)
+    train_set, eval_set = splits
+    if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
+        train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
+    max_len = arch_from_model_config(cfg.model).max_position_embeddings  # the engines' context (_start_rollout)
+    fit = dict(max_context=max_len, max_new_tokens=cfg.rollout.max_new_tokens, drop_bad_rows=cfg.data.drop_bad_rows)
+    train_kept = check_prompt_lengths("train", train_set, tokenizer, **fit)
+    eval_kept = check_prompt_lengths("eval", eval_set, tokenizer, **fit)
+    dropped = dict(splits.dropped)
+    if cfg.data.drop_bad_rows:
+        dropped["train/dropped_too_long"] = len(train_set) - len(train_kept)
+        dropped["eval/dropped_too_long"] = len(eval_set) - len(eval_kept)
+    return train_kept, eval_kept, tokenizer, dropped
+
+
+def load_tokenizer(cfg: Config):
+    """The checkpoint's own tokenizer, or the synthetic task's (built locally; setup's driver saves it in HF format)."""
     if cfg.model.hf_checkpoint is not None:
         from transformers import AutoTokenizer
 
@@ -119,7 +140,7 @@ def load_tokenizer(cfg: Config, run_dir: Path, is_driver: bool):
         if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-    return arithmetic.save_tokenizer(run_dir / "tokenizer") if is_driver else arithmetic.build_tokenizer()
+    return arithmetic.build_tokenizer()
 
 
 def _check_vocab(tokenizer, vocab_size: int) -> None:
@@ -454,9 +475,19 @@ def save(t: Trainer, step: int, state: dict) -> None:
 
 def resume_point(cfg: Config, groups: ParallelGroups) -> Path | None:
     """The checkpoint to resume from, chosen by the driver and shared (ranks must agree even if the shared
-    filesystem is slow to show a new directory)."""
-    path = resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg)) if groups.is_driver else None
-    return broadcast(path, groups)
+    filesystem is slow to show a new directory). The driver verifies the candidates' digests first, skipping
+    damaged ones (resume=auto); a broken checkpoint.resume path raises ConfigError on every rank, before the
+    run folder is written or vLLM starts (the CLI: exit 2, one line)."""
+    choice = None
+    if groups.is_driver:
+        try:
+            choice = resolve_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+        except config_mod.ConfigError as exc:
+            choice = exc  # told to every rank: raised on the driver alone it would leave the others waiting
+    choice = broadcast(choice, groups)
+    if isinstance(choice, config_mod.ConfigError):
+        raise choice
+    return choice
 
 
 def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
@@ -471,7 +502,35 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
                 save_hf_snapshot(t, Path(cfg.warmup.save_hf_dir))
         summary["accuracy_before_rl"] = evaluate(t, 0)
         return 0, -1, summary, 0.0
-    state = load_checkpoint(path, t.model, t.optimizer, t.groups)
+    from dynamo_mega.checkpoint import report_damage, try_load_checkpoint
+    from dynamo_mega.metrics import PRE_RL_PHASES
+
+    cfg_path = path
+    state, why = try_load_checkpoint(path, t.model, t.optimizer, t.groups)
+    while state is None:  # every rank saw the failure (try_load_checkpoint): fall back, or stop, together
+        older = None
+        if t.groups.is_driver:
+            try:
+                if cfg.checkpoint.resume != "auto":
+                    raise config_mod.ConfigError(f"checkpoint.resume={cfg.checkpoint.resume}: does not load ({why})")
+                older = resolve_resume("auto", checkpoint_root(cfg), older_than=path)
+                if older is None:
+                    raise config_mod.ConfigError(f"checkpoint {path} is damaged ({why}) and no older complete checkpoint "
+                                                 "is left; pass checkpoint.resume=none to start afresh")
+                report_damage(path, why, older)
+            except config_mod.ConfigError as exc:
+                older = exc
+        older = broadcast(older, t.groups)
+        if isinstance(older, config_mod.ConfigError):
+            raise older
+        path = t.resume_path = older
+        state, why = try_load_checkpoint(path, t.model, t.optimizer, t.groups)
+    if path != cfg_path and t.groups.is_driver:  # setup cut the logs at the damaged one's step: cut them at this one's
+        kept = state["step"]
+        truncate_jsonl(t.run_dir / "samples.jsonl", lambda r: r["step"] <= kept)
+        t.logger._file.close()
+        truncate_jsonl(t.logger.path, lambda r: r["phase"] in PRE_RL_PHASES or r["step"] <= kept)
+        t.logger._file = t.logger.path.open("a")
     t.stats.load_state_dict(state["prompt_stats"])
     sampler.load_state_dict(state["sampler"])
     t.scheduler.load_state_dict(state["scheduler"])

@@ -79,8 +79,13 @@ def _weights(version: int):
             yield Bucket(flat, ["a", "b"], [torch.Size([2]), torch.Size([4])], [0, 2], version)
 
 
-def _reward(texts, answers):
-    return [1.0 if t.split()[0] == a else 0.0 for t, a in zip(texts, answers, strict=True)]
+class _Reward:
+    """Right when the response's first token is its prompt's token sum; reports one timed-out pair per call."""
+
+    last_call_timeouts = 1
+
+    def __call__(self, texts, answers):
+        return [1.0 if t.split()[0] == a else 0.0 for t, a in zip(texts, answers, strict=True)]
 
 
 def _service(engines: dict, replica_size: int = 1):
@@ -89,7 +94,7 @@ def _service(engines: dict, replica_size: int = 1):
     return RolloutService(
         replica_size=replica_size,
         start_engine=lambda r: engines.setdefault(r, FakeEngine(r)),
-        make_reward=lambda: _reward,
+        make_reward=_Reward,
         decode=lambda token_ids: [" ".join(map(str, t)) for t in token_ids],
         weights=_weights,
         max_restarts=1,
@@ -145,6 +150,7 @@ def test_two_replicas_return_every_sample_to_every_rank_aligned_and_balanced():
     # A whole group keeps the one-engine seed seed + i, so its samples equal the one-replica run's.
     m = outs[0]["metrics"]
     assert m == outs[1]["metrics"] and m["rollout_replicas"] == 2
+    assert m["replica0/reward_timeouts"] == m["replica1/reward_timeouts"] == 1 and m["reward_timeouts"] == 2
     assert m["replica0/samples"] + m["replica1/samples"] == sum(COUNTS) == ref_metrics["replica0/samples"]
     cut = [i for i in range(len(PROMPTS)) if COUNTS[i] and groups[i] != ref[i]]
     assert len(cut) <= 1  # at most R - 1 groups are cut across replicas

@@ -56,6 +56,7 @@ class _Report:
     groups: list[list[Completion]] | None = None  # one per piece of the replica's plan
     generate_s: float = 0.0
     score_s: float = 0.0
+    reward_timeouts: int = 0  # (response, answer) pairs the reward timed out on (scored wrong, never cached)
     version: int = -1  # policy version the engine holds afterwards
     refit_s: float = 0.0
 
@@ -176,6 +177,7 @@ class RolloutService:
                 for (c, _), reward in zip(samples, rewards, strict=True):
                     c.reward = reward
                 rep.score_s = time.perf_counter() - t1
+                rep.reward_timeouts = int(getattr(self._reward, "last_call_timeouts", 0))
         except Exception as exc:  # noqa: BLE001 - told to every rank by _exchange
             return self._failure(exc)
         return rep
@@ -192,6 +194,7 @@ class RolloutService:
                 ("tokens", tokens),
                 ("generate_s", rep.generate_s),
                 ("score_s", rep.score_s),
+                ("reward_timeouts", rep.reward_timeouts),
                 ("expected_tokens", expected[r]),
             ):
                 m[f"replica{r}/{key}"] = m.get(f"replica{r}/{key}", 0.0) + float(value)
@@ -207,6 +210,7 @@ class RolloutService:
             values = np.array([m.get(f"replica{r}/{key}", 0.0) for r in range(self.num_replicas)])
             m[f"rollout_imbalance_{name}"] = float(values.max() / values.mean()) if values.mean() > 0 else 1.0
         m["rollout_replicas"] = float(self.num_replicas)
+        m["reward_timeouts"] = sum(m.get(f"replica{r}/reward_timeouts", 0.0) for r in range(self.num_replicas))
         return m
 
     # ---- weights ----------------------------------------------------------------------------------------------
