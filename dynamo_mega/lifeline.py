@@ -23,10 +23,23 @@ def _started(pid: int) -> float | None:
         return None
 
 
+TRAINER_PID_ENV = "DYNAMO_MEGA_TRAINER_PID"  # set in the environment vLLM's processes are spawned with
+
+
+def arm_from_environment() -> None:
+    """In a process spawned for a trainer's vLLM engine (rl/engines/spawn_hook/sitecustomize.py runs this at
+    interpreter start): exit with the trainer whose pid the environment names. No-op without the variable."""
+    pid = os.environ.get(TRAINER_PID_ENV)
+    if pid:
+        exit_with(int(pid))
+
+
 def exit_with(pid: int, poll_s: float = 1.0) -> None:
-    """Exit this process (status 1) once process `pid` has exited. The start time tells it from a later process
-    that is given the same pid."""
+    """Exit this process (status 1) once process `pid` has exited, or now if it already has. The start time tells
+    it from a later process that is given the same pid."""
     started = _started(pid)
+    if started is None:
+        os._exit(1)
 
     def poll() -> None:
         while True:

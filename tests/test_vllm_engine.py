@@ -185,3 +185,34 @@ def test_engine_processes_exit_when_the_trainer_is_sigkilled(policy_and_engine, 
     owner.wait()
     gone, alive = psutil.wait_procs(children + workers, timeout=60)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"orphaned engine processes: {alive}"
+
+
+def test_engine_processes_exit_when_the_trainer_is_sigkilled_during_start_up(policy_and_engine, tmp_path):
+    """SIGKILL while vLLM is still starting (before `watch_trainer` could run): every process the engine spawned
+    is on the lifeline from its own start (a vLLM general plugin, dynamo_mega.lifeline.arm_from_environment)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    engine = policy_and_engine[3]
+    pids_file = tmp_path / "pids.json"
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, engine.model_dir, str(pids_file)], env=os.environ.copy())
+    deadline = time.time() + 300
+    spawned: dict[int, psutil.Process] = {}
+    # Collect the engine's processes as they appear; kill the owner a few seconds after the first one, mid start-up.
+    first = None
+    while first is None or time.time() < first + 4:
+        assert owner.poll() is None and time.time() < deadline, "the engine owner died or never spawned the engine"
+        for p in psutil.Process(owner.pid).children(recursive=True):
+            spawned.setdefault(p.pid, p)
+        if spawned and first is None:
+            first = time.time()
+        time.sleep(0.2)
+    assert not pids_file.is_file(), "the engine was already up: this test must kill it during start-up"
+    owner.kill()
+    owner.wait()
+    _, alive = psutil.wait_procs(list(spawned.values()), timeout=120)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"orphaned engine processes: {alive}"

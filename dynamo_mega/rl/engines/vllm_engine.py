@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dynamo_mega.lifeline import TRAINER_PID_ENV
+
 
 @dataclass
 class Completion:
@@ -54,12 +56,16 @@ def _dtype_name(t: torch.Tensor) -> str:
 def _engine_environment(devices: list[int] | None):
     """The environment the engine's processes are spawned with: torchrun's rendezvous variables removed (the
     engine's workers form their own process group, which must not join the trainer's), and on GPUs only the
-    replica's own devices visible."""
+    replica's own devices visible; the trainer's pid for the lifeline each engine process arms at its start."""
     saved = dict(os.environ)
     for key in _TORCHRUN_VARIABLES:
         os.environ.pop(key, None)
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+    # Every process spawned for the engine exits with this one, armed at its interpreter's start (lifeline.py).
+    os.environ[TRAINER_PID_ENV] = str(os.getpid())
+    hook = str(Path(__file__).with_name("spawn_hook"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (hook, saved.get("PYTHONPATH")) if p)
     try:
         yield
     finally:
