@@ -33,9 +33,8 @@ from dynamo_mega.rl import step_rollouts
 from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
-from dynamo_mega.rl.reward import MathVerifyReward
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, to_token_batch
-from dynamo_mega.rl.rollout_service import RolloutService
+from dynamo_mega.rl.rollout_service import RolloutService, start_vllm_replicas
 from dynamo_mega.tasks import arithmetic
 from dynamo_mega.weight_push import WeightStream
 
@@ -93,7 +92,10 @@ def setup(cfg: Config) -> Trainer:
     del hf_state
     broadcast(None, groups)  # every replica's engine starts from hf_init: wait until it is written
     weights = WeightStream(model, arch, groups, cfg.rollout)
-    rollout = _start_rollout(cfg, run_dir / "hf_init", arch.max_position_embeddings, weights, tokenizer, groups)
+    rollout = start_vllm_replicas(
+        cfg, run_dir / "hf_init", max_len=arch.max_position_embeddings, tokenizer=tokenizer, weights=weights.stream,
+        pp_size=groups.pp_size,
+    )
     logger = None
     if groups.is_driver:
         logger = MetricsLogger(
@@ -120,7 +122,7 @@ def load_data(cfg: Config) -> tuple[list[Prompt], list[Prompt], object, dict[str
     train_set, eval_set = splits
     if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
         train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
-    max_len = arch_from_model_config(cfg.model).max_position_embeddings  # the engines' context (_start_rollout)
+    max_len = arch_from_model_config(cfg.model).max_position_embeddings  # the engines' context (start_vllm_replicas)
     fit = dict(max_context=max_len, max_new_tokens=cfg.rollout.max_new_tokens, drop_bad_rows=cfg.data.drop_bad_rows)
     train_kept = check_prompt_lengths("train", train_set, tokenizer, **fit)
     eval_kept = check_prompt_lengths("eval", eval_set, tokenizer, **fit)
@@ -157,42 +159,6 @@ def _write_hf_init(cfg: Config, init_dir: Path, hf_state: dict, arch, tokenizer)
         json.dumps(hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id), indent=1)
     )
     save_file(hf_state, str(init_dir / "model.safetensors"))
-
-
-def _start_rollout(cfg: Config, model_dir: Path, max_len: int, weights: WeightStream | None, tokenizer, groups: ParallelGroups):
-    """world / k engine replicas of vLLM TP = k (k = rollout.vllm_tensor_parallel), math-verify on each leader.
-    weights: the refit stream (None: the engines keep model_dir's weights). max_len: the engines' context."""
-    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
-
-    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
-
-    def start_engine(replica: int) -> VLLMEngine:
-        return VLLMEngine(
-            model_dir,
-            dtype=r.vllm_dtype,
-            seed=r.seed,
-            max_model_len=max_len,
-            kv_cache_gib=r.vllm_kv_cache_gib,
-            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            max_num_seqs=r.vllm_max_num_seqs,
-            sleep_level=r.vllm_sleep_level,
-            weight_transport=r.weight_transport,
-            tensor_parallel=k,
-            devices=replica_devices(k),
-        )
-
-    def make_reward() -> MathVerifyReward:
-        return MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward)
-
-    return RolloutService(
-        replica_size=k,
-        start_engine=start_engine,
-        make_reward=make_reward,
-        decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-        weights=weights.stream if weights is not None else None,
-        max_restarts=r.max_engine_restarts,
-        pp_size=groups.pp_size,
-    )
 
 
 def save_hf_snapshot(t: Trainer, directory: Path) -> None:
@@ -264,7 +230,7 @@ def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
         t.cfg.eval,
         step=step,
         output_dir=t.run_dir / "eval",
-        max_model_len=t.arch.max_position_embeddings,  # the engines' context (_start_rollout)
+        max_model_len=t.arch.max_position_embeddings,  # the engines' context (start_vllm_replicas)
         write=t.groups.is_driver,
     )
     t.rollout.take_metrics()

@@ -176,14 +176,11 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
     from transformers import AutoTokenizer
 
     from dynamo_mega.models.qwen import arch_from_hf_config
-    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
-    from dynamo_mega.rl.reward import MathVerifyReward
-    from dynamo_mega.rl.rollout_service import RolloutService
+    from dynamo_mega.rl.rollout_service import start_vllm_replicas
 
     model_dir = Path(model_dir)
     arch = arch_from_hf_config(model_dir)  # ValueError with the fix when the folder is not a Qwen checkpoint
     tokenizer = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or str(model_dir))
-    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
     # Room for the longest prompt of the run (OlympiadBench reaches ~1,300 tokens with Qwen's template) + the answer.
     max_len = min(arch.max_position_embeddings, longest_prompt(tokenizer, cfg.eval) + cfg.eval.max_new_tokens)
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
@@ -191,24 +188,7 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
         dist.init_process_group("gloo")  # the replicas' small collectives (plans, samples)
     rollout = None
     try:
-        rollout = RolloutService(
-            replica_size=k,
-            start_engine=lambda replica: VLLMEngine(
-                model_dir,
-                dtype=r.vllm_dtype,
-                seed=cfg.eval.seed,
-                max_model_len=max_len,
-                kv_cache_gib=r.vllm_kv_cache_gib,
-                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                max_num_seqs=r.vllm_max_num_seqs,
-                tensor_parallel=k,
-                devices=replica_devices(k),
-            ),
-            make_reward=lambda: MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s),
-            decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
-            weights=None,
-            max_restarts=r.max_engine_restarts,
-        )
+        rollout = start_vllm_replicas(cfg, model_dir, max_len=max_len, tokenizer=tokenizer, seed=cfg.eval.seed)
         write = not dist.is_initialized() or dist.get_rank() == 0
         return evaluate_benchmarks(
             rollout, tokenizer, cfg.eval, step=0, output_dir=output_dir, max_model_len=max_len, write=write

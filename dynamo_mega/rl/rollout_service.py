@@ -343,6 +343,44 @@ class RolloutService:
             close()
 
 
+def start_vllm_replicas(
+    cfg, model_dir, *, max_len: int, tokenizer, weights=None, pp_size: int = 1, seed: int | None = None
+) -> RolloutService:
+    """The trainer's and `dynamo-mega eval`'s replicas from a Config: world / k VLLMEngines of TP = k
+    (k = rollout.vllm_tensor_parallel) started from the HF folder `model_dir`, each leader scoring with math-verify.
+    weights(version): the refit stream (None: the engines keep model_dir's weights); max_len: the engines'
+    context; seed: the engines' sampling seed (default rollout.seed)."""
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
+    from dynamo_mega.rl.reward import MathVerifyReward
+
+    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
+
+    def start_engine(replica: int) -> VLLMEngine:
+        return VLLMEngine(
+            model_dir,
+            dtype=r.vllm_dtype,
+            seed=r.seed if seed is None else seed,
+            max_model_len=max_len,
+            kv_cache_gib=r.vllm_kv_cache_gib,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            max_num_seqs=r.vllm_max_num_seqs,
+            sleep_level=r.vllm_sleep_level,
+            weight_transport=r.weight_transport,
+            tensor_parallel=k,
+            devices=replica_devices(k),
+        )
+
+    return RolloutService(
+        replica_size=k,
+        start_engine=start_engine,
+        make_reward=lambda: MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward),
+        decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
+        weights=weights,
+        max_restarts=r.max_engine_restarts,
+        pp_size=pp_size,
+    )
+
+
 def _piece_seed(seed: int, i: int, pieces_R: list[list[tuple[int, int]]], replica: int) -> int:
     """Request i's seed on `replica`: seed + i, as one engine seeds it, for a whole group or a cut group's first
     piece; a later piece is offset by the samples of request i on lower replicas, so no two pieces repeat."""
