@@ -37,7 +37,7 @@ setup(
     packages=find_packages(include=["dynamo_mega", "dynamo_mega.*"]),
     include_package_data=True,
     # Not a package: the folder goes on the PYTHONPATH of vLLM's spawned processes (rl/engines/vllm_engine.py).
-    package_data={"dynamo_mega.rl.engines": ["spawn_hook/sitecustomize.py"]},
+    package_data={"dynamo_mega": ["spawn_hook/sitecustomize.py"]},
     install_requires=CORE,
     ext_modules=[SHA256_LANES],
     extras_require={

@@ -1,13 +1,17 @@
 """Run guards that keep a multi-rank job from corrupting itself or hanging.
 
 - `StopSignal`: SIGTERM (Slurm's warning before a time limit) asks the loop to finish its step, save, exit.
+- `sigterm_stops_start_up`: SIGTERM before the loop runs (nothing to save yet) stops at once, with a message.
 - `broadcast`: a choice made on the driver (e.g. the checkpoint to resume from) shared with every rank.
 (Rollout failures are told to every rank by the rollout service: rl/rollout_service.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
 
 import torch
@@ -49,3 +53,31 @@ class StopSignal:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+STARTUP_SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_stops_start_up():
+    """While the job starts (parallel groups, data, model, vLLM engines), SIGTERM raises SystemExit(143) after one
+    line saying so: the `finally` blocks on the way out close what was started, and the processes spawned so far
+    follow the trainer through their lifeline. Python's default would end the process silently mid-start."""
+
+    def handle(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "dynamo-mega: SIGTERM during start-up: stopped before the first step (nothing to save)",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(STARTUP_SIGTERM_EXIT)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -22,7 +22,8 @@ from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, resolve_res
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
 from dynamo_mega.data import EpochSampler, Prompt, check_prompt_lengths, load_splits, render_chat
-from dynamo_mega.guards import StopSignal, broadcast
+from dynamo_mega.guards import StopSignal, broadcast, sigterm_stops_start_up
+from dynamo_mega.lifeline import arm_spawned_children
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import arch_from_model_config, hf_config_dict
 from dynamo_mega.optim import build_optimizer
@@ -53,15 +54,17 @@ class Trainer:
     arch: object
     rollout: RolloutService  # the engine replicas, their rewards and weight refits (collective calls)
     logger: MetricsLogger | None  # driver only
-    stats: PromptStats | None = None  # per-prompt outcome history (identical on every rank)
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: object | None = None
+    stats: PromptStats  # per-prompt outcome history (identical on every rank)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
 
 
 def setup(cfg: Config) -> Trainer:
+    """Everything the loop needs, checked before the run folder is written: a user mistake found here leaves the
+    disk untouched. What was started is closed again if a later part fails (or SIGTERM arrives)."""
     groups = init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.run.seed)
     config_mod.validate(cfg, groups.world_size)
     run_dir = Path(cfg.run.output_dir)
@@ -75,6 +78,11 @@ def setup(cfg: Config) -> Trainer:
     _check_vocab(tokenizer, arch.vocab_size)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
+    optimizer, scheduler = build_optimizer(
+        model, cfg.optim.lr, cfg.optim, cfg.run.steps * cfg.optim.mini_batches, distributed=cfg.parallel.distributed_optimizer
+    )
+    al = cfg.allocation
+    stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)
     resume_path = resume_point(cfg, groups)
     resume_step = checkpoint_step(resume_path) if resume_path is not None else None
     if groups.is_driver:
@@ -96,20 +104,25 @@ def setup(cfg: Config) -> Trainer:
         cfg, run_dir / "hf_init", max_len=arch.max_position_embeddings, tokenizer=tokenizer, weights=weights.stream,
         pp_size=groups.pp_size,
     )
-    logger = None
-    if groups.is_driver:
-        logger = MetricsLogger(
-            run_dir,
-            tensorboard=cfg.run.tensorboard,
-            progress_total=cfg.run.steps,
-            progress=cfg.run.progress,
-            resume_step=resume_step,
-            wandb=_wandb_sink(cfg, run_dir),
-        )
-        if data_dropped and resume_step is None:
-            logger.log(0, data_dropped, phase="data")
+    try:
+        logger = None
+        if groups.is_driver:
+            logger = MetricsLogger(
+                run_dir,
+                tensorboard=cfg.run.tensorboard,
+                progress_total=cfg.run.steps,
+                progress=cfg.run.progress,
+                resume_step=resume_step,
+                wandb=_wandb_sink(cfg, run_dir),
+            )
+            if data_dropped and resume_step is None:
+                logger.log(0, data_dropped, phase="data")
+    except BaseException:
+        rollout.close()
+        raise
     return Trainer(
-        cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, rollout, logger, resume_path=resume_path
+        cfg, groups, run_dir, tokenizer, train_set, eval_set, model, arch, rollout, logger, stats, optimizer, scheduler,
+        resume_path=resume_path,
     )
 
 
@@ -209,7 +222,7 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
         max_new_tokens=t.cfg.rollout.max_new_tokens, temperature=0.0, top_p=1.0, seed=None, score=True,
     )
     t.rollout.take_metrics()  # the replicas' counters describe training steps only
-    correct = [r == 1.0 for r in batch.rewards]  # MathVerifyReward scores a correct answer 1.0
+    correct = batch.correct  # math-verify's verdict, whatever user terms algo.reward adds to the reward
     acc = sum(correct) / max(len(correct), 1)
     if t.groups.is_driver:
         record = {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}
@@ -279,7 +292,7 @@ def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step
     metrics.update(step_rollouts.step_metrics(t.stats, out))
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     b = out.batch
-    t.stats.update(b.prompt_ids, [float(x > 0) for x in b.rewards], [len(x) for x in b.response_tokens])
+    t.stats.update(b.prompt_ids, [float(ok) for ok in b.correct], [len(x) for x in b.response_tokens])
     return out, metrics
 
 
@@ -513,20 +526,13 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
 
 def train(cfg: Config) -> dict:
     """Run the whole job; returns a summary (held-out accuracy before/after, steps, wall time)."""
-    t = setup(cfg)
+    arm_spawned_children()  # no helper process (vLLM, checkpoint writer) outlives this one, even after a SIGKILL
+    with sigterm_stops_start_up():
+        t = setup(cfg)
     stop = StopSignal(cfg.checkpoint.save_on_sigterm)
     try:
         start = time.time()
-        t.optimizer, t.scheduler = build_optimizer(
-            t.model,
-            cfg.optim.lr,
-            cfg.optim,
-            cfg.run.steps * cfg.optim.mini_batches,
-            distributed=cfg.parallel.distributed_optimizer,
-        )
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
-        al = cfg.allocation
-        t.stats = PromptStats(prior_alpha=al.prior_alpha, prior_beta=al.prior_beta, decay=al.decay)
         step, epoch, summary, rl_before = start_rl(t, sampler)
         rl_start = time.time() - rl_before
         stopped = False

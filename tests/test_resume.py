@@ -1,8 +1,9 @@
 """Crash and preemption of the real main job (Megatron policy, vLLM rollouts, math-verify) through the CLI.
 
-An uninterrupted run is the reference. A second run is SIGKILLed (the whole process group: trainer, vLLM engine,
-reward workers) right after the checkpoint of a random step, resumed, SIGTERMed (as Slurm does before a time
-limit), and resumed again. Its per-step losses, rewards and gradient norms must equal the reference's exactly
+An uninterrupted run is the reference. A second run's trainer alone is SIGKILLed right after the checkpoint of a
+random step (every process it spawned, vLLM engine, reward workers and megatron's checkpoint-writer helpers, must
+then exit by itself), resumed, SIGTERMed (as Slurm does before a time limit), and resumed again. Its per-step
+losses, rewards and gradient norms must equal the reference's exactly
 (fp32, CPU: the same weights, optimizer state, prompt statistics, data cursor and rollout seeds)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +75,26 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
+def _assert_session_ends(session: int, timeout: float = 60) -> None:
+    """Every process of the run's session (the trainer's descendants, re-parented or not) has exited."""
+    deadline = time.time() + timeout
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "status", "cmdline"]):
+            try:
+                if os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        if not left:
+            return
+        if time.time() > deadline:
+            for p in left:  # this test's own leftovers, after recording the failure
+                p.kill()
+            raise AssertionError(f"orphaned processes of the run: {[(p.pid, p.info['cmdline'][:3]) for p in left]}")
+        time.sleep(0.5)
+
+
 def _train_records(run_dir: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r for r in records if r["phase"] == "train"}
@@ -92,8 +114,9 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_uninterrupted_run(refer
     kill_after = random.randint(1, STEPS - 3)
     proc = _start(run_dir)
     _wait_for(run_dir / "checkpoints" / f"step_{kill_after:08d}" / "COMPLETE", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # the trainer only: what it spawned must follow it by itself (lifeline.py)
     proc.wait()
+    _assert_session_ends(proc.pid)
 
     proc = _start(run_dir)  # resumes from the newest complete checkpoint (checkpoint.resume=auto)
     last = max(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
@@ -115,3 +138,27 @@ def test_sigkill_then_sigterm_then_resume_reproduces_the_uninterrupted_run(refer
     assert json.loads((run_dir / "summary.json").read_text())["rl_steps"] == STEPS
     assert len(list((run_dir / "checkpoints").glob("step_*"))) == 3  # keep_last
 
+
+def test_sigterm_during_start_up_stops_with_a_message_and_leaves_no_process(tmp_path):
+    """SIGTERM while vLLM starts (Slurm cancelling a job that just began): exit 143 with one line, no orphans."""
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(run_dir / "hf_init" / "model.safetensors", proc)  # written just before the vLLM engines start
+    deadline = time.time() + 120
+    while not _children(proc.pid):  # the engine's first process: vLLM is starting
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its vLLM engine started"
+        time.sleep(0.2)
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert _wait(proc, timeout=120) == 143
+    log = (tmp_path / "run.log").read_text()
+    assert "SIGTERM during start-up" in log, log[-2000:]
+    assert "Traceback" not in log, log[-3000:]
+    _assert_session_ends(proc.pid)
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dynamo_mega.lifeline import TRAINER_PID_ENV
+from dynamo_mega.lifeline import arm_spawned_children
 
 
 @dataclass
@@ -62,10 +62,7 @@ def _engine_environment(devices: list[int] | None):
         os.environ.pop(key, None)
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-    # Every process spawned for the engine exits with this one, armed at its interpreter's start (lifeline.py).
-    os.environ[TRAINER_PID_ENV] = str(os.getpid())
-    hook = str(Path(__file__).with_name("spawn_hook"))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (hook, saved.get("PYTHONPATH")) if p)
+    arm_spawned_children()  # every process spawned for the engine exits with this one, from its first line
     try:
         yield
     finally:
