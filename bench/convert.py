@@ -6,16 +6,13 @@ process after os.sync(), with its source files read into the page cache (see _re
 same amount of host memory freshly touched and freed right before the clock starts (see _warm_host_memory),
 so no step inherits a warmer page cache or warmer memory than another (peak RSS = that process's VmHWM
 from then on; time and CPU time = the call itself, imports excluded). The steps run once untimed (the first
-run of each after a bench starts was slower: 3.0-4.7 s floors against 2.2-2.4 s later), then --repeat times,
-interleaved; the table gives each step's median and every timed run:
-  floor         safetensors load_file + save_file of every shard, no conversion (the I/O floor)
-  floor+sha256  the same plus hashing each written file (context only: what a manifest adds to the floor)
-  hf-to-mcore   dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (incl. sha256 manifest)
-  mcore-to-hf   dynamo_mega.convert.run.mcore_to_hf of that checkpoint (incl. sha256 manifest)
-  ... one-lane sha256: both again hashing one file at a time per thread with hashlib, as on a machine where the
-                two-lane extension is not built or the CPU has no SHA extensions (context only: what the pairs buy)
-  ... without sha256: both again with the hashing replaced by a placeholder (context only: the conversion's own
-                cost, since hashing the output at ~1.2 GB/s per core costs more than the whole floor here)
+run of each after a bench starts was slower), then --repeat times, interleaved; the table gives each step's
+median and every timed run:
+  floor           safetensors load_file + save_file of every shard, no conversion (the I/O floor)
+  floor, durable  the same plus an fsync of each file written (what durable writes cost the floor)
+  hf-to-mcore     dynamo_mega.convert.run.hf_to_mcore at TP=2, PP=2 (sha256 manifest, every file fsynced)
+  mcore-to-hf     dynamo_mega.convert.run.mcore_to_hf of that checkpoint (likewise)
+  ... without fsync: both again with os.fsync a no-op (context only: what durability costs the conversion)
 Writes bench/results/convert.json and bench/results/convert.md.
 
     PYTHONPATH=. python bench/convert.py [--config PATH/config.json] [--work /tmp/convert_bench] [--repeat 3]
@@ -34,12 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-from dynamo_mega.convert import sha256_lanes
-from dynamo_mega.convert.file_hashing import sha256_file
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"
 WARM_GIB = 5  # more than any step writes (3.1 GB) plus what it allocates
+_NO_FSYNC = "without-fsync"
 
 
 def _rss_gib() -> float:
@@ -60,22 +55,31 @@ def make_checkpoint(config_path: Path, out: Path) -> None:
     model.save_pretrained(out, max_shard_size="500MB")
 
 
-def run_floor(src: Path, dst: Path, hashed: bool = False) -> dict:
-    """load_file + save_file of every shard; hashed: also the sha256 of each file written, read back from the
-    page cache (what the conversions' manifests cost on top of the floor, for context: not the target's floor)."""
+def run_floor(src: Path, dst: Path, durable: bool = False) -> dict:
+    """load_file + save_file of every shard; durable: each file written is also fsynced (and the folder)."""
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True)
     start, cpu, steal = time.perf_counter(), _cpu_seconds(), _host_steal_seconds()
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), dst / shard.name, metadata={"format": "pt"})
-        if hashed:
-            sha256_file(dst / shard.name)
+        if durable:
+            _fsync(dst / shard.name)
+    if durable:
+        _fsync(dst)
     return {
         "seconds": time.perf_counter() - start,
         "cpu_seconds": _cpu_seconds() - cpu,
         "host_steal_seconds": _host_steal_seconds() - steal,
     }
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _host_steal_seconds() -> float:
@@ -122,9 +126,9 @@ def run_child(task: str, src: str, dst: str) -> None:
     """Executed in a fresh process: one measurement, printed as JSON on the last line."""
     base_rss = _rss_gib()
     _read_into_page_cache(Path(src))
-    if task in ("floor", "floor+sha256"):
+    if task in ("floor", "floor+fsync"):
         _warm_host_memory(WARM_GIB)
-        result = run_floor(Path(src), Path(dst), hashed=task == "floor+sha256")
+        result = run_floor(Path(src), Path(dst), durable=task == "floor+fsync")
     else:
         from dynamo_mega.convert import run
 
@@ -135,12 +139,8 @@ def run_child(task: str, src: str, dst: str) -> None:
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401  (likewise: ~0.1 s, torch.compile's rules)
 
         task, _, variant = task.partition(":")
-        if variant == "one-lane-sha256":  # context only: hashlib, one file per thread at a time
-            sha256_lanes.PAIRED = False
-        if variant == "no-sha256":  # context only: the manifest's digests become placeholders
-            from dynamo_mega.convert import file_hashing
-
-            file_hashing._hash_step = _skip_hashing
+        if variant == _NO_FSYNC:  # context only: what durability costs
+            os.fsync = lambda fd: None
         base_rss = _rss_gib()
         _read_into_page_cache(Path(src))  # again: the imports took seconds
         _warm_host_memory(WARM_GIB)
@@ -158,15 +158,6 @@ def run_child(task: str, src: str, dst: str) -> None:
     print(json.dumps(result))
 
 
-def _skip_hashing(files) -> None:
-    """Stands in for file_hashing._hash_step in the no-sha256 context rows: marks the bytes hashed, hashes none."""
-    for file in files:
-        end, complete = file.hashable_end()
-        file.hashed = end
-        if complete:
-            file.digest = "0" * 64
-
-
 def measure(task: str, src: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     os.sync()  # the previous step's dirty pages are flushed now, not charged to this step's writes
@@ -182,6 +173,13 @@ def measure(task: str, src: Path, dst: Path) -> dict:
 def _median_row(runs: list[dict]) -> dict:
     """Per field, the median over runs."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def _commit() -> str:
+    """The commit measured, with "+changes" when the converter or this bench differs from it in the working tree."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()  # noqa: E731
+    dirty = git("status", "--porcelain", "--", "dynamo_mega/convert", "bench/convert.py")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else "")
 
 
 def _loads(loadavg: tuple[float, float, float]) -> str:
@@ -205,13 +203,11 @@ def main() -> None:
     load_before = os.getloadavg()  # the host is shared: say how busy it was
     steps = {
         "floor (load+save, hf)": ("floor", hf, args.work / "floor"),
-        "floor + sha256 of the output (context)": ("floor+sha256", hf, args.work / "floor"),
+        "floor, durable (load+save+fsync)": ("floor+fsync", hf, args.work / "floor"),
         "hf-to-mcore TP=2 PP=2": ("hf-to-mcore", hf, args.work / "mcore"),
         "mcore-to-hf": ("mcore-to-hf", args.work / "mcore", args.work / "hf_back"),
-        "hf-to-mcore, one-lane sha256 (context)": ("hf-to-mcore:one-lane-sha256", hf, args.work / "mcore_one_lane"),
-        "mcore-to-hf, one-lane sha256 (context)": ("mcore-to-hf:one-lane-sha256", args.work / "mcore", args.work / "hf_back"),
-        "hf-to-mcore without sha256 (context)": ("hf-to-mcore:no-sha256", hf, args.work / "mcore_nohash"),
-        "mcore-to-hf without sha256 (context)": ("mcore-to-hf:no-sha256", args.work / "mcore", args.work / "hf_back"),
+        "hf-to-mcore without fsync (context)": (f"hf-to-mcore:{_NO_FSYNC}", hf, args.work / "mcore_nofsync"),
+        "mcore-to-hf without fsync (context)": (f"mcore-to-hf:{_NO_FSYNC}", args.work / "mcore", args.work / "hf_back"),
     }
     for step in steps.values():  # one discarded round: the first run of a step after a bench starts is slower
         measure(*step)
@@ -220,9 +216,10 @@ def main() -> None:
         for name, step in steps.items():
             runs[name].append(measure(*step))
     rows = {name: _median_row(r) for name, r in runs.items()}
-    floor = rows["floor (load+save, hf)"]
+    floor, durable_floor = rows["floor (load+save, hf)"], rows["floor, durable (load+save+fsync)"]
     for name, row in rows.items():
         row["vs_floor"] = row["seconds"] / floor["seconds"]
+        row["vs_durable_floor"] = row["seconds"] / durable_floor["seconds"]
         row["cpu_vs_floor"] = row["cpu_seconds"] / floor["cpu_seconds"]
         row["GB_per_s"] = src_bytes / row["seconds"] / 1e9
         row["runs"] = runs[name]
@@ -231,7 +228,7 @@ def main() -> None:
         "checkpoint_bytes": src_bytes,
         "config": str(args.config),
         "cpus": os.cpu_count(),
-        "two_lane_sha256": sha256_lanes.PAIRED,
+        "commit": _commit(),
         "loadavg_1_5_15_before": load_before,
         "loadavg_1_5_15_after": load_after,
         "rows": rows,
@@ -242,19 +239,19 @@ def main() -> None:
     lines = [
         f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
         f"Host: {os.cpu_count()} CPUs, load average (1/5/15 min) {_loads(load_before)} before, {_loads(load_after)} after",
-        "Manifest sha256: "
-        + ("two files per thread side by side (SHA extensions)" if sha256_lanes.PAIRED else "hashlib, one file per thread"),
+        f"Commit: {_commit()}; every conversion output file and folder fsynced before the rename, sha256 with hashlib",
         "",
         f"Medians of {args.repeat} interleaved runs per step; every run's seconds in the last column.",
         "",
-        "| step | seconds | x floor | CPU seconds | x floor CPU | host steal s | GB/s | peak RSS GiB | RSS after imports GiB "
-        "| runs (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step | seconds | x floor | x durable floor | CPU seconds | x floor CPU | host steal s | GB/s | peak RSS GiB "
+        "| RSS after imports GiB | runs (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         every = ", ".join(f"{run['seconds']:.1f}" for run in r["runs"])
         lines.append(
-            f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['cpu_seconds']:.1f} | {r['cpu_vs_floor']:.2f} | "
+            f"| {name} | {r['seconds']:.1f} | {r['vs_floor']:.2f} | {r['vs_durable_floor']:.2f} | {r['cpu_seconds']:.1f} | "
+            f"{r['cpu_vs_floor']:.2f} | "
             f"{r['host_steal_seconds']:.2f} | {r['GB_per_s']:.2f} | {r['peak_rss_gib']:.2f} | "
             f"{r['rss_after_imports_gib']:.2f} | {every} |"
         )

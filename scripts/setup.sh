@@ -7,7 +7,7 @@
 #   3. megatron-core 0.19.2 with --no-deps --ignore-requires-python (declares Python>=3.12,
 #      ships cp311 wheels that work); its real deps (torch, numpy, packaging) are already there;
 #   4. the package itself with [cpu,dev] extras (pinned in setup.py), then leptonai 0.27.3 without deps.
-# A stamp file records the hash of this script, setup.py and the C extension: a second run is a no-op.
+# A stamp file records the hash of this script and setup.py: a second run is a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,7 @@ if ! "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; 
   exit 2
 fi
 
-stamp_want=$(cat scripts/setup.sh setup.py dynamo_mega/convert/_sha256_lanes.c | sha256sum | cut -d' ' -f1)
+stamp_want=$(cat scripts/setup.sh setup.py | sha256sum | cut -d' ' -f1)
 if [ -f .venv/.setup-stamp ] && [ "$(cat .venv/.setup-stamp)" = "$stamp_want" ]; then
   exit 0
 fi

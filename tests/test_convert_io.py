@@ -5,14 +5,12 @@ checkpoint and megatron write what we read)."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from dynamo_mega.convert.distcp_reader import DistcpReader
-from dynamo_mega.convert.file_hashing import sha256_file
 from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
 
 
@@ -38,66 +36,58 @@ def _specs(tensors):
 def test_streamed_shards_read_back_with_safetensors(tmp_path, max_shard_bytes):
     tensors = _tensors()
     specs = _specs(tensors)
-    seen = []
-    with StreamingSafetensorsWriter(tmp_path, [[s] for s in specs], max_shard_bytes, seen.append) as writer:
+    seen, done = [], []
+    with StreamingSafetensorsWriter(tmp_path, [[s] for s in specs], max_shard_bytes, seen.append, None, done.append) as writer:
         for name, t in tensors.items():
             writer.write(name, t)
-        digests = writer.close()
+        files = writer.close()
     assert sum(seen) == sum(s.nbytes for s in specs)
+    assert done == [tmp_path / file for file in files]  # each shard handed on once, when it is complete
     read = {}
-    for file, digest in digests.items():
-        assert sha256_file(tmp_path / file) == digest
+    for file in files:
         with safe_open(str(tmp_path / file), framework="pt") as f:
             read.update({k: f.get_tensor(k) for k in f.keys()})
     for spec in specs:
         expected = tensors[spec.name].to(spec.dtype).reshape(spec.shape)
         assert read[spec.name].dtype == spec.dtype and torch.equal(read[spec.name], expected), spec.name
     if max_shard_bytes == 200:
-        assert len(digests) > 2 and "model.safetensors" not in digests
+        assert len(files) > 2 and "model.safetensors" not in files
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-        assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(digests)
+        assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(files)
         assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
     else:
-        assert list(digests) == ["model.safetensors"]
+        assert files == ["model.safetensors"]
 
 
 def test_writer_refuses_out_of_order_and_incomplete_output(tmp_path):
     tensors = _tensors()
-    with pytest.raises(AssertionError, match="expected a.bf16"):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(AssertionError, match="expected a.bf16 in model.safetensors, got b.q_rows"):
         with StreamingSafetensorsWriter(tmp_path / "x", [_specs(tensors)], 1 << 20) as writer:
-            (tmp_path / "x").mkdir()
             writer.write("b.q_rows", tensors["b.q_rows"])
-    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]  # hashing ends with a failed write
     (tmp_path / "y").mkdir()
     writer = StreamingSafetensorsWriter(tmp_path / "y", [_specs(tensors)], 1 << 20)
     writer.write("a.bf16", tensors["a.bf16"])
     with pytest.raises(AssertionError, match="5 tensors were not written, the first is b.q_rows"):
         writer.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
 
 
-def test_a_failed_write_on_a_shard_thread_surfaces_and_stops_every_thread(tmp_path):
-    """Shards are written on threads of their own: an error there (here: the source file a tensor's bytes
-    are copied from is shorter than its region says) is raised to the caller, and no writer or hashing thread
-    is left behind."""
+def test_a_failed_copy_surfaces_and_closes_the_files(tmp_path):
+    """The source file a tensor's bytes are copied from is shorter than its region says: the error reaches
+    the caller and the writer's files are closed (the caller discards the folder)."""
+    import os
+
     tensors = _tensors()
     short = tmp_path / "short.bin"
     short.write_bytes(b"\0" * 8)
     region = lambda tensor: (short, 0) if tensor.numel() == 6 * 4 else None  # noqa: E731 - a.bf16's 48 bytes
     (tmp_path / "x").mkdir()
+    open_before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError, match="the source file ends before byte 48"):
         with StreamingSafetensorsWriter(tmp_path / "x", [_specs(tensors)], 1 << 20, file_region=region) as writer:
             for name, tensor in tensors.items():
                 writer.write(name, tensor)
-            writer.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "write-"))]
-    (tmp_path / "y").mkdir()
-    writer = StreamingSafetensorsWriter(tmp_path / "y", [_specs(tensors)], 1 << 20, file_region=region)
-    for name, tensor in tensors.items():
-        writer.write(name, tensor)
-    with pytest.raises(ValueError, match="the source file ends before byte 48"):
-        writer.close()  # without a `with`: close itself stops the threads
-    assert not [t for t in threading.enumerate() if t.name.startswith(("sha256", "write-"))]
+    assert len(os.listdir("/proc/self/fd")) == open_before
 
 
 def test_shards_are_cut_between_units_as_evenly_as_the_fewest_shards_allow():
@@ -112,94 +102,6 @@ def test_shards_are_cut_between_units_as_evenly_as_the_fewest_shards_allow():
         shards = _shard_units(sizes, limit)
         assert [i for shard in shards for i in shard] == list(range(len(sizes)))  # order kept, nothing lost
         assert all(sum(sizes[i] for i in shard) <= limit for shard in shards if len(shard) > 1)
-
-
-def test_shards_written_side_by_side_read_back_and_each_keeps_its_order(tmp_path):
-    """Units in unit_order(2): two shards grow at once (the next opens when one is done); every file reads
-    back with safetensors and its sha256 matches; a tensor ahead of its shard's turn is refused."""
-    g = torch.Generator().manual_seed(3)
-    units = [{f"u{u}.t{t}": torch.randn(4, 8, generator=g) for t in range(2)} for u in range(8)]  # 256 B a unit
-    specs = [[TensorSpec(n, tuple(t.shape), t.dtype) for n, t in unit.items()] for unit in units]
-    writer = StreamingSafetensorsWriter(tmp_path, specs, 512, None)
-    order = writer.unit_order(side_by_side=2)
-    # shards {0,1} {2,3} {4,5} {6,7}: two grow at a time (a new one opens as one ends), the least filled first
-    assert order == [0, 2, 1, 4, 3, 6, 5, 7]
-    with writer:
-        for u in order:
-            for name, t in units[u].items():
-                writer.write(name, t)
-        digests = writer.close()
-    assert len(digests) == 4
-    read = {}
-    for file, digest in digests.items():
-        assert sha256_file(tmp_path / file) == digest
-        with safe_open(str(tmp_path / file), framework="pt") as f:
-            read.update({k: f.get_tensor(k) for k in f.keys()})
-    assert all(torch.equal(read[n], t) for unit in units for n, t in unit.items())
-    out_of_turn = StreamingSafetensorsWriter(tmp_path / "x", specs, 512, None)
-    (tmp_path / "x").mkdir()
-    with pytest.raises(AssertionError, match="expected u2.t0 in model-00002-of-00004.safetensors, got u3.t0"):
-        with out_of_turn:
-            out_of_turn.write("u0.t0", units[0]["u0.t0"])  # another shard than the next call's: allowed
-            out_of_turn.write("u3.t0", units[3]["u3.t0"])
-
-
-def test_hasher_follows_a_growing_file_and_keeps_it_open_across_a_move(tmp_path):
-    import hashlib
-
-    from dynamo_mega.convert.file_hashing import BackgroundHasher
-
-    data = bytes(range(256)) * 40_000  # ~10 MB: several 1 MB calls, one mapping window
-    path = tmp_path / "grows.bin"
-    with BackgroundHasher(workers=1) as hasher, open(path, "xb", buffering=0) as out:
-        followed = hasher.follow(path)
-        for at in range(0, len(data), 3_000_001):
-            out.write(data[at : at + 3_000_001])
-            followed.grew(min(len(data), at + 3_000_001))
-        out.close()
-        path.rename(tmp_path / "moved.bin")  # the hasher opened the file when it was given
-        followed.close()
-        digests = hasher.wait()
-    assert digests == {path: hashlib.sha256(data).hexdigest()}
-    with BackgroundHasher(workers=1) as hasher:
-        (tmp_path / "never.bin").touch()
-        hasher.follow(tmp_path / "never.bin")  # never grows, never closed by the writer
-        hasher.abandon()  # returns: the follower is released, its file closed
-    assert not [t for t in threading.enumerate() if t.name.startswith("sha256")]
-
-
-@pytest.mark.parametrize("paired", [True, False], ids=["pairs", "one-at-a-time"])
-@pytest.mark.parametrize("workers", [1, 2])
-def test_hasher_hashes_files_growing_side_by_side(tmp_path, monkeypatch, workers, paired):
-    """Five files written interleaved in uneven steps, some reported only in part before they are closed (the
-    hasher reads a closed file to its end): every digest is hashlib's, whatever pairs the threads formed."""
-    import hashlib
-    import random
-
-    from dynamo_mega.convert import file_hashing, sha256_lanes
-
-    if paired and not sha256_lanes.PAIRED:
-        pytest.skip("no two-lane sha256 here (extension not built or no SHA extensions)")
-    monkeypatch.setattr(sha256_lanes, "PAIRED", paired)
-    monkeypatch.setattr(file_hashing, "_WINDOW", 1 << 20)  # many windows, many re-pairings
-    rng = random.Random(workers)
-    contents = [rng.randbytes(n) for n in (0, 100, 3 << 20, (5 << 20) + 17, 2_500_001)]
-    paths = [tmp_path / f"f{i}.bin" for i in range(len(contents))]
-    with file_hashing.BackgroundHasher(workers=workers) as hasher:
-        outs = [open(path, "xb", buffering=0) for path in paths]
-        followed = [hasher.follow(path) for path in paths]
-        written = [0] * len(paths)
-        while any(w < len(c) for w, c in zip(written, contents)):
-            i = rng.choice([i for i, c in enumerate(contents) if written[i] < len(c)])
-            step = contents[i][written[i] : written[i] + rng.randint(1, 700_000)]
-            outs[i].write(step)
-            written[i] += len(step)
-            followed[i].grew(written[i] - (i % 2) * min(written[i], 999))  # odd files: under-reported
-        for out, follower in zip(outs, followed):
-            out.close()
-            follower.close()
-        digests = hasher.wait()
-    assert digests == {path: hashlib.sha256(data).hexdigest() for path, data in zip(paths, contents)}
 
 
 def test_reader_returns_regions_of_a_strided_record(tmp_path):
@@ -308,29 +210,3 @@ def test_round_trip_copies_mapped_source_bytes_file_to_file(tmp_path, monkeypatc
     assert source.keys() == back.keys()
     for name, tensor in source.items():
         assert torch.equal(back[name], tensor), name
-
-
-def test_conversions_run_with_one_torch_thread_and_frozen_gc_then_restore_both():
-    import gc
-
-    from dynamo_mega.convert.run import _lean_process_state
-
-    seen = {}
-
-    @_lean_process_state
-    def probe():
-        seen.update(threads=torch.get_num_threads(), frozen=gc.get_freeze_count())
-        return "converted"
-
-    threads = torch.get_num_threads()
-    assert gc.get_freeze_count() == 0
-    assert probe() == "converted"
-    assert seen["threads"] == 1 and seen["frozen"] > 0
-    assert torch.get_num_threads() == threads and gc.get_freeze_count() == 0
-    gc.freeze()  # a caller that froze its own objects (before forking, say) keeps them frozen
-    try:
-        frozen = gc.get_freeze_count()
-        probe()
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()

@@ -16,14 +16,13 @@ from pathlib import Path
 _CANNOT_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
-_STEP = 32 << 20  # bytes per call: a hasher following the target goes on after each
+_STEP = 1 << 30  # bytes per call (the kernel may copy fewer; the loop goes on)
 
 
-def copy_range(source_fd: int, target_fd: int, nbytes: int, source_offset: int, copied_so_far=None) -> int:
-    """Copy `nbytes` from `source_fd` at `source_offset` to `target_fd` at its current position, 32 MiB per
-    call, telling `copied_so_far(n)` after each. Returns the bytes copied: fewer than `nbytes` when the kernel
-    cannot copy between these files (the caller writes the rest, from the target's position moved by what was
-    copied)."""
+def copy_range(source_fd: int, target_fd: int, nbytes: int, source_offset: int) -> int:
+    """Copy `nbytes` from `source_fd` at `source_offset` to `target_fd` at its current position. Returns the
+    bytes copied: fewer than `nbytes` when the kernel cannot copy between these files (the caller writes the
+    rest, from the target's position moved by what was copied)."""
     if not hasattr(os, "copy_file_range"):
         return 0
     done = 0
@@ -37,8 +36,6 @@ def copy_range(source_fd: int, target_fd: int, nbytes: int, source_offset: int, 
         if copied == 0:
             raise ValueError(f"the source file ends before byte {source_offset + nbytes}: did it change during the conversion?")
         done += copied
-        if copied_so_far is not None:
-            copied_so_far(done)
     return done
 
 

@@ -195,19 +195,19 @@ def _collapse_layer_axis(sharded_tensor, first_layer: int, num_layers: int):
 _MEGATRON_OWN_FILES = ("metadata.json", "common.pt")  # written by megatron's save itself (common.pt: before 0.19)
 
 
-def save_group(units: list[tuple[int | None, dict, dict]], out_dir: Path, part_no: int, file_region=None, follow=None):
+def save_group(units: list[tuple[int | None, dict, dict]], out_dir: Path, part_no: int, file_region=None):
     """Save several parts with ONE megatron save into `out_dir`, next to the groups saved before: units are
     (layer or None, part, mapping name -> tensor or RowBlocks). Decoder layers must be consecutive and are
     stored on a layer axis of the group's length (merge_metadata moves them to their place); parts without a
     layer are stored as they are. Returns the save's torch.distributed.checkpoint Metadata, which is kept in
-    memory, not written: merge_metadata writes the checkpoint's one .metadata from all groups'.
+    memory, not written (merge_metadata writes the checkpoint's one .metadata from all groups'), and the data
+    files the save wrote.
 
     Every group writes into the output folder itself, its data files named part{part_no}__*.distcp from the
     start: no group folders to move files out of and delete afterwards (deleting is slow on a busy disk
     mounted with `discard`: each freed block waits for a discard request behind the writeback).
     file_region(address, nbytes) -> (path, offset) | None: where tensor bytes already lie in a source file,
-    to be copied file to file (mcore_writer.py); follow(path) -> FollowedFile is told of each data file as it is
-    written (a BackgroundHasher hashes it meanwhile)."""
+    to be copied file to file (mcore_writer.py)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -221,10 +221,11 @@ def save_group(units: list[tuple[int | None, dict, dict]], out_dir: Path, part_n
             filled[key] = [collapse(t) for t in value] if isinstance(value, list) else collapse(value)
     for name in _MEGATRON_OWN_FILES:  # the previous group's (the same content): rewriting a file in place
         (out_dir / name).unlink(missing_ok=True)  # would make ext4 flush it to disk on close
-    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region, follow, data_file_prefix=_part_prefix(part_no))
+    prefix = _part_prefix(part_no)
+    strategy = local_torch_dist_strategy(WRITER_THREADS, file_region, data_file_prefix=prefix)
     with _quiet_non_empty_folder_warning():
         dist_checkpointing.save(filled, str(out_dir), sharded_strategy=strategy, validate_access_integrity=False)
-    return strategy.metadata
+    return strategy.metadata, sorted(out_dir.glob(f"{prefix}*.distcp"))
 
 
 @contextlib.contextmanager

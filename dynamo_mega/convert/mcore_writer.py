@@ -4,13 +4,12 @@
 save (factories, common state, ShardedObjects, metadata.json) and megatron's own key translation and save
 planner, so megatron defines every key, shape and chunk of the result. Only the last step differs:
 megatron's TorchDistSaveShardedStrategy.save goes through its async machinery (a results queue held by a
-spawned Manager process: ~0.1 s per save on a loaded host), fsyncs every file, and torch.save computes a
-crc32 of every tensor record. The converter records a sha256 of every output file in its manifest anyway,
-so here torch.distributed.checkpoint's synchronous FileSystemWriter writes the same files without fsync
-(like safetensors' save_file and transformers' save_pretrained) and without the per-record crc32
-(torch.load reads such records; the manifest's sha256 is the integrity check), tensor bytes that already lie
-in a source file are copied file to file, and each .distcp file can be hashed while it is written
-(file_hashing.py follows it). The files are what torch writes; `dist_checkpointing.load` loads them (tests).
+spawned Manager process: ~0.1 s per save on a loaded host), fsyncs every file as it is written, and torch.save
+computes a crc32 of every tensor record. Here torch.distributed.checkpoint's synchronous FileSystemWriter
+writes the same files without the per-record crc32 (torch.load reads such records; the manifest's sha256 is the
+integrity check) and without fsync in the save itself (the converter fsyncs each file in the background once it
+is closed, output_dir.py), and tensor bytes that already lie in a source file are copied file to file. The
+files are what torch writes; `dist_checkpointing.load` loads them (tests).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import numpy as np
 
 from dynamo_mega.convert.file_copy import copy_range
 
-# Data files per save, each written by its own thread: one per core, up to 4.
+# Data files per save, each written by one of torch's writer threads: one per core, up to 4.
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -57,25 +56,17 @@ class _CopyingStream:
     (os.copy_file_range: about half the CPU of writing them from the mapped pages here); everything else is
     written as usual. Writes are sequential (torch's zip writer streams; torch.distributed.checkpoint asks
     tell() between items), so a copy is placed at the current position and the buffered file is then moved
-    past it. `followed.grew(n)` is told after each copy that the file's first n bytes are on disk (a hasher
-    follows them)."""
+    past it."""
 
-    def __init__(self, stream, file_region, followed=None):
-        self._stream, self._file_region, self._followed = stream, file_region, followed
+    def __init__(self, stream, file_region):
+        self._stream, self._file_region = stream, file_region
         self._sources: dict[Path, int] = {}  # path -> fd
 
     def write(self, data) -> int:
         nbytes = memoryview(data).nbytes
-        region = None
-        if self._file_region is not None and nbytes >= _COPY_MIN_BYTES:
-            region = self._file_region(_address(data), nbytes)
+        region = self._file_region(_address(data), nbytes) if nbytes >= _COPY_MIN_BYTES else None
         if region is None:
-            if self._followed is None or nbytes < _COPY_MIN_BYTES:
-                return self._stream.write(data)
-            self._stream.write(data)  # a large tensor from memory: written through, so the hasher can go on
-            self._stream.flush()
-            self._followed.grew(self._stream.tell())
-            return nbytes
+            return self._stream.write(data)
         path, offset = region
         if path not in self._sources:
             self._sources[path] = os.open(path, os.O_RDONLY)
@@ -83,16 +74,13 @@ class _CopyingStream:
         start = self._stream.tell()
         target = self._stream.fileno()
         os.lseek(target, start, os.SEEK_SET)
-        grew = None if self._followed is None else (lambda done: self._followed.grew(start + done))
-        copied = copy_range(self._sources[path], target, nbytes, offset, grew)
+        copied = copy_range(self._sources[path], target, nbytes, offset)
         if copied < nbytes:  # the kernel cannot copy between these files: the rest from memory
             os.lseek(target, start + copied, os.SEEK_SET)
             view = memoryview(data).cast("B")[copied:]
             while len(view):
                 view = view[os.write(target, view) :]
         self._stream.seek(start + nbytes)  # the buffered file's own position catches up with the copy
-        if self._followed is not None:
-            self._followed.grew(start + nbytes)
         return nbytes
 
     def close_sources(self) -> None:
@@ -104,11 +92,10 @@ class _CopyingStream:
         return getattr(self._stream, name)
 
 
-def _copying_file_system(file_region, follow, data_file_prefix: str, kept_metadata: list | None):
-    """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream), are
-    written without per-record crc32 by whichever writer thread opened them, are named `data_file_prefix` +
-    torch's name, and are announced to `follow(path) -> FollowedFile` (file_hashing.py) when opened, their
-    growth as it happens and their end once closed. kept_metadata: the .metadata torch would write is appended
+def _copying_file_system(file_region, data_file_prefix: str, kept_metadata: list | None):
+    """torch's local FileSystem whose .distcp streams copy source bytes file to file (_CopyingStream, where
+    `file_region` is given), are written without per-record crc32 by whichever writer thread opened them and
+    are named `data_file_prefix` + torch's name. kept_metadata: the .metadata torch would write is appended
     there (its pickled bytes) instead of being written."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
@@ -128,19 +115,15 @@ def _copying_file_system(file_region, follow, data_file_prefix: str, kept_metada
                     yield stream
                 return
             path = Path(path).with_name(data_file_prefix + Path(path).name)
-            followed = None
-            try:
-                with super().create_stream(path, mode) as stream:
-                    followed = follow(path) if follow is not None else None
-                    copying = _CopyingStream(stream, file_region, followed)
-                    try:
-                        with _no_record_crc32():  # called in the writer thread that then torch.saves into it
-                            yield copying
-                    finally:
-                        copying.close_sources()
-            finally:  # after the file is flushed and closed: the hasher reads it to its end
-                if followed is not None:
-                    followed.close()
+            with super().create_stream(path, mode) as stream, _no_record_crc32():  # in the thread that saves into it
+                if file_region is None:
+                    yield stream
+                    return
+                copying = _CopyingStream(stream, file_region)
+                try:
+                    yield copying
+                finally:
+                    copying.close_sources()
 
         def exists(self, path) -> bool:
             return False if is_metadata(path) else super().exists(path)
@@ -152,11 +135,10 @@ def _copying_file_system(file_region, follow, data_file_prefix: str, kept_metada
     return CopyingFileSystem()
 
 
-def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=None, data_file_prefix: str | None = None):
+def local_torch_dist_strategy(thread_count: int = 1, file_region=None, data_file_prefix: str | None = None):
     """A TorchDistSaveShardedStrategy (megatron's `save` accepts only those) whose save writes synchronously,
     in this process, with `thread_count` writer threads (one .distcp file each). file_region(address, nbytes)
-    -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file;
-    follow(path) -> FollowedFile is told of each .distcp file as it is written (BackgroundHasher.follow).
+    -> (path, offset) | None names source files holding tensor bytes, which are then copied file to file.
 
     data_file_prefix: the save is one part of a checkpoint written by several saves into one folder (mcore_files
     .save_group): its data files get this prefix, and its .metadata is not written but kept as
@@ -176,10 +158,10 @@ def local_torch_dist_strategy(thread_count: int = 1, file_region=None, follow=No
             pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(sharded_state_dict, False)
             writer = FileSystemWriter(str(checkpoint_dir), sync_files=False, thread_count=thread_count)
             kept = [] if data_file_prefix is not None else None
-            if file_region is not None or follow is not None or kept is not None:
+            if file_region is not None or kept is not None:
                 if not hasattr(writer, "fs"):  # the converter writes through it (torch 2.13 has it)
                     raise RuntimeError("this torch's FileSystemWriter has no `fs` attribute; upgrade torch")
-                writer.fs = _copying_file_system(file_region, follow, data_file_prefix or "", kept)
+                writer.fs = _copying_file_system(file_region, data_file_prefix or "", kept)
             planner = mcore_torch.MCoreSavePlanner(
                 dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
             )

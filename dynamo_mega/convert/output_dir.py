@@ -1,22 +1,65 @@
 """An output folder that either appears complete or not at all, with a sha256 manifest and a byte progress bar.
 
-Everything is written into a hidden sibling `.{name}.partial-{pid}` and renamed onto the destination at the
-end (rename is atomic within one filesystem). MANIFEST is written last, before the rename: a folder with a
-manifest is complete; one without (from another tool, or a copy cut short) is refused as a destination.
+Everything is written into a hidden sibling `.{name}.partial-{pid}`. At the end MANIFEST is written (last),
+every file and folder in it is fsynced, it is renamed onto the destination (rename is atomic within one
+filesystem) and the parent folder is fsynced, so after a crash or power loss the destination either does not
+exist or holds every byte its manifest lists. A folder with a manifest is complete; one without (from another
+tool, or a copy cut short) is refused as a destination. Partial folders of runs that died are removed by the
+next run into the same destination.
+
+Large files are sealed (hashed, then fsynced) on a thread pool as soon as the writer closes them
+(`FileSealer`), while the conversion writes the next ones: hashlib releases the GIL while it hashes, the bytes
+come from the page cache, and the writeback of one file overlaps the writing of the next instead of all of it
+waiting for the final fsync.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from dynamo_mega.convert.file_hashing import sha256_file
-
 MANIFEST = "manifest.sha256.json"
+_CHUNK = 1 << 20  # bytes read and hashed per call
+
+
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """sha256 of a file (read through a buffer); fsync: also flush it to disk once it is read."""
+    sha256, buffer = hashlib.sha256(), bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            sha256.update(view[:n])
+        if fsync:
+            os.fsync(f.fileno())
+    return sha256.hexdigest()
+
+
+class FileSealer:
+    """Hashes and fsyncs finished output files in the background, one per thread, up to one thread per core.
+    `add(path)` once a file is closed for good; `wait()` returns path -> sha256 and raises the first error."""
+
+    def __init__(self, workers: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="sha256")
+        self._jobs: dict[Path, Future] = {}
+
+    def __enter__(self) -> FileSealer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)  # after a failure: no thread outlives the files
+
+    def add(self, path: Path) -> None:
+        assert path not in self._jobs, path
+        self._jobs[path] = self._pool.submit(sha256_file, path, True)
+
+    def wait(self) -> dict[Path, str]:
+        return {path: job.result() for path, job in self._jobs.items()}
 
 
 def check_destination(dst: Path, overwrite: bool) -> None:
@@ -67,9 +110,27 @@ def verify_manifest(folder: Path) -> list[str]:
     return bad
 
 
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first (a sealed file costs a syscall)."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(parent, name))
+        _fsync(Path(parent))
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder next to `dst`; on success it replaces `dst`, on any error it is removed."""
+    """Yield a temp folder next to `dst`; on success it is made durable and replaces `dst`, on any error it is
+    removed."""
     check_destination(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -77,16 +138,20 @@ def atomic_output(dst: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)  # before the rename: the final name never points at bytes that are not on disk
     except BaseException:  # incl. KeyboardInterrupt and megatron's CheckpointException (a BaseException)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dst.exists():
+        # --overwrite: between these two renames the old output lies at `old` (kept if the process dies there)
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
         dst.rename(old)
         tmp.rename(dst)
+        _fsync(dst.parent)
         shutil.rmtree(old)
     else:
         tmp.rename(dst)
+        _fsync(dst.parent)  # the rename itself is durable
 
 
 @contextlib.contextmanager

@@ -8,15 +8,14 @@ mcore_files.py). Output folder:
     DST/convert.json                                        what was converted, at which padded vocab
     DST/manifest.sha256.json                                sha256 + size of every file (written last)
 mcore-to-hf: one layer's chunks, memory-mapped (distcp_reader.py) -> HF names -> streamed into safetensors shards
-of at most --max-shard-size, one per core filled side by side (hf_writer.py); config, generation config and tokenizer
-files come from SRC/hf/ (or --hf-config).
-Both hash every output file while it is written (file_hashing.py).
+of at most --max-shard-size, one after the other (hf_writer.py); config, generation config and tokenizer files
+come from SRC/hf/ (or --hf-config).
+Both hash and fsync each data file in the background as soon as it is closed (output_dir.FileSealer), and make
+the whole folder durable before it appears under its name (output_dir.atomic_output).
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import json
 import math
 import shutil
@@ -26,14 +25,8 @@ import torch
 
 from dynamo_mega.convert import hf_files, mcore_files
 from dynamo_mega.convert.distcp_reader import DistcpReader
-from dynamo_mega.convert.file_hashing import BackgroundHasher
 from dynamo_mega.convert.hf_writer import StreamingSafetensorsWriter, TensorSpec
-from dynamo_mega.convert.output_dir import (
-    atomic_output,
-    byte_progress,
-    check_destination,
-    write_manifest,
-)
+from dynamo_mega.convert.output_dir import FileSealer, atomic_output, byte_progress, check_destination, write_manifest
 from dynamo_mega.convert.plan import Plan, check_names_and_shapes, expected_stored, plan_hf_to_mcore, plan_mcore_to_hf
 from dynamo_mega.convert.write_groups import DEFAULT_GROUP_BYTES, group_parts
 from dynamo_mega.models import qwen_mapping as qm
@@ -42,32 +35,6 @@ CONVERT_JSON = "convert.json"
 _GATE, _UP, _FC1 = "mlp.gate_proj.weight", "mlp.up_proj.weight", mcore_files.FC1
 
 
-def _lean_process_state(convert):
-    """Run `convert` with the process tuned for it, restored after:
-    - gc.freeze(): the objects that exist before it (torch's and megatron's, millions) are not traversed by the
-      collections its allocations trigger (full collections were ~10% of mcore-to-hf's CPU time);
-    - one torch intra-op thread: its tensor work is a few small copies (q/k/v re-layout), and after each,
-      the OpenMP workers spin waiting for more (5% of hf-to-mcore's CPU time) on the cores the sha256 threads
-      need. A dtype cast of the whole model runs on one core then."""
-
-    @functools.wraps(convert)
-    def run(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        ours = gc.get_freeze_count() == 0  # a caller's own freeze (e.g. before forking workers) is left alone
-        if ours:
-            gc.freeze()
-        try:
-            return convert(*args, **kwargs)
-        finally:
-            if ours:
-                gc.unfreeze()
-            torch.set_num_threads(threads)
-
-    return run
-
-
-@_lean_process_state
 def hf_to_mcore(
     src: Path,
     dst: Path,
@@ -96,8 +63,8 @@ def hf_to_mcore(
     hf_files.check_data_present(src, headers)
     reader = hf_files.HFReader(src, headers)
     arch, cast = plan.arch, lambda t: t.to(plan.dtype)
-    with atomic_output(dst, overwrite) as tmp, BackgroundHasher() as hasher:
-        with mcore_files.single_process_megatron():  # left before waiting for the hasher: its teardown (~0.2 s) overlaps
+    with atomic_output(dst, overwrite) as tmp, FileSealer() as sealer:
+        with mcore_files.single_process_megatron():  # left before waiting for the sealer: its teardown (~0.2 s) overlaps
             parts = mcore_files.split_parts(mcore_files.layout_state_dict(arch, plan.padded_rows))
             sources = {name: _hf_sources(part, layer, arch) for name, (layer, part) in parts.items()}
             part_bytes = {name: sum(_source_nbytes(plan, n) for n in names) for name, names in sources.items()}
@@ -110,21 +77,21 @@ def hf_to_mcore(
                         layer, part = parts[name]
                         hf = {n: cast(reader.get(n)) for n in sources[name]}
                         units.append((layer, part, _mcore_tensors(hf, layer, arch, plan.padded_rows)))
-                    # data files are hashed while they are written and while the next groups are
-                    meta = mcore_files.save_group(units, tmp, part_no, reader.file_region, hasher.follow)
+                    meta, data_files = mcore_files.save_group(units, tmp, part_no, reader.file_region)
+                    for path in data_files:  # hashed and fsynced while the next groups are written
+                        sealer.add(path)
                     saved.append((meta, units[0][0]))
                     advance(sum(part_bytes[name] for name in group))
                     del hf, units
-            mcore_files.merge_metadata(saved, tmp, arch.num_layers)  # while the last files are hashed
+            mcore_files.merge_metadata(saved, tmp, arch.num_layers)  # while the last files are sealed
         _carry_hf_files(src, tmp / "hf", plan)
         record = {"direction": "hf-to-mcore", "source": str(src.resolve()), **plan.summary()}
         (tmp / CONVERT_JSON).write_text(json.dumps(record, indent=2) + "\n")
-        known = {path.relative_to(tmp).as_posix(): digest for path, digest in hasher.wait().items()}
+        known = {path.relative_to(tmp).as_posix(): digest for path, digest in sealer.wait().items()}
         write_manifest(tmp, known, {"created_by": "dynamo-mega convert hf-to-mcore"})
     return plan.summary()
 
 
-@_lean_process_state
 def mcore_to_hf(
     src: Path,
     dst: Path,
@@ -151,15 +118,17 @@ def mcore_to_hf(
     parts = list(mcore_files.split_parts(layout).values())
     specs = [_hf_specs(layer, part, arch, plan.dtype, stored) for layer, part in parts]  # one unit per part
     reader = DistcpReader(src)
-    with atomic_output(dst, overwrite) as tmp:
+    with atomic_output(dst, overwrite) as tmp, FileSealer() as sealer:
         total = sum(spec.nbytes for unit in specs for spec in unit)
         with byte_progress(f"mcore-to-hf {src.name}", total, progress) as advance:
-            with StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance, reader.file_region) as writer:
-                for layer, part in (parts[i] for i in writer.unit_order()):  # shards grow side by side
+            writer = StreamingSafetensorsWriter(tmp, specs, max_shard_bytes, advance, reader.file_region, sealer.add)
+            with writer:  # each shard is hashed and fsynced while the next is written
+                for layer, part in parts:
                     loaded = mcore_files.read_part(reader, part, layer)
                     for name, tensor in _hf_part(loaded, layer, arch, to_stream=True).items():
                         writer.write(name, tensor)
-                digests = writer.close()
+                writer.close()
+        digests = {path.name: digest for path, digest in sealer.wait().items()}
         carried_from = src / "hf" if not hf_config else Path(hf_config) if Path(hf_config).is_dir() else Path(hf_config).parent
         _carry_hf_files(carried_from, tmp, plan)
         write_manifest(tmp, digests, {"created_by": "dynamo-mega convert mcore-to-hf", "source": str(src.resolve())})
