@@ -6,30 +6,12 @@ On GPU the optimizer is Megatron's (parallel/megatron_optimizer.py) with this sa
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-LR_DECAYS = ("constant", "linear", "cosine")
+from dynamo_mega.lr_schedule import lr_factor
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps (0-based): ramps to 1 over warmup_steps, then
-    decays from 1 to min_ratio at total_steps (held there after)."""
-    if decay not in LR_DECAYS:
-        raise ValueError(f"optim.lr_decay={decay!r}: use one of {', '.join(LR_DECAYS)}")
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "constant" or total_steps <= warmup_steps:
-        return 1.0
-    progress = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
-    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-def build_optimizer(
-    model, lr: float, optim_cfg, total_steps: int, decay: str | None = None, distributed: bool = False
-):
+def build_optimizer(model, lr: float, optim_cfg, total_steps: int, decay: str | None = None, distributed: bool = False):
     """(optimizer, LR schedule) for the policy; `decay` overrides optim_cfg.lr_decay (the supervised warm-up
     runs at a constant lr until its accuracy stop); `distributed`: parallel.distributed_optimizer (GPU only).
 

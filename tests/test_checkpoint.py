@@ -34,7 +34,7 @@ def _full_state(model, opt, arch, groups) -> dict:
     """HF-named weights and AdamW moments with TP shards gathered (comparable across layouts)."""
     import torch.distributed as dist
 
-    from dynamo_mega.models.qwen import megatron_to_hf
+    from dynamo_mega.models.qwen_mapping import megatron_to_hf
 
     out = {}
     for key in ("param", "exp_avg", "exp_avg_sq"):

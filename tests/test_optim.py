@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dynamo_mega.config import OptimConfig
-from dynamo_mega.optim import build_optimizer, lr_factor
+from dynamo_mega.lr_schedule import lr_factor
+from dynamo_mega.optim import build_optimizer
 
 
 def _lrs(decay: str, steps: int, **optim) -> list[float]:

@@ -29,7 +29,7 @@ def _run_policy(tp: int, tied: bool) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from dynamo_mega.models.qwen import megatron_to_hf
+    from dynamo_mega.models.qwen_mapping import megatron_to_hf
     from dynamo_mega.parallel.groups import init_parallel
     from dynamo_mega.parallel.logprobs import vocab_parallel_logprobs_entropy
     from dynamo_mega.parallel.policy import build_policy, export_hf_state, forward_logits, gather_full_state

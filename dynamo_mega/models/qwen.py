@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from dynamo_mega.config import ModelConfig
+if TYPE_CHECKING:  # config.py validates through this module: a runtime import would be a cycle
+    from dynamo_mega.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,3 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
     much as TP needs (Qwen's 151,936 = 2^7 * 1187 needs none up to TP=128)."""
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple
-
-
-def megatron_to_hf(full: dict[str, torch.Tensor], arch: QwenArch, tp: int) -> dict[str, torch.Tensor]:
-    """Megatron names -> HF Qwen names for a whole TP-gathered model; see models/qwen_mapping.py (the mapping)."""
-    from dynamo_mega.models.qwen_mapping import megatron_to_hf as whole_model_to_hf
-
-    return whole_model_to_hf(full, arch, tp)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dynamo_mega.optim import lr_factor
+from dynamo_mega.lr_schedule import lr_factor
 
 
 class MegatronLRSchedule:

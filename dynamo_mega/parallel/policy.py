@@ -136,7 +136,7 @@ def gather_full_state(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
 
 def export_hf_state(model, arch: qwen.QwenArch, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """HF-named full tensors (collective over the TP group: call on every rank)."""
-    return qwen.megatron_to_hf(gather_full_state(model, groups), arch, groups.tp_size)
+    return qm.megatron_to_hf(gather_full_state(model, groups), arch, groups.tp_size)
 
 
 def grad_norm_sq_local(model, groups: ParallelGroups) -> torch.Tensor:
