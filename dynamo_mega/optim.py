@@ -17,7 +17,7 @@ def build_optimizer(model, lr: float, optim_cfg, total_steps: int, decay: str | 
 
     GPU: Megatron's DDP + mixed-precision/distributed AdamW (parallel/megatron_optimizer.py). CPU: torch AdamW
     and a LambdaLR with `lr_factor`; gradients are reduced and clipped by parallel/train_step.sync_and_step."""
-    if torch.cuda.is_available():
+    if next(model.parameters()).device.type == "cuda":  # built on ParallelGroups.device (parallel/policy.py)
         from dynamo_mega.parallel.megatron_optimizer import MegatronAdam
 
         opt = MegatronAdam(model, optim_cfg, lr=lr, total_steps=total_steps, decay=decay, distributed=distributed)

@@ -28,7 +28,7 @@ class WeightStream:
         # about a third of the speed of rewriting kept pages (bench/weight_sync.py). Costs one bucket (plus two
         # gather chunks, 1/4 bucket by default, at TP > 1) of host memory. On GPUs torch's caching allocator
         # keeps freed blocks anyway: None (per-refit buffers).
-        self.buffers = None if torch.cuda.is_available() else BucketBuffers()
+        self.buffers = None if groups.device.type == "cuda" else BucketBuffers()
         self._carrier: StageCarrier | None = None  # broadcast transport at PP > 1, a later stage's sender
 
     def stream(self, version: int) -> Iterator[Bucket]:
