@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 import sys
+import traceback
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,8 +91,6 @@ def _plan(args) -> int:
 
 
 def _eval(args) -> int:
-    from pathlib import Path
-
     from dynamo_mega.config import ConfigError, load_config
     from dynamo_mega.eval.runner import run_eval
 
@@ -127,28 +127,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "launch":
         return _launch(args)
     if args.command == "plot":
-        from pathlib import Path
-
         from dynamo_mega.metrics import plot_run
 
         if not (Path(args.run_dir) / "metrics.jsonl").is_file():
             return _fail(f"{args.run_dir}/metrics.jsonl not found: pass a run directory written by `dynamo-mega train`")
         print(plot_run(Path(args.run_dir)))
         return 0
+    return _train(args)
+
+
+def _train(args) -> int:
+    from dynamo_mega import console
     from dynamo_mega.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         return _fail(str(exc))
-    from dynamo_mega.train import train
-
+    driver = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; rank 0 speaks for the run
+    routed = None
     try:
-        summary = train(cfg)
-    except (ConfigError, ValueError) as exc:  # user input found wrong after start-up (data, world size)
-        return _fail(str(exc))
-    print(json.dumps(summary))
+        with console.third_party_to_log(not cfg.run.verbose) as routed:
+            if routed is not None and driver:
+                log = Path(cfg.run.output_dir) / console.LOG_DIR / console.log_name(0)
+                print(f"dynamo-mega: vLLM, megatron and other library output goes to {log} (run.verbose=true: here)")
+            from dynamo_mega.train import train
+
+            try:
+                summary = train(cfg)
+            except (ConfigError, ValueError) as exc:  # user input found wrong after start-up (data, world size)
+                return _fail(str(exc))
+    except BaseException as exc:  # a crash: the traceback, then where the libraries' side of the story is
+        if isinstance(exc, Exception):
+            traceback.print_exc()
+        if routed is not None:
+            print(f"dynamo-mega: failed; the libraries' output of this run is in {routed.path}", file=sys.stderr)
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C and the like keep their exit status
+        return 1
+    if driver:
+        print(summary_line(summary, cfg.run.output_dir))
     return 0
+
+
+def summary_line(summary: dict, run_dir: str) -> str:
+    """The run's outcome in one line for the person at the terminal (the full record: RUN_DIR/summary.json)."""
+    accuracy = f"{summary['accuracy_before_rl']:.3f} -> {summary['accuracy_after_rl']:.3f}"
+    minutes, seconds = divmod(round(summary["wall_s"]), 60)
+    stopped = f", stopped by {summary['stopped_by']}" if "stopped_by" in summary else ""
+    return (
+        f"dynamo-mega: done: held-out accuracy {accuracy} after {summary['rl_steps']} RL steps in {minutes}m{seconds:02d}s"
+        f"{stopped}; results in {run_dir} (summary.json, metrics.jsonl, plot.png)"
+    )
 
 
 if __name__ == "__main__":

@@ -193,7 +193,10 @@ class RunConfig:
     eval_every: int = 10  # steps between held-out evaluations (0: only at the start and the end)
     eval_prompts: int = 500  # held-out prompts per evaluation (greedy)
     max_minutes: float = 0.0  # stop RL after this wall time (0: no limit)
-    progress: bool = True
+    progress: bool = True  # one progress bar (step, reward, held-out accuracy, time split) on the terminal
+    # false: third-party output (vLLM and its processes, megatron, transformers, Python warnings) goes to
+    # RUN_DIR/logs/third_party.log, the terminal shows the trainer's own lines (dynamo_mega/console.py); true: all of it
+    verbose: bool = False
     tensorboard: bool = True
     log_samples: int = 8  # rollouts per step written to samples.jsonl (prompt, answer, response, reward)
     wandb_project: str | None = None  # set to log to Weights & Biases too (pip install -e .[wandb])

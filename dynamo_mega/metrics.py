@@ -32,11 +32,13 @@ class MetricsLogger:
         *,
         tensorboard: bool = True,
         progress_total: int | None = None,
+        warmup_total: int = 0,
         progress: bool = True,
         resume_step: int | None = None,
         wandb=None,
     ):
-        """`wandb`: an optional sink with log(step, phase, record) and close() (dynamo_mega/wandb_sink.py)."""
+        """`progress_total` / `warmup_total`: RL / supervised warm-up steps of the progress bar (`progress`);
+        `wandb`: an optional sink with log(step, phase, record) and close() (dynamo_mega/wandb_sink.py)."""
         self._wandb = wandb
         self.path = run_dir / "metrics.jsonl"
         if resume_step is None:
@@ -54,19 +56,7 @@ class MetricsLogger:
                 "pre_rl": SummaryWriter(str(run_dir / "tensorboard" / "warmup")),
                 "rl": SummaryWriter(str(run_dir / "tensorboard" / "rl"), purge_step=purge),
             }
-        self._progress = self._task = None
-        if progress and progress_total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("reward {task.fields[reward]:.3f}  held-out acc {task.fields[acc]:.3f}"),
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("RL", total=progress_total, reward=0.0, acc=float("nan"))
+        self._progress = ProgressLine(progress_total, warmup_total) if progress and progress_total else None
 
     def log(self, step: int, record: dict, *, phase: str = "train") -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in record.items()}
@@ -79,22 +69,91 @@ class MetricsLogger:
                     writer.add_scalar(f"{phase}/{key}", value, step)
         if self._wandb is not None:
             self._wandb.log(step, phase, clean)
+        line = milestone(phase, step, clean)
+        if line is not None:
+            print(line, flush=True)  # above the progress bar (rich redirects stdout while it draws)
         if self._progress is not None:
-            fields = {}
-            if phase == "train" and "reward_mean" in clean:
-                fields["reward"] = clean["reward_mean"]
-            if phase == "eval" and "accuracy" in clean:
-                fields["acc"] = clean["accuracy"]
-            self._progress.update(self._task, completed=step if phase == "train" else None, **fields)
+            self._progress.update(phase, step, clean)
 
     def close(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.close()
         for writer in self._tb.values():
             writer.close()
         if self._wandb is not None:
             self._wandb.close()
         self._file.close()
+
+
+def milestone(phase: str, step: int, record: dict) -> str | None:
+    """The trainer's line for a record worth keeping on the terminal after the bar has moved on: held-out
+    accuracy at the start, before RL and at each RL evaluation. None for every other record."""
+    if "accuracy" not in record:
+        return None
+    if phase == "init_eval":
+        return f"dynamo-mega: held-out accuracy {record['accuracy']:.3f} at the start"
+    if phase == "eval":
+        when = "before RL" if step == 0 else f"at RL step {step}"
+        return f"dynamo-mega: held-out accuracy {record['accuracy']:.3f} {when}"
+    return None
+
+
+class ProgressLine:
+    """The run as one rich progress bar: supervised warm-up steps while the warm-up runs, then RL steps, with the
+    latest train reward, held-out accuracy and the last step's time split (generate, reward, train, refit).
+    Drawn by the driver only (MetricsLogger)."""
+
+    def __init__(self, rl_steps: int, warmup_steps: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._rl_steps, self._in_rl = rl_steps, warmup_steps == 0
+        self._held_out: float | None = None  # the latest held-out accuracy, whichever phase measured it
+        self._warmup_loss: float | None = None
+        self._rl_record: dict | None = None  # the latest RL step's metrics
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=16),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}", markup=False),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            "RL" if self._in_rl else "warm-up", total=rl_steps if self._in_rl else warmup_steps, info=""
+        )
+
+    def update(self, phase: str, step: int, record: dict) -> None:
+        if phase in ("init_eval", "warmup_eval", "eval") and "accuracy" in record:
+            self._held_out = record["accuracy"]
+        if phase in ("eval", "train", "resume") and not self._in_rl:  # the warm-up is over: the bar counts RL steps
+            self._in_rl = True
+            self._progress.reset(self._task, total=self._rl_steps, description="RL")
+        completed = step if phase in ("warmup", "train", "resume") else None
+        if phase == "warmup":
+            self._warmup_loss = record.get("sft_loss", self._warmup_loss)
+        elif phase == "train":
+            self._rl_record = record
+        self._progress.update(self._task, completed=completed, info=self.info())
+
+    def info(self) -> str:
+        """The text after the bar."""
+        held_out = "held-out -" if self._held_out is None else f"held-out {self._held_out:.3f}"
+        if not self._in_rl:
+            return held_out if self._warmup_loss is None else f"loss {self._warmup_loss:.3f}  {held_out}"
+        if self._rl_record is None:
+            return held_out
+        r = self._rl_record
+        split = [(label, r.get(key, 0.0)) for label, key in _TIME_SPLIT]
+        seconds = ", ".join(f"{label} {s:.1f}" for label, s in split)
+        return f"reward {r.get('reward_mean', float('nan')):.3f}  {held_out}  {sum(s for _, s in split):.1f} s/step: {seconds}"
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+_TIME_SPLIT = (("generate", "time_rollout"), ("reward", "time_reward"), ("train", "time_train"), ("refit", "time_sync"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -108,12 +167,19 @@ _PANELS = [
     ("policy", [("entropy", "entropy"), ("approx_kl", "KL(old || new), k3"), ("logprob_mismatch", "|trainer - vLLM| log-prob")]),
     ("clipping", [("clipfrac_low", "clip low"), ("clipfrac_high", "clip high"), ("clipfrac_dual", "dual clip")]),
     ("optimizer", [("grad_norm", "grad norm (before clipping)"), ("skipped_steps_total", "skipped steps")]),
-    ("time per step (s)", [("time_rollout", "rollout"), ("time_reward", "reward"),
-                           ("time_train", "train"), ("time_sync", "sync")]),
+    (
+        "time per step (s)",
+        [("time_rollout", "rollout"), ("time_reward", "reward"), ("time_train", "train"), ("time_sync", "sync")],
+    ),
     (
         "allocation",
-        [("n_min", "n min"), ("n_median", "n median"), ("n_max", "n max"), ("frac_budget_all_wrong", "budget share all-wrong"),
-         ("frac_budget_all_correct", "budget share all-correct")],
+        [
+            ("n_min", "n min"),
+            ("n_median", "n median"),
+            ("n_max", "n max"),
+            ("frac_budget_all_wrong", "budget share all-wrong"),
+            ("frac_budget_all_correct", "budget share all-correct"),
+        ],
     ),
 ]
 

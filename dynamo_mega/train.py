@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dynamo_mega import config as config_mod
+from dynamo_mega import console
 from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
@@ -99,6 +100,7 @@ def setup(cfg: Config) -> Trainer:
         _write_hf_init(cfg, run_dir / "hf_init", hf_state, arch, tokenizer)
     del hf_state
     broadcast(None, groups)  # every replica's engine starts from hf_init: wait until it is written
+    console.move_to_run_dir(run_dir, groups.rank)  # the libraries' output, buffered so far, continues in RUN_DIR/logs
     weights = WeightStream(model, arch, groups, cfg.rollout)
     rollout = start_vllm_replicas(
         cfg, run_dir / "hf_init", max_len=arch.max_position_embeddings, tokenizer=tokenizer, weights=weights.stream,
@@ -111,6 +113,7 @@ def setup(cfg: Config) -> Trainer:
                 run_dir,
                 tensorboard=cfg.run.tensorboard,
                 progress_total=cfg.run.steps,
+                warmup_total=cfg.warmup.max_steps if cfg.warmup.enabled else 0,
                 progress=cfg.run.progress,
                 resume_step=resume_step,
                 wandb=_wandb_sink(cfg, run_dir),
