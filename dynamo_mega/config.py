@@ -133,13 +133,23 @@ class AllocationConfig:
 
 
 @dataclass
+class RewardTerm:
+    """One term of algo.reward: weight x fn(completions, **dataset columns) per response (docs/rewards.md)."""
+
+    fn: str = "math_verify"  # math_verify (built in), or a user function: package.module:function | path/to/file.py:function
+    weight: float = 1.0
+
+
+@dataclass
 class AlgoConfig:
     """GRPO-style clipped objective (ALGORITHM.md section 0)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.28  # DAPO clip-higher; the paper's reference code raises 0.2 to 0.28 silently
     dual_clip_c: float = 10.0
-    reward_timeout_s: float = 5.0
+    # The reward of a response: the weighted sum of these terms, e.g. [{fn: math_verify}, {fn: "my_rewards:fmt", weight: 0.1}]
+    reward: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    reward_timeout_s: float = 5.0  # per math-verify pair, and per call of a user function on a chunk (docs/rewards.md)
     reward_workers: int = 2
     wrong_reward: float = 0.0  # reward of a wrong answer (0 or -1)
 
@@ -487,7 +497,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def validate_sections(cfg: Config) -> None:
-    """Checks of the sections read outside the training step: parallel sizes, eval and launch."""
+    """Checks of the sections read outside the training step: parallel sizes, rewards, eval and launch."""
+    from dynamo_mega.rl.reward_plugins import check_reward_terms
+
+    try:  # imports user reward functions: a bad one exits 2 before anything is written
+        check_reward_terms(cfg.algo.reward)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     p, e, la = cfg.parallel, cfg.eval, cfg.launch
     _require(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1, "parallel.tensor_parallel and pipeline_parallel must be >= 1")
     _require(p.recompute in ("none", "selective", "full"), f"parallel.recompute={p.recompute!r}: use none, selective or full")

@@ -33,6 +33,14 @@ class Prompt:
     prompt: str  # text given to the tokenizer (already rendered for this task)
     answer: str  # ground truth compared by the reward
     difficulty: str = ""  # optional label (synthetic: its level, e.g. 3x9; files: data.difficulty_key) for per-level metrics
+    # The dataset row as read (every column): user reward functions get its columns as keyword arguments.
+    columns: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def reward_kwargs(self) -> dict:
+        """The keyword values a user reward function gets for this prompt's samples (rl/reward_plugins.py):
+        the row's columns and `prompts`, the text the policy saw. A column named `prompts` or `completions` is
+        left out: those names are the trainer's, as in TRL."""
+        return {**{k: v for k, v in self.columns.items() if k not in ("prompts", "completions")}, "prompts": self.prompt}
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,10 @@ def records_to_prompts(
         hint = "" if id_key is None else " Or set data.id_key=null to hash the prompt text."
         raise ConfigError(f"{source}: {exc}{hint}") from None
     levels = ["" if difficulty_key is None or row.get(difficulty_key) is None else str(row[difficulty_key]) for row in rows]
-    return [Prompt(str(pid), text, answer, level) for pid, text, answer, level in zip(ids, texts, answers, levels, strict=True)]
+    return [
+        Prompt(str(pid), text, answer, level, dict(row))
+        for pid, text, answer, level, row in zip(ids, texts, answers, levels, rows, strict=True)
+    ]
 
 
 def load_splits(cfg: DataConfig) -> Splits:
@@ -246,7 +257,7 @@ def render_chat(prompts: list[Prompt], tokenizer, system_prompt: str) -> list[Pr
             {"role": "user", "content": p.prompt}
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append(Prompt(p.id, text, p.answer, p.difficulty))
+        out.append(Prompt(p.id, text, p.answer, p.difficulty, p.columns))
     return out
 
 

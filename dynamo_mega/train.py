@@ -225,7 +225,7 @@ def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:
         max_new_tokens=t.cfg.rollout.max_new_tokens, temperature=0.0, top_p=1.0, seed=None, score=True,
     )
     t.rollout.take_metrics()  # the replicas' counters describe training steps only
-    correct = [r == 1.0 for r in batch.rewards]  # MathVerifyReward scores a correct answer 1.0
+    correct = batch.correct  # math-verify's verdict, whatever user terms algo.reward adds to the reward
     acc = sum(correct) / max(len(correct), 1)
     if t.groups.is_driver:
         record = {"accuracy": acc, "num_prompts": len(prompts), "policy_version": t.version}
@@ -295,7 +295,7 @@ def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step
     metrics.update(step_rollouts.step_metrics(t.stats, out))
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     b = out.batch
-    t.stats.update(b.prompt_ids, [float(x > 0) for x in b.rewards], [len(x) for x in b.response_tokens])
+    t.stats.update(b.prompt_ids, [float(ok) for ok in b.correct], [len(x) for x in b.response_tokens])
     return out, metrics
 
 

@@ -113,12 +113,13 @@ class ScriptedEngine:
 
 def _service(engine, reward, tokenizer):
     """One replica around the scripted engine, scoring with the real math-verify pool."""
+    from dynamo_mega.rl.reward_plugins import MATH_VERIFY, ConfiguredReward
     from dynamo_mega.rl.rollout_service import RolloutService
 
     return RolloutService(
         replica_size=1,
         start_engine=lambda replica: engine,
-        make_reward=lambda: reward,
+        make_reward=lambda: ConfiguredReward([(MATH_VERIFY, 1.0)], reward),
         decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
         weights=None,
         max_restarts=0,

@@ -84,8 +84,11 @@ class _Reward:
 
     last_call_timeouts = 1
 
-    def __call__(self, texts, answers):
-        return [1.0 if t.split()[0] == a else 0.0 for t, a in zip(texts, answers, strict=True)]
+    def __call__(self, texts, answers, kwargs):
+        from dynamo_mega.rl.reward_plugins import Scores
+
+        correct = [t.split()[0] == a for t, a in zip(texts, answers, strict=True)]
+        return Scores([1.0 if ok else 0.0 for ok in correct], correct)
 
 
 def _service(engines: dict, replica_size: int = 1):

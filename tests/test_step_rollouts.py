@@ -28,6 +28,7 @@ def fake_generate(pass_rate: dict[str, float], calls: list):
                 b.rollout_logprobs.append([0.0, 0.0])
                 b.finished.append(True)
                 b.rewards.append(1.0 if (j + 0.5) / n < pass_rate[p.id] else 0.0)
+                b.correct.append(b.rewards[-1] == 1.0)
         return b
 
     return generate

@@ -79,7 +79,7 @@ def _score_benchmark(rollout, tokenizer, problems, prompts, cfg: EvalConfig, see
     )
     completions = [c for group in groups for c in group]
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    correct = [c.reward == 1.0 for c in completions]  # MathVerifyReward scores a correct answer 1.0
+    correct = [bool(c.correct) for c in completions]  # math-verify's verdict (no reward_kwargs: math-verify only)
     counts = [sum(correct[i * cfg.samples : (i + 1) * cfg.samples]) for i in range(len(problems))]
     result = BenchmarkResult(
         benchmark=problems[0].benchmark,

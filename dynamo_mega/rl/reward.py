@@ -6,7 +6,8 @@ gives every (response, answer) pair its own timer (`timeout_s`, interrupting Pyt
 that up with deadlines per batch of work and kills a worker stuck past them (uninterruptible C code, e.g. a huge
 integer power), so one pathological answer cannot stall a run. A pair that timed out is scored wrong for that call
 only: it is never cached, so the answers that shared its chunk keep their real score. Results that did finish are
-cached by (response, answer): verification is a pure function of the two strings.
+cached by (response, answer): verification is a pure function of the two strings. User reward functions
+(algo.reward, rl/reward_plugins.py) run in the same pool, through `run`, with the same deadlines.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
 from dynamo_mega.lifeline import exit_with
@@ -141,7 +143,7 @@ class MathVerifyReward:
         self.last_call_bound_s = 0.0  # the docstring's bound for the last call, start-ups at their actual time
         self.last_call_seconds = 0.0  # wall time of the last correctness() call
         self.pool_starts = 0  # pools started (the first, and one after each kill), cumulative
-        self._startup_spent, self._start_failed = 0.0, False
+        self._startup_spent, self.start_failed = 0.0, False
 
     def _start(self) -> ProcessPoolExecutor | None:
         """The pool, started (and waited on, up to startup_s) if none is up; None if it did not start in time."""
@@ -158,15 +160,17 @@ class MathVerifyReward:
             return None
         return self._pool
 
-    def _run(self, tasks: list[list[tuple[str, str]]], timeout_s: float) -> list[list[bool | None] | None]:
-        """Score each task (a list of pairs) within one deadline; None for a task not back by it (pool killed)."""
+    def run(self, tasks: list, timeout_s: float, work: Callable = score_pairs) -> list:
+        """work(task, self.timeout_s) in the pool for each task (default: a list of pairs to score), all within one
+        deadline of timeout_s; None for a task not back by it (pool killed) or when no pool started in this call
+        (`start_failed`). rl/reward_plugins.py runs user reward functions here too, with the same timeouts."""
         t0 = time.monotonic()
-        pool = None if self._start_failed else self._start()
+        pool = None if self.start_failed else self._start()
         self._startup_spent += time.monotonic() - t0
         if pool is None:  # no pool within startup_s: not again this call, its pairs count as timed out
-            self._start_failed = True
+            self.start_failed = True
             return [None] * len(tasks)
-        futures = [pool.submit(score_pairs, task, self.timeout_s) for task in tasks]
+        futures = [pool.submit(work, task, self.timeout_s) for task in tasks]
         wait(futures, timeout=timeout_s)
         results = [f.result() if f.done() and f.exception() is None else None for f in futures]
         if any(r is None for r in results):
@@ -176,14 +180,14 @@ class MathVerifyReward:
     def correctness(self, responses: list[str], answers: list[str]) -> list[bool]:
         if len(responses) != len(answers):
             raise AssertionError(f"{len(responses)} responses but {len(answers)} answers: metadata misaligned")
-        start, self._startup_spent, self.last_call_timeouts, self._start_failed = time.monotonic(), 0.0, 0, False
+        start, self._startup_spent, self.last_call_timeouts, self.start_failed = time.monotonic(), 0.0, 0, False
         todo = sorted({(r, a) for r, a in zip(responses, answers) if (r, a) not in self._cache})
         chunks = [todo[i : i + self.chunk_size] for i in range(0, len(todo), self.chunk_size)]
         scored: dict[tuple[str, str], bool] = {}
         late: list[tuple[str, str]] = []
         waves = math.ceil(len(chunks) / self.workers)
         budget = waves * self.timeout_s + GRACE_S if chunks else 0.0
-        for chunk, results in zip(chunks, self._run(chunks, budget) if chunks else []):
+        for chunk, results in zip(chunks, self.run(chunks, budget) if chunks else []):
             if results is None:
                 late.extend(chunk)
             else:
@@ -191,7 +195,7 @@ class MathVerifyReward:
         for i in range(0, len(late), self.workers):  # phase 2: one pair per task, a deadline per wave of W
             wave = late[i : i + self.workers]
             budget += self.timeout_s + GRACE_S
-            for pair, results in zip(wave, self._run([[p] for p in wave], self.timeout_s + GRACE_S)):
+            for pair, results in zip(wave, self.run([[p] for p in wave], self.timeout_s + GRACE_S)):
                 self._keep([pair], results or [None], scored)
         self.last_call_bound_s = self._startup_spent + budget
         self.last_call_seconds = time.monotonic() - start

@@ -49,6 +49,9 @@ class RolloutBatch:
     group_sizes: list[int]
     policy_version: int
     rewards: list[float] = field(default_factory=list)
+    # success per sample (math-verify's verdict; rl/reward_plugins.py): what prompt statistics and accuracy count,
+    # apart from the reward, which may add user terms (algo.reward)
+    correct: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_tokens)
@@ -76,12 +79,14 @@ def generate_rollouts(
     expected_lengths: list[float] | None = None,
 ) -> RolloutBatch:
     """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata. score: the
-    engine (the rollout service) scores each sample against its own prompt's answer; the batch carries rewards.
+    engine (the rollout service) scores each sample against its own prompt's answer (user reward terms also get the
+    prompt's dataset columns, Prompt.reward_kwargs); the batch carries rewards and successes (`correct`).
     expected_lengths: tokens per response of each prompt, for the service's balancing across replicas."""
     prompt_tokens = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in prompts]
     extra = {}
     if score:
         extra["answers"] = [p.answer for p in prompts]
+        extra["reward_kwargs"] = [p.reward_kwargs() for p in prompts]
     if expected_lengths is not None:
         extra["expected_lengths"] = expected_lengths
     groups = engine.generate(
@@ -108,6 +113,7 @@ def generate_rollouts(
             batch.finished.append(c.finished)
             if score:
                 batch.rewards.append(c.reward)
+                batch.correct.append(c.correct)
     return batch
 
 
@@ -155,12 +161,13 @@ def regroup(batches: list[RolloutBatch], groups: list[list[tuple[int, int]]]) ->
     assert len(versions) == 1, f"internal error: one step's rollouts come from policy versions {sorted(versions)}"
     starts = [[0, *torch.tensor(b.group_sizes, dtype=torch.long).cumsum(0).tolist()] for b in batches]
     out = RolloutBatch([], [], [], [], [], [], [], versions.pop())
-    per_sample = ("prompt_ids", "answers", "prompt_tokens", "response_tokens", "rollout_logprobs", "finished", "rewards")
+    per_sample = ("prompt_ids", "answers", "prompt_tokens", "response_tokens", "rollout_logprobs", "finished")
+    per_sample += ("rewards", "correct")
     for members in groups:
         size = 0
         for b, i in members:
             src, lo, hi = batches[b], starts[b][i], starts[b][i + 1]
-            assert len(src.rewards) == len(src), "internal error: regroup needs scored batches"
+            assert len(src.rewards) == len(src.correct) == len(src), "internal error: regroup needs scored batches"
             for name in per_sample:
                 getattr(out, name).extend(getattr(src, name)[lo:hi])
             size += hi - lo

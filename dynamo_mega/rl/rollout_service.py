@@ -36,10 +36,13 @@ import torch.distributed as dist
 
 from dynamo_mega.parallel.weight_bridge import Bucket
 from dynamo_mega.rl.engines.vllm_engine import Completion
+from dynamo_mega.rl.reward_plugins import Scores
 from dynamo_mega.rl.rollout_plan import plan_requests
 from dynamo_mega.weight_push import drain, feed_engine
 
-Reward = Callable[[list[str], list[str]], list[float]]  # (response texts, answers) -> rewards; may have close()
+# (response texts, answers, user-function kwargs aligned with the texts or None) -> Scores (rewards, successes);
+# rl/reward_plugins.ConfiguredReward, may have close() and last_call_timeouts
+Reward = Callable[[list[str], list[str], dict[str, list] | None], "Scores"]
 
 
 class ReplicaFailed(RuntimeError):
@@ -125,10 +128,13 @@ class RolloutService:
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
         answers: list[str] | None = None,
+        reward_kwargs: list[dict] | None = None,
         expected_lengths: list[float] | None = None,
     ) -> list[list[Completion]]:
         """counts[i] samples of prompts[i] (token ids), one list per prompt in order, on every rank. answers:
-        each sample is scored against its own prompt's answer on the replica that made it (Completion.reward).
+        each sample is scored against its own prompt's answer on the replica that made it (Completion.reward and
+        .correct). reward_kwargs[i]: prompt i's keyword values for user reward functions (Prompt.reward_kwargs);
+        None: math-verify only, whatever algo.reward says (benchmarks).
         expected_lengths: tokens per response of each prompt, for balancing (None: all equal). Request i is
         seeded seed + i wherever it runs; a group cut across replicas seeds its later pieces apart."""
         lengths = expected_lengths if expected_lengths is not None else [1.0] * len(prompts)
@@ -139,7 +145,8 @@ class RolloutService:
         done: dict[int, _Report] = {}
         while todo:
             busy = self.is_leader and self.replica in todo
-            reports = self._exchange(self._generate_share(pieces_R, prompts, seed, answers, sampling) if busy else None)
+            share = self._generate_share(pieces_R, prompts, seed, answers, reward_kwargs, sampling) if busy else None
+            reports = self._exchange(share)
             for rep in reports:
                 if rep.status == "ok" and rep.replica in todo:
                     done[rep.replica] = rep
@@ -155,7 +162,7 @@ class RolloutService:
                 raise AssertionError(f"internal error: {len(group)} samples of request {i} came back, {n} asked")
         return groups
 
-    def _generate_share(self, pieces_R, prompts, seed, answers, sampling) -> _Report:
+    def _generate_share(self, pieces_R, prompts, seed, answers, reward_kwargs, sampling) -> _Report:
         """The leader's share: generate, then score; a failure is reported (and told to every rank), not raised."""
         pieces = pieces_R[self.replica]
         rep = _Report(self.replica, "ok", groups=[])
@@ -172,10 +179,12 @@ class RolloutService:
             rep.generate_s = time.perf_counter() - t0
             if answers is not None:
                 t1 = time.perf_counter()
-                samples = [(c, answers[i]) for (i, _), piece in zip(pieces, rep.groups, strict=True) for c in piece]
-                rewards = self._reward(self._decode([c.token_ids for c, _ in samples]), [a for _, a in samples])
-                for (c, _), reward in zip(samples, rewards, strict=True):
-                    c.reward = reward
+                samples = [(c, i) for (i, _), piece in zip(pieces, rep.groups, strict=True) for c in piece]
+                kwargs = None if reward_kwargs is None else _columns([reward_kwargs[i] for _, i in samples])
+                texts = self._decode([c.token_ids for c, _ in samples])
+                scores: Scores = self._reward(texts, [answers[i] for _, i in samples], kwargs)
+                for (c, _), reward, correct in zip(samples, scores.rewards, scores.correct, strict=True):
+                    c.reward, c.correct = reward, correct
                 rep.score_s = time.perf_counter() - t1
                 rep.reward_timeouts = int(getattr(self._reward, "last_call_timeouts", 0))
         except Exception as exc:  # noqa: BLE001 - told to every rank by _exchange
@@ -347,13 +356,15 @@ def start_vllm_replicas(
     cfg, model_dir, *, max_len: int, tokenizer, weights=None, pp_size: int = 1, seed: int | None = None
 ) -> RolloutService:
     """The trainer's and `dynamo-mega eval`'s replicas from a Config: world / k VLLMEngines of TP = k
-    (k = rollout.vllm_tensor_parallel) started from the HF folder `model_dir`, each leader scoring with math-verify.
+    (k = rollout.vllm_tensor_parallel) started from the HF folder `model_dir`, each leader scoring with algo.reward
+    (math-verify and user functions, rl/reward_plugins.py).
     weights(version): the refit stream (None: the engines keep model_dir's weights); max_len: the engines'
     context; seed: the engines' sampling seed (default rollout.seed)."""
     from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
     from dynamo_mega.rl.reward import MathVerifyReward
+    from dynamo_mega.rl.reward_plugins import ConfiguredReward
 
-    r, k = cfg.rollout, cfg.rollout.vllm_tensor_parallel
+    r, k, a = cfg.rollout, cfg.rollout.vllm_tensor_parallel, cfg.algo
 
     def start_engine(replica: int) -> VLLMEngine:
         return VLLMEngine(
@@ -373,12 +384,20 @@ def start_vllm_replicas(
     return RolloutService(
         replica_size=k,
         start_engine=start_engine,
-        make_reward=lambda: MathVerifyReward(cfg.algo.reward_workers, cfg.algo.reward_timeout_s, cfg.algo.wrong_reward),
+        make_reward=lambda: ConfiguredReward(
+            [(term.fn, term.weight) for term in a.reward], MathVerifyReward(a.reward_workers, a.reward_timeout_s, a.wrong_reward)
+        ),
         decode=lambda token_ids: tokenizer.batch_decode(token_ids, skip_special_tokens=True),
         weights=weights,
         max_restarts=r.max_engine_restarts,
         pp_size=pp_size,
     )
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Per-sample dicts -> one list per key, aligned with the samples (a key missing from a row: None there)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return {key: [row.get(key) for row in rows] for key in keys}
 
 
 def _piece_seed(seed: int, i: int, pieces_R: list[list[tuple[int, int]]], replica: int) -> int:

@@ -55,7 +55,7 @@ def probing(
     """n_low probes each, then the rest of `budget` by `optimal` on history + probes; groups = probes + rest."""
     probes = generate(prompts, [n_low] * len(prompts), 0)
     bounds = np.cumsum([0, *probes.group_sizes])
-    probe_correct = [[float(r > 0) for r in probes.rewards[a:b]] for a, b in zip(bounds, bounds[1:])]
+    probe_correct = [[float(ok) for ok in probes.correct[a:b]] for a, b in zip(bounds, bounds[1:])]
     totals = allocate_with_probes([p.id for p in prompts], stats, probe_correct, budget=budget, n_low=n_low, n_high=n_high)
     more = [i for i, n in enumerate(totals) if n > n_low]
     batches, members = [probes], [[(0, i)] for i in range(len(prompts))]
@@ -112,7 +112,7 @@ def step_metrics(stats: PromptStats, out: StepRollouts) -> dict[str, float]:
     b = out.batch
     bounds = np.cumsum([0, *b.group_sizes])
     ids = [p.id for p in out.prompts]
-    realised = [sum(x > 0 for x in b.rewards[lo:hi]) / max(hi - lo, 1) for lo, hi in zip(bounds, bounds[1:])]
+    realised = [sum(b.correct[lo:hi]) / max(hi - lo, 1) for lo, hi in zip(bounds, bounds[1:])]
     seen = stats.visits(ids) > 0
     metrics = {
         "rollouts_generated": float(out.rollouts_generated),

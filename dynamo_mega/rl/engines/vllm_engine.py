@@ -34,6 +34,7 @@ class Completion:
     logprobs: list[float]
     finished: bool  # ended with a stop token (False: cut at max_new_tokens)
     reward: float | None = None  # set by the rollout service when it scores the sample on its replica
+    correct: bool | None = None  # success, set with the reward (rl/reward_plugins.py: math-verify's verdict)
 
 
 def _scratch_root() -> str | None:
