@@ -76,6 +76,9 @@ class MetricsLogger:
             self._progress.update(phase, step, clean)
 
     def close(self) -> None:
+        """Idempotent: the trainer closes the logger at the end of a run and again, harmlessly, on its way out."""
+        if self._file.closed:
+            return
         if self._progress is not None:
             self._progress.close()
         for writer in self._tb.values():

@@ -578,6 +578,8 @@ def train(cfg: Config) -> dict:
         return summary
     finally:
         stop.restore()
+        if t.logger is not None:  # on a crash too: the progress bar must not draw over the traceback
+            t.logger.close()
         t.rollout.close()
         destroy_parallel()
 
