@@ -125,8 +125,19 @@ def hf_config_dict(arch: QwenArch, torch_dtype: str = "float32", eos_token_id: i
     return cfg
 
 
-def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.dtype, init_std: float = 0.02):
-    """Megatron TransformerConfig for `arch` (dropout off: RL recomputes log-probs and needs determinism)."""
+def transformer_config(
+    arch: QwenArch,
+    *,
+    tp: int,
+    pp: int,
+    params_dtype: torch.dtype,
+    init_std: float = 0.02,
+    device: torch.device | str = "cpu",
+):
+    """Megatron TransformerConfig for `arch` (dropout off: RL recomputes log-probs and needs determinism).
+    `device`: where Megatron allocates and initialises the parameters (ParallelGroups.device for the policy): on the
+    CPU the full weights come from the CPU generator and are sliced (identical at every TP size); on a GPU Megatron
+    initialises each shard there, from its CUDA RNG tracker."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -151,7 +162,7 @@ def transformer_config(arch: QwenArch, *, tp: int, pp: int, params_dtype: torch.
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         init_method_std=init_std,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=torch.device(device).type == "cpu",
         perform_initialization=True,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -52,9 +52,13 @@ class MegatronAdam:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        if not torch.cuda.is_available():
+        self._device = next(model.parameters()).device  # ParallelGroups.device (parallel/policy.py builds it there)
+        if self._device.type != "cuda":
             raise RuntimeError("MegatronAdam needs CUDA; CPU runs use torch AdamW (dynamo_mega/optim.py)")
         config = model.config
+        # The loss is already the global token mean (parallel/train_step.py): DDP must SUM gradients over DP. Megatron
+        # scales them by 1 / DP unless the config says the loss is per token (parallel/policy.py sets it).
+        assert config.calculate_per_token_loss, "Megatron DDP would average the gradients over DP"
         # One DDP wrapper per model: its gradient hooks live on the parameters, so a second wrapper (a second
         # optimizer, e.g. RL after the supervised warm-up) would accumulate every gradient twice.
         self.ddp = getattr(model, "_dynamo_mega_ddp", None)
@@ -123,7 +127,7 @@ class MegatronAdam:
         self.ddp.finish_grad_sync()
         finite = torch.tensor(
             [float(all(bool(torch.isfinite(b.grad_data).all()) for b in self.ddp.buffers + self.ddp.expert_parallel_buffers))],
-            device=torch.cuda.current_device(),
+            device=self._device,
         )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips or none does

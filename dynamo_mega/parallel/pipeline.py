@@ -1,10 +1,11 @@
-"""Pipeline parallelism (PP > 1) for the policy step: micro-batches through Megatron's 1F1B schedule, the
+"""Micro-batches through Megatron's schedule for every PP size (no pipelining at PP=1, 1F1B above), the
 tied-embedding gradient sum between the first and last stage, and results shared from the last stage.
 
 Every stage of a pipeline holds the same micro-batches (the trainer splits samples over DP ranks only): the
 first stage embeds the token ids, later stages take the hidden states received from the previous stage, and
 every stage builds the attention mask and positions from the micro-batch. Only the last stage has logits,
 so log-probs, the loss and its metrics exist there; `broadcast_from_last_stage` gives them to the others.
+At PP=1 the one stage is first and last, and the two other functions are no-ops.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from dynamo_mega.parallel.policy import forward_logits
 
 
 def run_schedule(model, micro_batches: list, on_logits: Callable, *, forward_only: bool) -> None:
-    """Megatron's non-interleaved 1F1B schedule over `micro_batches` (objects with input_ids [B, S] and
-    segments). On the last stage on_logits(i, logits_BSV) is called for micro-batch i in order and returns its
-    0-dim loss, which the schedule back-propagates (forward_only=False; run under torch.no_grad() otherwise).
+    """Megatron's schedule for this PP size over `micro_batches` (objects with input_ids [B, S] and segments):
+    forward_backward_no_pipelining at PP=1 (forward, then backward, micro-batch after micro-batch), the
+    non-interleaved 1F1B schedule above. On the last stage on_logits(i, logits_BSV) is called for micro-batch i
+    in order and returns its 0-dim loss, which the schedule back-propagates (forward_only=False; run under
+    torch.no_grad() otherwise).
 
     The model's config must have variable_seq_lengths (micro-batches differ in shape) and
-    calculate_per_token_loss (the schedule then leaves the loss as it is): parallel/policy.py sets both."""
+    calculate_per_token_loss (the schedule then leaves the loss as it is, at every PP size: no division by the
+    micro-batch count or a token count, which would break the loss contract of train_step.py): parallel/policy.py
+    sets both."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     assert model.config.variable_seq_lengths and model.config.calculate_per_token_loss

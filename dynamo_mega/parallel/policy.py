@@ -29,24 +29,35 @@ def build_policy(model_cfg: ModelConfig, groups: ParallelGroups, *, seed: int, r
     torch.manual_seed(seed)
     full = None
     if groups.pp_size == 1 or random_init:
-        config = qwen.transformer_config(arch, tp=groups.tp_size, pp=1, params_dtype=dtype, init_std=model_cfg.init_std)
+        config = _config(arch, model_cfg, groups, pp=1, dtype=dtype)
         full = _gpt_model(config, arch, groups.tp_size, pre_process=True, post_process=True)
     if groups.pp_size == 1:
         return full.to(groups.device), arch
     rng = torch.get_rng_state()
-    config = qwen.transformer_config(arch, tp=groups.tp_size, pp=groups.pp_size, params_dtype=dtype, init_std=model_cfg.init_std)
+    config = _config(arch, model_cfg, groups, pp=groups.pp_size, dtype=dtype)
     config.perform_initialization = False  # every tensor is copied from `full` below (or loaded by the caller)
     # Megatron would sum the tied output copy with the embedding over the embedding group at build time, via
     # weight.data.cuda(); this flag skips that step (it has no other effect on the local layer spec) and the
     # copy gets the embedding's values below instead.
     config.init_model_with_meta_device = True
-    config.variable_seq_lengths = True  # micro-batches are trimmed to their own length: stages exchange shapes
-    config.calculate_per_token_loss = True  # the schedule must not rescale our loss (global token mean, rl/loss.py)
     stage = _gpt_model(config, arch, groups.tp_size, pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
     if full is not None:
         _copy_stage_from_full(stage, full, arch.tie_word_embeddings)
     torch.set_rng_state(rng)
     return stage.to(groups.device), arch
+
+
+def _config(arch: qwen.QwenArch, model_cfg: ModelConfig, groups: ParallelGroups, *, pp: int, dtype: torch.dtype):
+    """TransformerConfig of the policy, allocated on this rank's device, set up for Megatron's schedule
+    (parallel/pipeline.py), which runs every pass of the policy step at every PP size."""
+    config = qwen.transformer_config(
+        arch, tp=groups.tp_size, pp=pp, params_dtype=dtype, init_std=model_cfg.init_std, device=groups.device
+    )
+    config.variable_seq_lengths = True  # micro-batches are trimmed to their own length: stages exchange shapes
+    # The loss is already the global token mean (rl/loss.py): the schedule must not rescale it, and Megatron's DDP
+    # (the GPU optimizer) must SUM gradients over DP, which it does only with this flag (else it scales by 1 / DP).
+    config.calculate_per_token_loss = True
+    return config
 
 
 def _gpt_model(config, arch: qwen.QwenArch, tp: int, *, pre_process: bool, post_process: bool):

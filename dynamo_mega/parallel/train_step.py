@@ -8,8 +8,9 @@ micro-batch split and any DP size give the gradient of the same global token mea
 Modulation factors come from the policy being updated, in every PPO mini-batch; the ratio of the loss is against
 the behaviour log-probs (`policy_step`'s `old`).
 
-Pipeline parallelism (PP > 1): the same steps run through Megatron's 1F1B schedule (parallel/pipeline.py); the
-loss, modulation and metrics exist on the last stage and every rank gets the last stage's stats.
+Every pass over the micro-batches, at every PP size, is Megatron's schedule (parallel/pipeline.py: no pipelining at
+PP=1, 1F1B above): the loss, modulation and metrics exist on the last stage (at PP=1, the only one) and every rank
+gets the last stage's stats.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def empty_micro_batch() -> MicroBatch:
 
 
 def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [B, S] with grad, entropy [B, S]) of each position's target under the current policy."""
+    """(logp [B, S] with grad, entropy [B, S]) of each position's target under the current policy: one micro-batch's
+    forward outside Megatron's schedule, for callers that measure or check the step (bench/, tests). PP=1 only."""
+    assert groups.pp_size == 1, "a pipeline stage's forward gives hidden states, not logits: use the schedule"
     logits = forward_logits(model, mb.input_ids, mb.segments)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     return vocab_parallel_logprobs_entropy(logits, mb.targets, tp_group, temperature=temperature)
@@ -74,19 +77,15 @@ def token_logprobs(model, mb: MicroBatch, groups: ParallelGroups, temperature: f
 
 @torch.no_grad()
 def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
-    """Log-probs and entropies under the model's present weights, one no-grad pass per micro-batch (at PP > 1 one
-    forward-only pass of the pipeline schedule, the last stage's result on every stage). Called before a rollout
-    batch's first optimizer step, these are the behaviour (pre-update) policy's."""
-    model.eval()
-    if groups.pp_size > 1:
-        return pipeline.broadcast_from_last_stage(_pipeline_old_logprobs(model, micro_batches, groups, temperature), groups)
-    outs = [token_logprobs(model, mb, groups, temperature) for mb in micro_batches]
-    return [o[0].detach() for o in outs], [o[1].detach() for o in outs]
+    """Log-probs and entropies under the model's present weights from one forward-only pass of Megatron's schedule,
+    the last stage's result on every stage. Called before a rollout batch's first optimizer step, these are the
+    behaviour (pre-update) policy's."""
+    return pipeline.broadcast_from_last_stage(_schedule_logprobs(model, micro_batches, groups, temperature), groups)
 
 
 @torch.no_grad()
-def _pipeline_old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
-    """(log-probs, entropies) per micro-batch on the last stage, None on the others."""
+def _schedule_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
+    """(log-probs, entropies) per micro-batch, detached, on the last stage; None on the others."""
     model.eval()
     logp, entropy = [], []
     tp_group = groups.tp_group if groups.tp_size > 1 else None
@@ -95,7 +94,7 @@ def _pipeline_old_logprobs(model, micro_batches: list[MicroBatch], groups: Paral
         lp, ent = vocab_parallel_logprobs_entropy(logits_BSV, micro_batches[i].targets, tp_group, temperature=temperature)
         logp.append(lp.detach())
         entropy.append(ent.detach())
-        return torch.zeros(())
+        return torch.zeros((), device=logits_BSV.device)
 
     pipeline.run_schedule(model, micro_batches, on_logits, forward_only=True)
     return (logp, entropy) if groups.is_last_stage else None
@@ -137,107 +136,27 @@ def policy_step(
     required when an earlier step has already changed the weights. None: these weights ARE the behaviour policy.
 
     The PPO ratio is against `old`; the modulation factors (r_t, pi_t, H_t, ALGORITHM.md sections 2 and 5) come
-    from the policy being updated, detached, as in the reference. At PP > 1 the micro-batches go through
-    Megatron's 1F1B schedule (`_pipeline_policy_step`); the stats are the same on every rank."""
-    if groups.pp_size > 1:
-        return _pipeline_policy_step(
-            model, optimizer, scheduler, micro_batches, groups, algo=algo, temperature=temperature,
-            grad_clip=grad_clip, modulation=modulation, old=old,
-        )
+    from the policy being updated, detached, as in the reference. The training pass is Megatron's schedule for
+    this PP size (no pipelining at PP=1, 1F1B above), with each micro-batch's loss in its loss function on the last
+    stage; then the tied-embedding gradient sum between the stages, the DP sync, clipping (over all stages) and the
+    step. The stats are the last stage's, on every rank."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     # Before any modulation collective, on every path: DP ranks may take different paths below (their
     # micro-batch counts can differ) and must still issue their DP all-reduces in one order.
-    num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)
-    modulate = _modulator(dp_group, algo, modulation)
-    live, old_logp, advantages, mod_metrics = _prepare_modulation(
-        model, micro_batches, groups, temperature, old, modulation, modulate
-    )
-    model.train()
-    loss_total, metrics = 0.0, []
-    for i, mb in enumerate(micro_batches):
-        logp, entropy = live[i] if live is not None else token_logprobs(model, mb, groups, temperature)
-        adv = _micro_batch_advantages(i, mb, logp, entropy, old_logp, advantages, modulate, mod_metrics)
-        loss, m = _micro_batch_loss(logp, mb, old_logp[i], entropy, adv, algo, num_tokens)
-        loss.backward()
-        loss_total += loss.item()
-        metrics.append(m)
-    grad_norm, stepped = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
-    return _policy_stats(metrics, loss_total, grad_norm, stepped, mod_metrics, dp_group)
-
-
-def _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate):
-    """(live training forwards [(logp, entropy)] or None, behaviour log-probs per micro-batch, token advantages per
-    micro-batch or None, modulation metric sums). Advantages None: each micro-batch is modulated from its own
-    training forward, in the loop (`_micro_batch_advantages`)."""
-    if old is None and len(micro_batches) == 1:
-        # One micro-batch, one optimizer step: the training forward IS the pre-update pass (same weights),
-        # so reuse it instead of running the model twice; current == behaviour, r_t = 1.
-        model.train()
-        logp0, entropy0 = token_logprobs(model, micro_batches[0], groups, temperature)
-        old_logp = [logp0.detach()]
-        advantages, mod_metrics = modulate(micro_batches, old_logp, old_logp, [entropy0.detach()])
-        return [(logp0, entropy0)], old_logp, advantages, mod_metrics
-    if old is None:
-        # The weights are the behaviour policy: one no-grad pass gives logp_old and the (current) factors' inputs.
-        old_logp, entropy = old_logprobs(model, micro_batches, groups, temperature)
-        advantages, mod_metrics = modulate(micro_batches, old_logp, old_logp, entropy)
-        return None, old_logp, advantages, mod_metrics
-    old_logp = old[0]
-    if not (_global_scope(modulation) and len(micro_batches) > 1):
-        return None, old_logp, None, {}  # the training forward of each micro-batch gives its own factors
-    # Global scope over several micro-batches: the min/max statistics need the CURRENT log-probs and entropies of
-    # every micro-batch before the first backward. Keeping every micro-batch's autograd graph until then would
-    # hold the activations of the whole mini-batch at once (what micro-batching exists to avoid), so pay one
-    # no-grad forward of the current policy instead (measured in bench/results/train_step.md).
-    logp_now, entropy_now = old_logprobs(model, micro_batches, groups, temperature)
-    advantages, mod_metrics = modulate(micro_batches, logp_now, old_logp, entropy_now)
-    return None, old_logp, advantages, mod_metrics
-
-
-def _global_scope(modulation) -> bool:
-    """Modulation on, with statistics over the whole step: one micro-batch's factors depend on every forward."""
-    return modulation is not None and modulation.enabled and modulation.scope == "global"
-
-
-def _micro_batch_advantages(i, mb, logp_BS, entropy_BS, old_logp, advantages, modulate, mod_metrics):
-    """Micro-batch i's token advantages: precomputed, or modulated from this very training forward (detached),
-    with this micro-batch's statistics alone: the `microbatch` scope, or `global` with one micro-batch (then its
-    statistics, all-reduced over DP inside `modulate`, are the step's)."""
-    if advantages is not None:
-        return advantages[i]
-    adv, metrics = modulate([mb], [logp_BS.detach()], [old_logp[i]], [entropy_BS.detach()])
-    for key, value in metrics.items():
-        mod_metrics[key] = mod_metrics.get(key, 0.0) + value
-    return adv[0]
-
-
-def _pipeline_policy_step(
-    model, optimizer, scheduler, micro_batches, groups: ParallelGroups, *, algo, temperature, grad_clip, modulation, old
-) -> dict[str, float]:
-    """policy_step at PP > 1: a forward-only schedule pass for the old log-probs and entropies unless given (then,
-    with `global` scope, that pass runs on the current weights for the modulation factors: the 1F1B schedule
-    interleaves backwards with forwards, so the statistics cannot wait for its forwards); modulation and loss on
-    the last stage, the training pass (1F1B) with the loss in the schedule's loss function, the tied-embedding
-    gradient sum, then the usual DP sync, clipping (over all stages) and step."""
-    dp_group = groups.dp_group if groups.dp_size > 1 else None
     num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)  # each stage's DP group
     modulate = _modulator(dp_group, algo, modulation)
-    current = None
-    if old is None:
-        old = current = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
-    elif _global_scope(modulation):
-        current = _pipeline_old_logprobs(model, micro_batches, groups, temperature)
-    advantages, mod_metrics = None, {}
-    if groups.is_last_stage and current is not None:
-        advantages, mod_metrics = modulate(micro_batches, current[0], old[0], current[1])
+    old_logp, advantages, mod_metrics = _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     losses, metrics = [], []
 
     def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
         mb = micro_batches[i]
         logp, entropy = vocab_parallel_logprobs_entropy(logits_BSV, mb.targets, tp_group, temperature=temperature)
-        adv = _micro_batch_advantages(i, mb, logp, entropy, old[0], advantages, modulate, mod_metrics)
-        loss, m = _micro_batch_loss(logp, mb, old[0][i], entropy, adv, algo, num_tokens)
+        # No behaviour log-probs: one micro-batch on the behaviour weights, this training forward IS the pre-update
+        # pass (same weights): reuse it instead of running the model twice; current == behaviour, r_t = 1.
+        olp = old_logp[i] if old_logp is not None else logp.detach()
+        adv = _micro_batch_advantages(mb, logp, entropy, olp, advantages, i, modulate, mod_metrics)
+        loss, m = _micro_batch_loss(logp, mb, olp, entropy, adv, algo, num_tokens)
         losses.append(loss.item())
         metrics.append(m)
         return loss
@@ -250,6 +169,45 @@ def _pipeline_policy_step(
     if groups.is_last_stage:
         stats = _policy_stats(metrics, sum(losses, 0.0), grad_norm, stepped, mod_metrics, dp_group)
     return pipeline.broadcast_from_last_stage(stats, groups)
+
+
+def _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate):
+    """(behaviour log-probs per micro-batch, token advantages per micro-batch, modulation metric sums) on the last
+    stage, before the training pass. Log-probs None: the training forward of the one micro-batch is the behaviour
+    pass. Advantages None: each micro-batch is modulated from its own training forward, in the loss function
+    (`_micro_batch_advantages`). Other stages have no logits: (None, None, {})."""
+    if old is None and len(micro_batches) == 1:
+        return None, None, {}
+    if old is not None and not (_global_scope(modulation) and len(micro_batches) > 1):
+        return old[0], None, {}  # the training forward of each micro-batch gives its own factors
+    # Either these weights are the behaviour policy (one no-grad pass gives logp_old and the factors' inputs), or
+    # the `global` scope over several micro-batches needs the CURRENT log-probs and entropies of every micro-batch
+    # before the first backward: keeping every micro-batch's autograd graph until then would hold the activations
+    # of the whole mini-batch at once (what micro-batching exists to avoid), and the 1F1B schedule interleaves
+    # backwards with forwards anyway, so pay one no-grad forward of the current policy (bench/results/train_step.md).
+    current = _schedule_logprobs(model, micro_batches, groups, temperature)
+    if current is None:
+        return None, None, {}
+    old_logp = current[0] if old is None else old[0]
+    advantages, mod_metrics = modulate(micro_batches, current[0], old_logp, current[1])
+    return old_logp, advantages, mod_metrics
+
+
+def _global_scope(modulation) -> bool:
+    """Modulation on, with statistics over the whole step: one micro-batch's factors depend on every forward."""
+    return modulation is not None and modulation.enabled and modulation.scope == "global"
+
+
+def _micro_batch_advantages(mb, logp_BS, entropy_BS, old_logp_BS, advantages, i, modulate, mod_metrics):
+    """Micro-batch i's token advantages: precomputed, or modulated from this very training forward (detached),
+    with this micro-batch's statistics alone: the `microbatch` scope, or `global` with one micro-batch (then its
+    statistics, all-reduced over DP inside `modulate`, are the step's)."""
+    if advantages is not None:
+        return advantages[i]
+    adv, metrics = modulate([mb], [logp_BS.detach()], [old_logp_BS], [entropy_BS.detach()])
+    for key, value in metrics.items():
+        mod_metrics[key] = mod_metrics.get(key, 0.0) + value
+    return adv[0]
 
 
 def _modulator(dp_group, algo, modulation):
@@ -311,26 +269,22 @@ def _policy_stats(metrics, loss_total: float, grad_norm: float, stepped: bool, m
 def supervised_step(
     model, optimizer, scheduler, micro_batches: list[MicroBatch], groups: ParallelGroups, grad_clip: float
 ) -> dict[str, float]:
-    """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage).
-    At PP > 1 through the 1F1B schedule; the stats are the same on every rank."""
+    """Teacher-forced cross-entropy on the masked (answer) tokens, global token mean (warm-up stage), through
+    Megatron's schedule like `policy_step`; the stats are the same on every rank."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     num_tokens = max(global_token_count([mb.mask for mb in micro_batches], dp_group), 1.0)
-    model.train()
+    tp_group = groups.tp_group if groups.tp_size > 1 else None
     losses = []
 
     def on_logits(i: int, logits_BSV: torch.Tensor) -> torch.Tensor:
-        tp_group = groups.tp_group if groups.tp_size > 1 else None
         logp, _ = vocab_parallel_logprobs_entropy(logits_BSV, micro_batches[i].targets, tp_group, temperature=1.0)
         loss = -(logp * micro_batches[i].mask).sum() / num_tokens
         losses.append(loss.item())
         return loss
 
-    if groups.pp_size > 1:
-        pipeline.run_schedule(model, micro_batches, on_logits, forward_only=False)
-        pipeline.allreduce_tied_embedding_grad(model, groups)
-    else:
-        for i, mb in enumerate(micro_batches):
-            on_logits(i, forward_logits(model, mb.input_ids, mb.segments)).backward()
+    model.train()
+    pipeline.run_schedule(model, micro_batches, on_logits, forward_only=False)
+    pipeline.allreduce_tied_embedding_grad(model, groups)
     grad_norm, _ = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
     total = pipeline.broadcast_from_last_stage(sum(losses, 0.0) if groups.is_last_stage else None, groups)
     return {"sft_loss": total, "grad_norm": grad_norm}

@@ -383,7 +383,8 @@ def iter_pipeline_buckets(
     yield from stage_buckets
     received = None  # one receive buffer, reused like iter_buckets' (a bucket is valid until the next is asked for)
     # Where the later stages' buckets live: the GPU under NCCL (which only moves CUDA tensors), else the host.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = dist.get_backend(pp_group) == dist.Backend.NCCL
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     for stage in range(1, pp_size):
         src = dist.get_global_rank(pp_group, stage)
         while True:
