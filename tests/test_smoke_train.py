@@ -89,6 +89,19 @@ def test_run_directory_contents(run_dir):
     assert summary["rl_steps"] == 3 and 0.0 <= summary["accuracy_after_rl"] <= 1.0
 
 
+def test_terminal_shows_the_trainer_not_the_libraries(run_dir):
+    """Without run.verbose the CLI's stdout + stderr hold the trainer's own lines; vLLM (this process, its engine
+    core and worker, the engine restarted after the kill), megatron and Python warnings are in the run's log
+    (dynamo_mega/console.py; the routing itself: tests/test_terminal.py)."""
+    terminal = (run_dir.parent / "run.log").read_text()
+    library = (run_dir / "logs" / "third_party.log").read_text()
+    for noise in ("INFO", "WARNING", "Warning", "(EngineCore", "(Worker", "warnings.warn"):
+        assert noise not in terminal, (noise, terminal[-4000:])
+    for noise in ("(MainProcess", "(EngineCore", "(Worker", "UserWarning"):
+        assert noise in library, noise
+    assert "dynamo-mega: done: held-out accuracy" in terminal and "held-out accuracy" in terminal
+
+
 def test_metrics_per_step(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["phase"] == "train"]
