@@ -35,7 +35,6 @@ from typing import NamedTuple
 from dynamo_mega.rl.reward import GRACE_S, MathVerifyReward
 
 MATH_VERIFY = "math_verify"  # the built-in term: 1.0 for a correct answer, algo.wrong_reward otherwise
-RESERVED_KWARGS = ("completions", "prompts")  # set by the trainer; a dataset column may not use these names
 
 
 class RewardFunctionError(RuntimeError):
@@ -118,9 +117,11 @@ def call_user_fn(task: tuple[str, list[str], dict[str, list]], timeout_s: float)
     """Pool worker: task = (spec, completions, kwargs). ("ok", floats), ("timeout", None) when the call ran past
     timeout_s (a timer on this process's main thread), or ("error", message)."""
     spec, completions, kwargs = task
+    armed = [True]  # a timer firing after the call returned (before it is cleared) must not raise out of here
 
     def on_alarm(signum, frame):
-        raise _CallTimeout
+        if armed[0]:
+            raise _CallTimeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
@@ -128,12 +129,14 @@ def call_user_fn(task: tuple[str, list[str], dict[str, list]], timeout_s: float)
         if spec not in _FNS:
             _FNS[spec] = load_reward_fn(spec)
         values = _FNS[spec](list(completions), **kwargs)
+        armed[0] = False
     except _CallTimeout:
         return "timeout", None
     except Exception as exc:  # noqa: BLE001 - the user's function failed: reported, named, to the trainer
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         return "error", f"raised {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
     finally:
+        armed[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     return _checked(values, len(completions))
@@ -206,15 +209,15 @@ class ConfiguredReward:
             if hung:
                 raise RewardFunctionError(
                     f"reward function {fn} (algo.reward) ran past algo.reward_timeout_s={timeout_s}s on a single "
-                    f"completion ({len(hung)} of this wave), so its worker was stopped and the step failed; this is the "
-                    "function's fault: make it faster (or bound its own work), or raise algo.reward_timeout_s"
+                    f"completion ({len(hung)} of {len(wave)} tried one by one), so the step stops rather than score it; "
+                    "this is the function's fault: make it faster (or bound its own work), or raise algo.reward_timeout_s"
                 )
         assert all(v is not None for v in out), "internal error: a completion left unscored"
         return out
 
     def _collect(self, fn, completions, kwargs, spans, deadline_s, out) -> list[int]:
-        """Run fn on each span [a, b) within deadline_s, writing its values into out; returns the start of every
-        span that was late. A pool that did not start, or a function error, raises."""
+        """Run fn on each span [a, b) within deadline_s, writing its values into out; returns the index of every
+        completion in a span that was late. A pool that did not start, or a function error, raises."""
         tasks = [(fn, completions[a:b], {k: v[a:b] for k, v in kwargs.items()}) for a, b in spans]
         results = self.math.run(tasks, deadline_s, work=call_user_fn)
         if self.math.start_failed:
