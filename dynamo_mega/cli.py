@@ -150,7 +150,7 @@ def _train(args) -> int:
         with console.third_party_to_log(not cfg.run.verbose) as routed:
             if routed is not None and driver:
                 log = Path(cfg.run.output_dir) / console.LOG_DIR / console.log_name(0)
-                print(f"dynamo-mega: vLLM, megatron and other library output goes to {log} (run.verbose=true: here)")
+                print(f"dynamo-mega: library output (vLLM, megatron, warnings) goes to {log}; run.verbose=true shows it here")
             from dynamo_mega.train import train
 
             try:
@@ -174,10 +174,10 @@ def summary_line(summary: dict, run_dir: str) -> str:
     """The run's outcome in one line for the person at the terminal (the full record: RUN_DIR/summary.json)."""
     accuracy = f"{summary['accuracy_before_rl']:.3f} -> {summary['accuracy_after_rl']:.3f}"
     minutes, seconds = divmod(round(summary["wall_s"]), 60)
-    stopped = f", stopped by {summary['stopped_by']}" if "stopped_by" in summary else ""
+    stopped = f" (stopped by {summary['stopped_by']})" if "stopped_by" in summary else ""
     return (
-        f"dynamo-mega: done: held-out accuracy {accuracy} after {summary['rl_steps']} RL steps in {minutes}m{seconds:02d}s"
-        f"{stopped}; results in {run_dir} (summary.json, metrics.jsonl, plot.png)"
+        f"dynamo-mega: done in {minutes}m{seconds:02d}s: held-out accuracy {accuracy} after {summary['rl_steps']} RL steps"
+        f"{stopped}; plot: {Path(run_dir) / 'plot.png'}"
     )
 
 

@@ -107,17 +107,16 @@ class ProgressLine:
     Drawn by the driver only (MetricsLogger)."""
 
     def __init__(self, rl_steps: int, warmup_steps: int = 0):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._rl_steps, self._in_rl = rl_steps, warmup_steps == 0
         self._held_out: float | None = None  # the latest held-out accuracy, whichever phase measured it
         self._warmup_loss: float | None = None
         self._rl_record: dict | None = None  # the latest RL step's metrics
-        self._progress = Progress(
+        self._progress = Progress(  # fits 120 columns: the run's wall time is in the final line instead
             TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=16),
+            BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}", markup=False),
@@ -156,7 +155,7 @@ class ProgressLine:
         self._progress.stop()
 
 
-_TIME_SPLIT = (("generate", "time_rollout"), ("reward", "time_reward"), ("train", "time_train"), ("refit", "time_sync"))
+_TIME_SPLIT = (("gen", "time_rollout"), ("reward", "time_reward"), ("train", "time_train"), ("refit", "time_sync"))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -157,7 +157,7 @@ def test_progress_line_reads_warmup_then_rl():
         )
         task = line._progress.tasks[0]
         assert (task.description, task.total, task.completed) == ("RL", 175, 3)
-        assert line.info() == "reward 0.250  held-out 0.144  3.8 s/step: generate 1.0, reward 0.2, train 2.0, refit 0.5"
+        assert line.info() == "reward 0.250  held-out 0.144  3.8 s/step: gen 1.0, reward 0.2, train 2.0, refit 0.5"
     finally:
         line.close()
     assert milestone("eval", 0, {"accuracy": 0.144}) == "dynamo-mega: held-out accuracy 0.144 before RL"
@@ -170,6 +170,5 @@ def test_summary_line():
 
     summary = {"accuracy_before_rl": 0.144, "accuracy_after_rl": 0.48, "rl_steps": 175, "wall_s": 252.4}
     assert summary_line(summary, "runs/tiny_cpu") == (
-        "dynamo-mega: done: held-out accuracy 0.144 -> 0.480 after 175 RL steps in 4m12s; "
-        "results in runs/tiny_cpu (summary.json, metrics.jsonl, plot.png)"
+        "dynamo-mega: done in 4m12s: held-out accuracy 0.144 -> 0.480 after 175 RL steps; plot: runs/tiny_cpu/plot.png"
     )
