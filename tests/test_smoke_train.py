@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dynamo_mega.rl.reward import score_pairs
+from dynamo_mega.rl.reward_plugins import load_reward_fn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,14 +126,17 @@ def test_metrics_per_step(run_dir):
 
 def test_dapo_run_from_the_saved_warm_start(run_dir, tmp_path):
     """The smoke run's warmed-up policy, saved as an HF folder, starts a DAPO dynamic-sampling run: same weights
-    (same greedy held-out accuracy before RL), and every generated rollout counted, dropped groups included."""
+    (same greedy held-out accuracy before RL), and every generated rollout counted, dropped groups included. The
+    run adds a user reward term (examples/format_reward.py, docs/rewards.md): every sample's reward is math-verify's
+    verdict + 0.1 x the format reward."""
     warm = run_dir.parent / "warm_hf"
     assert (warm / "model.safetensors").is_file() and not (warm.parent / "warm_hf.partial").exists()
     out = tmp_path / "dapo"
     cmd = [sys.executable, "-m", "dynamo_mega.cli", "train", "configs/tiny_cpu.yaml", f"run.output_dir={out}",
            "run.steps=2", "run.eval_every=0", "run.eval_prompts=64", "run.progress=false", "rollout.prompts_per_step=16",
            "rollout.samples_per_prompt=4", "data.levels=[2x9,3x9]", "data.num_train=200",
-           "data.num_eval=64", f"model.hf_checkpoint={warm}", "warmup.enabled=false", "allocation.mode=dapo"]
+           "data.num_eval=64", f"model.hf_checkpoint={warm}", "warmup.enabled=false", "allocation.mode=dapo",
+           "run.log_samples=1000", "algo.reward=[{fn: math_verify}, {fn: examples/format_reward.py:format_reward, weight: 0.1}]"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     mine = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -143,6 +147,11 @@ def test_dapo_run_from_the_saved_warm_start(run_dir, tmp_path):
         kept = r["dapo_groups_kept"]
         assert r["samples"] == 4 * max(kept, 4) and r["rollouts_generated"] == 4 * r["dapo_prompts_drawn"]
         assert r["rollouts_generated"] >= r["samples"] and 1 <= r["generation_rounds"] <= 3
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    fmt = load_reward_fn("examples/format_reward.py:format_reward")([s["response"] for s in samples])
+    verdicts = score_pairs([(s["response"], s["answer"]) for s in samples])
+    assert 0.0 < sum(fmt) and len(samples) == sum(r["samples"] for r in mine if r["phase"] == "train")
+    assert [s["reward"] for s in samples] == pytest.approx([float(v) + 0.1 * f for v, f in zip(verdicts, fmt)])
 
 
 def test_rewards_use_each_prompts_own_answer(run_dir):
