@@ -33,11 +33,13 @@ class MetricsLogger:
         tensorboard: bool = True,
         progress_total: int | None = None,
         warmup_total: int = 0,
+        warmup_target: float = 1.0,
         progress: bool = True,
         resume_step: int | None = None,
         wandb=None,
     ):
-        """`progress_total` / `warmup_total`: RL / supervised warm-up steps of the progress bar (`progress`);
+        """`progress_total` / `warmup_total`: RL / most supervised warm-up steps of the progress bar (`progress`),
+        `warmup_target`: the held-out accuracy that ends the warm-up early;
         `wandb`: an optional sink with log(step, phase, record) and close() (dynamo_mega/wandb_sink.py)."""
         self._wandb = wandb
         self.path = run_dir / "metrics.jsonl"
@@ -56,7 +58,7 @@ class MetricsLogger:
                 "pre_rl": SummaryWriter(str(run_dir / "tensorboard" / "warmup")),
                 "rl": SummaryWriter(str(run_dir / "tensorboard" / "rl"), purge_step=purge),
             }
-        self._progress = ProgressLine(progress_total, warmup_total) if progress and progress_total else None
+        self._progress = ProgressLine(progress_total, warmup_total, warmup_target) if progress and progress_total else None
 
     def log(self, step: int, record: dict, *, phase: str = "train") -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in record.items()}
@@ -106,10 +108,13 @@ class ProgressLine:
     latest train reward, held-out accuracy and the last step's time split (generate, reward, train, refit).
     Drawn by the driver only (MetricsLogger)."""
 
-    def __init__(self, rl_steps: int, warmup_steps: int = 0):
+    def __init__(self, rl_steps: int, warmup_steps: int = 0, warmup_target: float = 1.0):
+        """warmup_steps: the warm-up's most steps (0: no warm-up); it stops early at held-out `warmup_target`, so
+        its bar has no total (an ETA to the most steps would mislead)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._rl_steps, self._in_rl = rl_steps, warmup_steps == 0
+        self._warmup_steps, self._warmup_target = warmup_steps, warmup_target
         self._held_out: float | None = None  # the latest held-out accuracy, whichever phase measured it
         self._warmup_loss: float | None = None
         self._rl_record: dict | None = None  # the latest RL step's metrics
@@ -122,9 +127,7 @@ class ProgressLine:
             TextColumn("{task.fields[info]}", markup=False),
         )
         self._progress.start()
-        self._task = self._progress.add_task(
-            "RL" if self._in_rl else "warm-up", total=rl_steps if self._in_rl else warmup_steps, info=""
-        )
+        self._task = self._progress.add_task("RL" if self._in_rl else "warm-up", total=rl_steps if self._in_rl else None, info="")
 
     def update(self, phase: str, step: int, record: dict) -> None:
         if phase in ("init_eval", "warmup_eval", "eval") and "accuracy" in record:
@@ -143,7 +146,8 @@ class ProgressLine:
         """The text after the bar."""
         held_out = "held-out -" if self._held_out is None else f"held-out {self._held_out:.3f}"
         if not self._in_rl:
-            return held_out if self._warmup_loss is None else f"loss {self._warmup_loss:.3f}  {held_out}"
+            until = f"stops at {self._warmup_target:.3f} or step {self._warmup_steps}"
+            return f"{held_out}, {until}" if self._warmup_loss is None else f"loss {self._warmup_loss:.3f}  {held_out}, {until}"
         if self._rl_record is None:
             return held_out
         r = self._rl_record

@@ -114,6 +114,7 @@ def setup(cfg: Config) -> Trainer:
                 tensorboard=cfg.run.tensorboard,
                 progress_total=cfg.run.steps,
                 warmup_total=cfg.warmup.max_steps if cfg.warmup.enabled else 0,
+                warmup_target=cfg.warmup.stop_accuracy,
                 progress=cfg.run.progress,
                 resume_step=resume_step,
                 wandb=_wandb_sink(cfg, run_dir),
