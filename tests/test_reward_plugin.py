@@ -18,7 +18,7 @@ import time
 import pytest
 
 from dynamo_mega.config import ConfigError, load_config
-from dynamo_mega.data import Prompt, records_to_prompts
+from dynamo_mega.data import Prompt, records_to_prompts, render_chat
 from dynamo_mega.rl.reward import MathVerifyReward
 from dynamo_mega.rl.reward_plugins import MATH_VERIFY, ConfiguredReward, RewardFunctionError
 
@@ -73,7 +73,7 @@ def plugins(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def scorer():
-    """One pool for the module (each start costs seconds); chunks of 2 so kwargs are sliced across chunks (and a function sees 2 at a time)."""
+    """One pool for the module (each start costs seconds); chunks of 2, so kwargs are sliced across chunks."""
     r = MathVerifyReward(workers=2, timeout_s=TIMEOUT_S, chunk_size=2, startup_s=60.0)
     yield r
     r.close()
@@ -133,9 +133,15 @@ def test_math_verify_plus_a_weighted_format_reward(scorer):
     assert benchmark.rewards == only_math.rewards and benchmark.correct == correct
 
 
+class _ChatTemplate:
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "<user>" + messages[-1]["content"]
+
+
 def test_kwargs_carry_the_dataset_columns_aligned_with_completions(scorer, plugins):
     rows = [{"id": f"p{i}", "question": f"{i}+1", "answer": str(i + 1), "bonus": 0.5 * i, "prompts": "dropped"} for i in range(3)]
     prompts = records_to_prompts(rows, prompt_key="question", answer_key="answer", id_key="id", source="test")
+    assert render_chat(prompts, _ChatTemplate(), "")[2].columns == rows[2]  # the row survives the chat template
     rendered = [Prompt(p.id, ("Q: " if i != 1 else "") + p.prompt, p.answer, columns=p.columns) for i, p in enumerate(prompts)]
     kwargs_P = [p.reward_kwargs() for p in rendered]
     assert kwargs_P[0] == {"id": "p0", "question": "0+1", "answer": "1", "bonus": 0.0, "prompts": "Q: 0+1"}
