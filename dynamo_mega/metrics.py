@@ -8,6 +8,9 @@ import math
 import time
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
 # Phases logged before RL starts; their step counters are their own, so a resume never rewinds them.
 PRE_RL_PHASES = ("warmup", "warmup_eval", "init_eval")
 
@@ -111,8 +114,6 @@ class ProgressLine:
     def __init__(self, rl_steps: int, warmup_steps: int = 0, warmup_target: float = 1.0):
         """warmup_steps: the warm-up's most steps (0: no warm-up); it stops early at held-out `warmup_target`, so
         its bar has no total (an ETA to the most steps would mislead)."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self._rl_steps, self._in_rl = rl_steps, warmup_steps == 0
         self._warmup_steps, self._warmup_target = warmup_steps, warmup_target
         self._held_out: float | None = None  # the latest held-out accuracy, whichever phase measured it
@@ -122,8 +123,7 @@ class ProgressLine:
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=12),
             MofNCompleteColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            _EtaColumn(),
             TextColumn("{task.fields[info]}", markup=False),
         )
         self._progress.start()
@@ -157,6 +157,13 @@ class ProgressLine:
 
     def close(self) -> None:
         self._progress.stop()
+
+
+class _EtaColumn(TimeRemainingColumn):
+    """ "eta 0:03:10", or nothing while the total is unknown (the warm-up, which may stop early)."""
+
+    def render(self, task) -> Text:
+        return Text("") if task.total is None else Text.assemble("eta ", super().render(task))
 
 
 _TIME_SPLIT = (("gen", "time_rollout"), ("reward", "time_reward"), ("train", "time_train"), ("refit", "time_sync"))

@@ -150,6 +150,8 @@ def test_progress_line_reads_warmup_then_rl():
         line.update("warmup", 5, {"sft_loss": 1.9, "grad_norm": 2.0})
         task = line._progress.tasks[0]
         assert (task.description, task.total, task.completed) == ("warm-up", None, 5)  # it may stop early: no ETA
+        eta = next(c for c in line._progress.columns if type(c).__name__ == "_EtaColumn")
+        assert eta.render(task).plain == ""
         assert line.info() == "loss 1.900  held-out 0.010, stops at 0.130 or step 600"
         line.update("eval", 0, {"accuracy": 0.144})  # before RL: the bar now counts RL steps
         line.update(
@@ -157,6 +159,7 @@ def test_progress_line_reads_warmup_then_rl():
         )
         task = line._progress.tasks[0]
         assert (task.description, task.total, task.completed) == ("RL", 175, 3)
+        assert eta.render(task).plain.startswith("eta ")
         assert line.info() == "reward 0.250  held-out 0.144  3.8 s/step: gen 1.0, reward 0.2, train 2.0, refit 0.5"
     finally:
         line.close()
