@@ -191,6 +191,7 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--work", type=Path, default=Path("/tmp/convert_bench"))
     p.add_argument("--repeat", type=int, default=3, help="runs of each step, interleaved; the table has the medians")
+    p.add_argument("--note", default="", help="a line for the markdown, e.g. what else ran on the host meanwhile")
     p.add_argument("--child", nargs=3, metavar=("TASK", "SRC", "DST"))
     args = p.parse_args()
     if args.child:
@@ -229,6 +230,7 @@ def main() -> None:
         "config": str(args.config),
         "cpus": os.cpu_count(),
         "commit": _commit(),
+        "note": args.note,
         "loadavg_1_5_15_before": load_before,
         "loadavg_1_5_15_after": load_after,
         "rows": rows,
@@ -240,6 +242,7 @@ def main() -> None:
         f"Checkpoint: {src_bytes / 1e9:.2f} GB bf16 ({args.config.parent.name} architecture, random weights)",
         f"Host: {os.cpu_count()} CPUs, load average (1/5/15 min) {_loads(load_before)} before, {_loads(load_after)} after",
         f"Commit: {_commit()}; every conversion output file and folder fsynced before the rename, sha256 with hashlib",
+        *([args.note] if args.note else []),
         "",
         f"Medians of {args.repeat} interleaved runs per step; every run's seconds in the last column.",
         "",
