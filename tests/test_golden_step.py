@@ -1,20 +1,32 @@
-"""Golden values of the policy step at a fixed seed (house rule 8): a change that moves the numerics of the
-step (log-probs, DynaMO modulation, the clipped loss and its normalisation, clipping, the update) fails here,
-where the parallel tests, which compare layouts with each other, would not notice.
+"""Golden values at a fixed seed (house rule 8): a change that moves the numerics of the policy step (log-probs,
+DynaMO modulation, the clipped loss and its normalisation, clipping, the update) or of the RL loop around it
+(allocation, rewards, advantages, weight refits) fails here, where the parallel tests, which compare layouts with
+each other, would not notice.
 
-Three optimizer steps as train.rl_step runs them, modulation on (`global` scope, the default): one mini-batch of
-the whole batch in three micro-batches, then two PPO mini-batches whose behaviour log-probs are both taken before
-the first of them (the second step's ratio r_t != 1). Pinned: each step's loss, grad norm, entropy, approx KL and
-mean modulation factors, and a checksum of the weights' change (SGD with lr 1: the change is the clipped
-gradient itself; Adam's first step, lr * sign(g), would hide the gradient's values). PP=1 and PP=2 (2 gloo
+Policy step: three optimizer steps as train.rl_step runs them, modulation on (`global` scope, the default): one
+mini-batch of the whole batch in three micro-batches, then two PPO mini-batches whose behaviour log-probs are both
+taken before the first of them (the second step's ratio r_t != 1). Pinned: each step's loss, grad norm, entropy,
+approx KL and mean modulation factors, and a checksum of the weights' change (SGD with lr 1: the change is the
+clipped gradient itself; Adam's first step, lr * sign(g), would hide the gradient's values). PP=1 and PP=2 (2 gloo
 processes, 2 layers per stage) must give the same golden values.
 
-Values recorded at commit d710caa. Tolerance rel 1e-5: fp32 reduction order differs between x86 CPUs (and
-between the pipeline layouts) at about 1e-6; a change of the numerics moves them far more. When they move on
-purpose, re-record them here AND re-measure the README/docs numbers that depend on the step.
+RL loop: configs/tiny_cpu.yaml shortened (a 40-step warm-up, 3 RL steps) through train.train, rollouts sampled
+from the policy by a test-double engine (tests/_policy_sampler.py; vLLM's sampling is not reproducible across
+CPUs). Pinned: each step's loss, grad norm and mean reward, and the held-out accuracy before and after RL.
+
+Policy-step values recorded at commit d710caa (unchanged by bb3d5c0, which put PP=1 through Megatron's schedule),
+RL-loop values at bb3d5c0. Tolerance rel 1e-5: fp32 reduction order differs between x86 CPUs (and between the
+pipeline layouts) at about 1e-6; a change of the numerics moves them far more. The RL loop samples tokens, so a
+different draw (a probability moved across a uniform draw by round-off: rare) changes its whole trajectory and
+fails loudly rather than slightly. When the values move on purpose, re-record them here AND re-measure the
+README/docs numbers that depend on them (docs/results.md: the quick start).
 """
 
 from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +151,80 @@ def test_policy_steps_match_golden_values_two_pipeline_stages():
     for out in stages:
         _check(out)
     assert stages[0]["stats"] == stages[1]["stats"]  # every stage reports the last stage's stats
+
+
+# ---- a few RL steps of the loop (train.train), rollouts from the policy itself ----------------------------------
+
+RL_OVERRIDES = [
+    "run.steps=3",
+    "run.eval_every=0",
+    "run.eval_prompts=32",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.log_samples=0",
+    "rollout.prompts_per_step=8",
+    "rollout.samples_per_prompt=4",
+    "allocation.n_low=2",
+    "allocation.n_high=8",
+    "optim.mini_batches=2",
+    "warmup.max_steps=40",
+    "warmup.batch_size=64",
+    "warmup.eval_every=1000",  # no evaluation inside the warm-up: it runs its 40 steps
+    "warmup.stop_accuracy=1.0",
+    "data.num_operands=2",
+    "data.operators=+",
+    "data.num_train=68",
+    "data.num_eval=32",
+    "algo.reward_workers=1",
+]
+RL_STEP_KEYS = ("loss", "grad_norm", "reward_mean", "samples")
+
+
+def _rl_run(run_dir: str) -> None:
+    """configs/tiny_cpu.yaml, shortened, through train.train in this (spawned) process, with every rollout replica's
+    vLLM engine replaced by tests/_policy_sampler.py; the loop and everything else as in a real run (allocation,
+    math-verify in its process pool, advantages, policy steps, weight refits, checkpoint). Writes the run folder."""
+    from _policy_sampler import PolicySampler
+
+    from dynamo_mega import train
+    from dynamo_mega.config import load_config
+    from dynamo_mega.rl.engines import vllm_engine
+
+    vllm_engine.VLLMEngine = PolicySampler  # what rollout_service.start_vllm_replicas builds
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    train.train(load_config(config, [*RL_OVERRIDES, f"run.output_dir={run_dir}"]))
+
+
+def _rl_golden(run_dir: Path) -> dict:
+    """The run in a process of its own (train.train takes the default process group down on its way out), then
+    its per-step metrics and held-out accuracies from the run folder."""
+    proc = multiprocessing.get_context("spawn").Process(target=_rl_run, args=(str(run_dir),))
+    proc.start()
+    proc.join(timeout=600)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0, f"the run failed (exit code {proc.exitcode}): see its output above and {run_dir}"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [{k: r[k] for k in RL_STEP_KEYS} for r in records if r["phase"] == "train"]
+    return {"steps": steps, "accuracy": {k: v for k, v in summary.items() if k.startswith("accuracy")}}
+
+
+# Recorded at commit bb3d5c0 (see the module docstring).
+GOLDEN_RL_STEPS = [
+    {"loss": -0.026333552785217762, "grad_norm": 4.979973437061439, "reward_mean": 0.6875, "samples": 32.0},
+    {"loss": -0.04509371053427458, "grad_norm": 2.567204494959025, "reward_mean": 0.375, "samples": 32.0},
+    {"loss": -0.03982947487384081, "grad_norm": 5.8592203396780285, "reward_mean": 0.75, "samples": 32.0},
+]
+GOLDEN_RL_ACCURACY = {"accuracy_init": 0.0, "accuracy_before_rl": 0.03125, "accuracy_after_rl": 0.1875}  # of 32
+
+
+def test_rl_steps_match_golden_values(tmp_path):
+    out = _rl_golden(tmp_path / "run")
+    assert out["accuracy"] == GOLDEN_RL_ACCURACY  # counts of right answers: exact
+    assert len(out["steps"]) == len(GOLDEN_RL_STEPS)
+    for step, (got, want) in enumerate(zip(out["steps"], GOLDEN_RL_STEPS, strict=True), start=1):
+        assert (got["samples"], got["reward_mean"]) == (want["samples"], want["reward_mean"]), f"step {step}"
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-8), f"step {step}"
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), f"step {step}"
