@@ -42,7 +42,7 @@ from dynamo_mega.weight_push import drain, feed_engine
 
 # (response texts, answers, user-function kwargs aligned with the texts or None) -> Scores (rewards, successes);
 # rl/reward_plugins.ConfiguredReward, may have close() and last_call_timeouts
-Reward = Callable[[list[str], list[str], dict[str, list] | None], "Scores"]
+Reward = Callable[[list[str], list[str], dict[str, list] | None], Scores]
 
 
 class ReplicaFailed(RuntimeError):
