@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -109,7 +110,8 @@ def milestone(phase: str, step: int, record: dict) -> str | None:
 class ProgressLine:
     """The run as one rich progress bar: supervised warm-up steps while the warm-up runs, then RL steps, with the
     latest train reward, held-out accuracy and the last step's time split (generate, reward, train, refit).
-    Drawn by the driver only (MetricsLogger)."""
+    Drawn by the driver only (MetricsLogger). Without a terminal (output piped to a file, a Slurm log) a redrawn
+    bar has no meaning: the same text is printed as one line per RL step and per warm-up evaluation instead."""
 
     def __init__(self, rl_steps: int, warmup_steps: int = 0, warmup_target: float = 1.0):
         """warmup_steps: the warm-up's most steps (0: no warm-up); it stops early at held-out `warmup_target`, so
@@ -119,12 +121,14 @@ class ProgressLine:
         self._held_out: float | None = None  # the latest held-out accuracy, whichever phase measured it
         self._warmup_loss: float | None = None
         self._rl_record: dict | None = None  # the latest RL step's metrics
+        self._plain = not Console().is_terminal
         self._progress = Progress(  # fits 120 columns: the run's wall time is in the final line instead
             TextColumn("[bold]{task.description}"),
             BarColumn(bar_width=12),
             MofNCompleteColumn(),
             _EtaColumn(),
             TextColumn("{task.fields[info]}", markup=False),
+            disable=self._plain,
         )
         self._progress.start()
         self._task = self._progress.add_task("RL" if self._in_rl else "warm-up", total=rl_steps if self._in_rl else None, info="")
@@ -141,6 +145,9 @@ class ProgressLine:
         elif phase == "train":
             self._rl_record = record
         self._progress.update(self._task, completed=completed, info=self.info())
+        if self._plain and phase in ("train", "warmup_eval"):
+            of = f"/{self._rl_steps}" if self._in_rl else ""
+            print(f"dynamo-mega: {'RL' if self._in_rl else 'warm-up'} step {step}{of}: {self.info()}", flush=True)
 
     def info(self) -> str:
         """The text after the bar."""

@@ -141,7 +141,7 @@ def test_a_user_error_is_one_line_and_leaves_no_buffer(tmp_path):
     assert not list(tmp_path.glob("dynamo-mega-*.log")) and not (tmp_path / "run").exists()
 
 
-def test_progress_line_reads_warmup_then_rl():
+def test_progress_line_reads_warmup_then_rl(capsys):
     from dynamo_mega.metrics import ProgressLine, milestone
 
     line = ProgressLine(rl_steps=175, warmup_steps=600, warmup_target=0.13)
@@ -163,6 +163,10 @@ def test_progress_line_reads_warmup_then_rl():
         assert line.info() == "reward 0.250  held-out 0.144  3.8 s/step: gen 1.0, reward 0.2, train 2.0, refit 0.5"
     finally:
         line.close()
+    # Without a terminal (pytest captures stdout) the bar's text comes as lines, one per RL step and warm-up eval.
+    assert capsys.readouterr().out.splitlines() == [
+        "dynamo-mega: RL step 3/175: reward 0.250  held-out 0.144  3.8 s/step: gen 1.0, reward 0.2, train 2.0, refit 0.5"
+    ]
     assert milestone("eval", 0, {"accuracy": 0.144}) == "dynamo-mega: held-out accuracy 0.144 before RL"
     assert milestone("eval", 10, {"accuracy": 0.2}) == "dynamo-mega: held-out accuracy 0.200 at RL step 10"
     assert milestone("warmup_eval", 5, {"accuracy": 0.2}) is None and milestone("train", 3, {"reward_mean": 1}) is None
