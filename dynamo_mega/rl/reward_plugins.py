@@ -37,8 +37,9 @@ from dynamo_mega.rl.reward import GRACE_S, MathVerifyReward
 MATH_VERIFY = "math_verify"  # the built-in term: 1.0 for a correct answer, algo.wrong_reward otherwise
 
 
-class RewardFunctionError(RuntimeError):
-    """A user reward function raised, hung or returned something other than one finite number per completion."""
+class RewardFunctionError(ValueError):
+    """A user reward function raised, hung or returned something other than one finite number per completion.
+    A ValueError: the user's code is at fault, so `dynamo-mega train` ends with its one line and exit code 2."""
 
 
 class Scores(NamedTuple):
