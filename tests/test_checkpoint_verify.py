@@ -20,6 +20,8 @@ from test_checkpoint import _build, _step
 from dynamo_mega import checkpoint as ckpt
 from dynamo_mega.config import ConfigError
 
+pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
+
 REPO = Path(__file__).resolve().parents[1]
 OLD, NEW = ckpt.checkpoint_name(1), ckpt.checkpoint_name(2)
 

@@ -14,6 +14,8 @@ import pytest
 from dynamo_mega import data
 from dynamo_mega.config import ConfigError, DataConfig
 
+pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "tokenizers" / "qwen2.5-math-1.5b"
 GOOD = {"id": "a", "problem": "What is 2+3?", "answer": "5"}

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 COMPARED = ("loss", "reward_mean", "grad_norm", "approx_kl", "policy_version", "n_std", "n_max")
