@@ -155,7 +155,7 @@ def policy_step(
         # No behaviour log-probs: one micro-batch on the behaviour weights, this training forward IS the pre-update
         # pass (same weights): reuse it instead of running the model twice; current == behaviour, r_t = 1.
         olp = old_logp[i] if old_logp is not None else logp.detach()
-        adv = _micro_batch_advantages(mb, logp, entropy, olp, advantages, i, modulate, mod_metrics)
+        adv = _micro_batch_advantages(i, mb, logp, entropy, olp, advantages, modulate, mod_metrics)
         loss, m = _micro_batch_loss(logp, mb, olp, entropy, adv, algo, num_tokens)
         losses.append(loss.item())
         metrics.append(m)
@@ -198,7 +198,7 @@ def _global_scope(modulation) -> bool:
     return modulation is not None and modulation.enabled and modulation.scope == "global"
 
 
-def _micro_batch_advantages(mb, logp_BS, entropy_BS, old_logp_BS, advantages, i, modulate, mod_metrics):
+def _micro_batch_advantages(i, mb, logp_BS, entropy_BS, old_logp_BS, advantages, modulate, mod_metrics):
     """Micro-batch i's token advantages: precomputed, or modulated from this very training forward (detached),
     with this micro-batch's statistics alone: the `microbatch` scope, or `global` with one micro-batch (then its
     statistics, all-reduced over DP inside `modulate`, are the step's)."""
