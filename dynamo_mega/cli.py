@@ -166,19 +166,22 @@ def _train(args) -> int:
             raise  # Ctrl-C and the like keep their exit status
         return 1
     if driver:
-        print(summary_line(summary, cfg.run.output_dir))
+        print(summary_line(summary, cfg.run))
     return 0
 
 
-def summary_line(summary: dict, run_dir: str) -> str:
-    """The run's outcome in one line for the person at the terminal (the full record: RUN_DIR/summary.json)."""
+def summary_line(summary: dict, run) -> str:
+    """The run's outcome in one line for the person at the terminal (the full record: RUN_DIR/summary.json).
+    `run`: the RunConfig, to say why a run ended before run.steps."""
     accuracy = f"{summary['accuracy_before_rl']:.3f} -> {summary['accuracy_after_rl']:.3f}"
     minutes, seconds = divmod(round(summary["wall_s"]), 60)
-    stopped = f" (stopped by {summary['stopped_by']})" if "stopped_by" in summary else ""
-    return (
-        f"dynamo-mega: done in {minutes}m{seconds:02d}s: held-out accuracy {accuracy} after {summary['rl_steps']} RL steps"
-        f"{stopped}; plot: {Path(run_dir) / 'plot.png'}"
-    )
+    steps = f"{summary['rl_steps']} RL steps"
+    if "stopped_by" in summary:
+        steps += f" (stopped by {summary['stopped_by']})"
+    elif summary["rl_steps"] < run.steps:  # the only other early stop
+        steps += f" of {run.steps} (run.max_minutes={run.max_minutes:g} reached)"
+    plot = Path(run.output_dir) / "plot.png"
+    return f"dynamo-mega: done in {minutes}m{seconds:02d}s: held-out accuracy {accuracy} after {steps}; plot: {plot}"
 
 
 if __name__ == "__main__":

@@ -174,8 +174,13 @@ def test_progress_line_reads_warmup_then_rl(capsys):
 
 def test_summary_line():
     from dynamo_mega.cli import summary_line
+    from dynamo_mega.config import RunConfig
 
+    run = RunConfig(output_dir="runs/tiny_cpu", steps=175, max_minutes=8)
     summary = {"accuracy_before_rl": 0.144, "accuracy_after_rl": 0.48, "rl_steps": 175, "wall_s": 252.4}
-    assert summary_line(summary, "runs/tiny_cpu") == (
+    assert summary_line(summary, run) == (
         "dynamo-mega: done in 4m12s: held-out accuracy 0.144 -> 0.480 after 175 RL steps; plot: runs/tiny_cpu/plot.png"
     )
+    assert "after 83 RL steps of 175 (run.max_minutes=8 reached);" in summary_line({**summary, "rl_steps": 83}, run)
+    stopped = summary_line({**summary, "rl_steps": 83, "stopped_by": "SIGTERM"}, run)
+    assert "after 83 RL steps (stopped by SIGTERM);" in stopped
