@@ -260,6 +260,25 @@ class ModulationConfig:
 
 
 @dataclass
+class MismatchConfig:
+    """Train-inference mismatch correction from the engine's recorded log-probs q_t against the trainer's behaviour
+    log-probs p_t (rl/mismatch.py, docs/mismatch.md). All off by default: the loss is then the plain clipped one."""
+
+    token_is: bool = False  # token TIS: each token's loss times min(exp(p_t - q_t), token_is_cap), detached
+    token_is_cap: float = 2.0  # C; 2 in verl, slime --use-tis and TRL's vLLM path
+    # Sequence masking (MIS): a dropped sample's tokens add 0 to the loss (they stay in the token-mean denominator).
+    mask_geometric: bool = False  # drop a sample whose exp(mean_t(p_t - q_t)) is outside [1/geometric_tau, geometric_tau]
+    geometric_tau: float = 2.0
+    mask_token: bool = False  # drop a sample holding a token whose ratio, either way (max(r_t, 1/r_t)), > token_ratio_max
+    token_ratio_max: float = 100.0  # verl's per-token veto uses 1e2 to 1e4
+
+    def check(self) -> None:
+        _require(self.token_is_cap >= 1, f"mismatch.token_is_cap={self.token_is_cap} must be >= 1 (2 is usual)")
+        _require(self.geometric_tau > 1, f"mismatch.geometric_tau={self.geometric_tau} must be > 1")
+        _require(self.token_ratio_max > 1, f"mismatch.token_ratio_max={self.token_ratio_max} must be > 1")
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     lr_decay: LRDecay = LRDecay.constant  # after warm-up: constant | linear | cosine, to min_lr at the run's last step
@@ -417,6 +436,7 @@ class Config:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     modulation: ModulationConfig = field(default_factory=ModulationConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -470,7 +490,7 @@ def to_yaml(cfg: Config) -> str:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Every section's own checks (`check` beside each section), then the checks across sections. `world_size` is
     checked when known (at start-up)."""
-    for section in (cfg.model, cfg.data, cfg.allocation, cfg.modulation, cfg.optim, cfg.run, cfg.checkpoint):
+    for section in (cfg.model, cfg.data, cfg.allocation, cfg.modulation, cfg.mismatch, cfg.optim, cfg.run, cfg.checkpoint):
         section.check()
     cfg.rollout.check_for_training()
     cfg.algo.check_for_training()

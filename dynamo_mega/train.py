@@ -347,6 +347,7 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
             grad_clip=t.cfg.optim.grad_clip,
             modulation=t.cfg.modulation,
             old=old,
+            mismatch=t.cfg.mismatch,
         )
         for micro, old in zip(plans, olds, strict=True)
     ]

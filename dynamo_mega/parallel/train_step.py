@@ -6,7 +6,9 @@ valid-token count of the whole step on all DP ranks, and gradients are SUM-all-r
 micro-batch split and any DP size give the gradient of the same global token mean.
 
 Modulation factors come from the policy being updated, in every PPO mini-batch; the ratio of the loss is against
-the behaviour log-probs (`policy_step`'s `old`).
+the behaviour log-probs (`policy_step`'s `old`). The train-inference mismatch correction (rl/mismatch.py) weighs
+each token's loss term by the behaviour log-probs against the engine's (MicroBatch.rollout_logp), after the
+modulation: the modulation never sees the engine's log-probs, and the weights never see the current ones.
 
 Every pass over the micro-batches, at every PP size, is Megatron's schedule (parallel/pipeline.py: no pipelining at
 PP=1, 1F1B above): the loss, modulation and metrics exist on the last stage (at PP=1, the only one) and every rank
@@ -26,6 +28,7 @@ from dynamo_mega.parallel.groups import ParallelGroups
 from dynamo_mega.parallel.logprobs import vocab_parallel_logprobs_entropy
 from dynamo_mega.parallel.policy import clip_grad_norm_, forward_logits
 from dynamo_mega.rl.loss import global_token_count, policy_loss, reduce_loss_metrics
+from dynamo_mega.rl.mismatch import mismatch_correction
 from dynamo_mega.rl.modulation import modulate_micro_batches
 
 
@@ -130,8 +133,10 @@ def policy_step(
     grad_clip: float,
     modulation=None,
     old: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    mismatch=None,
 ) -> dict[str, float]:
-    """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `old`: the behaviour
+    """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `mismatch`: a
+    MismatchConfig or None (no correction; the mismatch metrics are logged either way). `old`: the behaviour
     (pre-update) (log-probs, entropies) per micro-batch, taken before the rollout batch's first optimizer step;
     required when an earlier step has already changed the weights. None: these weights ARE the behaviour policy.
 
@@ -156,7 +161,7 @@ def policy_step(
         # pass (same weights): reuse it instead of running the model twice; current == behaviour, r_t = 1.
         olp = old_logp[i] if old_logp is not None else logp.detach()
         adv = _micro_batch_advantages(i, mb, logp, entropy, olp, advantages, modulate, mod_metrics)
-        loss, m = _micro_batch_loss(logp, mb, olp, entropy, adv, algo, num_tokens)
+        loss, m = _micro_batch_loss(logp, mb, olp, entropy, adv, algo, num_tokens, mismatch)
         losses.append(loss.item())
         metrics.append(m)
         return loss
@@ -239,8 +244,13 @@ def _modulator(dp_group, algo, modulation):
     return modulate
 
 
-def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: float):
-    """Clipped loss of one micro-batch (its share of the global token mean) and its metric sums."""
+def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: float, mismatch=None):
+    """Clipped loss of one micro-batch (its share of the global token mean) and its metric sums. The mismatch
+    correction's weights come from the behaviour log-probs `olp` (p_t) against the engine's (q_t); they multiply the
+    token losses of the (already modulated) advantages `adv`."""
+    weight, corr_metrics = mismatch_correction(
+        olp, mb.rollout_logp, mb.mask, segments_BS=mb.segments, **_correction_args(mismatch)
+    )
     loss, m = policy_loss(
         logp,
         olp,
@@ -251,9 +261,26 @@ def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: flo
         dual_clip_c=algo.dual_clip_c,
         num_global_tokens=max(num_tokens, 1.0),
         entropy=ent,
+        token_weight=weight if _correction_on(mismatch) else None,
     )
+    m.update(corr_metrics)
     m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
     return loss, m
+
+
+def _correction_args(mismatch) -> dict:
+    """rl/mismatch.mismatch_correction's thresholds from a MismatchConfig (None: each correction off)."""
+    if mismatch is None:
+        return {}
+    return {
+        "token_is_cap": mismatch.token_is_cap if mismatch.token_is else None,
+        "geometric_tau": mismatch.geometric_tau if mismatch.mask_geometric else None,
+        "token_ratio_max": mismatch.token_ratio_max if mismatch.mask_token else None,
+    }
+
+
+def _correction_on(mismatch) -> bool:
+    return mismatch is not None and (mismatch.token_is or mismatch.mask_geometric or mismatch.mask_token)
 
 
 def _policy_stats(metrics, loss_total: float, grad_norm: float, stepped: bool, mod_metrics: dict, dp_group) -> dict[str, float]:

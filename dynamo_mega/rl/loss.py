@@ -63,6 +63,7 @@ def policy_loss(
     dual_clip_c: float,
     num_global_tokens: float,
     entropy: Tensor | None = None,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, asymmetric clip + dual clip, summed and divided by num_global_tokens.
 
@@ -75,6 +76,11 @@ def policy_loss(
         dual_clip_c: cap for negative advantages, loss <= -A * c; must be > 1.
         num_global_tokens: `global_token_count` of the whole step (all micro-batches, all DP ranks).
         entropy: optional per-token entropy [...] for the entropy metric only.
+        token_weight: optional detached weight >= 0 per token [...] multiplying its loss term: the
+            train-inference mismatch correction (rl/mismatch.py); None = 1. It scales the numerator only:
+            num_global_tokens stays the count of valid tokens. For weights >= 0 this equals scaling the
+            advantages by the same weights (every branch of the clipped loss is linear in A), so it
+            commutes with DynaMO's modulation of the advantages.
 
     Returns:
         loss: 0-dim, sum of masked token losses / num_global_tokens.
@@ -94,6 +100,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     adv = torch.where(valid, advantages.detach().float(), 0.0)
     token_loss, is_low, is_high, is_dual = _clipped_token_loss(ratio, adv, eps_low, eps_high, dual_clip_c)
+    if token_weight is not None:
+        token_loss = token_loss * token_weight.detach().float()
     loss = (token_loss * mask_f).sum() / num_global_tokens
     with torch.no_grad():
         # k3 = r - 1 - log r >= 0, unbiased for KL(old || current) under samples from old.
@@ -113,7 +121,9 @@ def policy_loss(
 def reduce_loss_metrics(metrics: Sequence[dict[str, Tensor]], dp_group=None) -> dict[str, float]:
     """Token means of `policy_loss` metrics over micro-batches and the DP group (one all-reduce).
 
-    Returns {"clipfrac_low": ..., ..., "num_tokens": global count}; a "<name>_sum" becomes "<name>".
+    Returns {"clipfrac_low": ..., ..., "num_tokens": global count}; a "<name>_sum" becomes "<name>", divided by
+    the global "num_tokens"; a "<name>_seqsum" (per-sample metrics, e.g. rl/mismatch.py's) becomes "<name>",
+    divided by the global "num_seqs".
     """
     if not metrics:
         return {}
@@ -123,9 +133,10 @@ def reduce_loss_metrics(metrics: Sequence[dict[str, Tensor]], dp_group=None) -> 
     if dp_group is not None and dist.get_world_size(group=dp_group) > 1:
         dist.all_reduce(sums_K, op=dist.ReduceOp.SUM, group=dp_group)
     totals = dict(zip(keys, sums_K.tolist(), strict=True))
-    count = totals["num_tokens"]
-    out = {"num_tokens": count}
-    for key in keys:
-        if key.endswith("_sum"):
-            out[key[: -len("_sum")]] = totals[key] / count if count > 0 else 0.0
+    out = {"num_tokens": totals["num_tokens"]}
+    for suffix, count_key in (("_sum", "num_tokens"), ("_seqsum", "num_seqs")):
+        count = totals.get(count_key, 0.0)
+        for key in keys:
+            if key.endswith(suffix):
+                out[key[: -len(suffix)]] = totals[key] / count if count > 0 else 0.0
     return out
