@@ -160,8 +160,9 @@ def _train(args) -> int:
     except BaseException as exc:  # a crash: the traceback, then where the libraries' side of the story is
         if isinstance(exc, Exception):
             traceback.print_exc()
-        if routed is not None:
-            print(f"dynamo-mega: failed; the libraries' output of this run is in {routed.path}", file=sys.stderr)
+        if routed is not None:  # "failed" only for a crash: SIGTERM during start-up and Ctrl-C are not failures
+            why = "failed; " if isinstance(exc, Exception) else ""
+            print(f"dynamo-mega: {why}the libraries' output of this run is in {routed.path}", file=sys.stderr)
         if not isinstance(exc, Exception):
             raise  # Ctrl-C and the like keep their exit status
         return 1
