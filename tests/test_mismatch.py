@@ -2,7 +2,8 @@
 largest token ratio, either way) and their metrics against hand-computed values; packed rows equal padded rows;
 the loss weighs only the numerator (a masked sample's tokens stay in the token-mean denominator); the weights
 commute with DynaMO's modulation; the config section; and the policy step with every correction on at 2 DP ranks x
-2 micro-batches equals 1 process with 1 micro-batch (house rule 7), with the modulation unchanged by the correction."""
+2 micro-batches equals 1 process with 1 micro-batch (house rule 7), and so do 2 pipeline stages, with the modulation
+unchanged by the correction; one RL step of the loop logs the correction's metrics."""
 
 from __future__ import annotations
 
@@ -161,22 +162,22 @@ ON = MismatchConfig(
 )
 
 
-def _corrected_step(rank: int, world: int, micro_batch_size: int, mismatch) -> dict:
+def _corrected_step(rank: int, world: int, micro_batch_size: int, mismatch, pp: int = 1) -> dict:
     """One policy step, modulation on (global scope), with the engine's log-probs = the behaviour ones minus seeded
-    noise (the same in every process), this rank's stride of the batch in micro-batches of micro_batch_size."""
+    noise (the same in every process), this DP rank's stride of the batch in micro-batches of micro_batch_size, on
+    pp pipeline stages."""
     import torch.distributed as dist
 
     from dynamo_mega.parallel.groups import init_parallel
     from dynamo_mega.parallel.policy import build_policy, export_hf_state
-    from dynamo_mega.parallel.train_step import policy_step, split_micro_batches, token_logprobs
+    from dynamo_mega.parallel.train_step import old_logprobs, policy_step, split_micro_batches
 
-    groups = init_parallel(1, seed=0)
+    groups = init_parallel(1, pp, seed=0)
     model, arch = build_policy(CFG, groups, seed=7)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     ids, targets, mask, adv, _ = policy_batch(N, S)
     whole = split_micro_batches(ids, targets, mask, adv, torch.zeros(N, S), N)[0]
-    with torch.no_grad():
-        p = token_logprobs(model, whole, groups, 1.0)[0]
+    p = old_logprobs(model, [whole], groups, 1.0)[0][0]  # every stage gets the last stage's
     noise = 0.5 * torch.randn(N, S, generator=torch.Generator().manual_seed(11))
     rollout_logp = torch.zeros(N, S)
     rollout_logp[:, : p.shape[1]] = p - noise[:, : p.shape[1]]
@@ -214,6 +215,13 @@ def test_corrected_step_two_ranks_two_micro_batches_equal_one_process():
     for out in run_gloo(_corrected_step, 2, 3, ON):  # DP=2, 6 samples per rank in micro-batches of 3
         assert out["loss_total"] == pytest.approx(ref["loss_total"], rel=1e-5, abs=1e-7)
         # (modulation_comp_mean is a per-rank statistic, not reduced over DP: not compared)
+        for key in ("grad_norm", "mismatch_kl", "tis_capped", "seq_masked", "num_tokens"):
+            assert out["stats"][key] == pytest.approx(s[key], rel=1e-5, abs=1e-7), key
+        for name, value in ref["after"].items():
+            torch.testing.assert_close(out["after"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # Two pipeline stages (1F1B over micro-batches of 5, 5, 2): the loss and its weights live on the last stage.
+    for out in run_gloo(_corrected_step, 2, 5, ON, 2):
+        assert out["loss_total"] == pytest.approx(ref["loss_total"], rel=1e-5, abs=1e-7)
         for key in ("grad_norm", "mismatch_kl", "tis_capped", "seq_masked", "num_tokens"):
             assert out["stats"][key] == pytest.approx(s[key], rel=1e-5, abs=1e-7), key
         for name, value in ref["after"].items():
