@@ -358,3 +358,45 @@ class EpochSampler:
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         # Checkpoints written before the carry existed crossed boundaries without it: resume as they would have.
         self.carry, self.carry_take = list(state.get("carry", [])), int(state.get("carry_take", 0))
+
+
+# What a training run reads before it writes anything (train.setup): the splits, checked, and the tokenizer.
+
+
+def load_data(cfg) -> tuple[list[Prompt], list[Prompt], object, dict[str, int]]:
+    """(train, held-out, tokenizer, dropped-row counts): the splits checked row by row (load_splits) and, rendered with
+    the tokenizer, against the engines' context. A bad row is a ConfigError naming file and row, or is dropped
+    and counted with data.drop_bad_rows."""
+    from dynamo_mega.models.qwen import arch_from_model_config
+
+    splits = load_splits(cfg.data)
+    tokenizer = load_tokenizer(cfg)
+    train_set, eval_set = splits
+    if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
+        train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
+    max_len = arch_from_model_config(cfg.model).max_position_embeddings  # the engines' context (start_vllm_replicas)
+    fit = dict(max_context=max_len, max_new_tokens=cfg.rollout.max_new_tokens, drop_bad_rows=cfg.data.drop_bad_rows)
+    train_kept = check_prompt_lengths("train", train_set, tokenizer, **fit)
+    eval_kept = check_prompt_lengths("eval", eval_set, tokenizer, **fit)
+    dropped = dict(splits.dropped)
+    if cfg.data.drop_bad_rows:
+        dropped["train/dropped_too_long"] = len(train_set) - len(train_kept)
+        dropped["eval/dropped_too_long"] = len(eval_set) - len(eval_kept)
+    return train_kept, eval_kept, tokenizer, dropped
+
+
+def load_tokenizer(cfg):
+    """The checkpoint's own tokenizer, or the synthetic task's (built locally; setup's driver saves it in HF format)."""
+    if cfg.model.hf_checkpoint is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
+        if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    return arithmetic.build_tokenizer()
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; raise model.vocab_size")

@@ -22,11 +22,12 @@ from dynamo_mega import console
 from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
-from dynamo_mega.data import EpochSampler, Prompt, check_prompt_lengths, load_splits, render_chat
+from dynamo_mega.data import EpochSampler, Prompt, check_vocab, load_data
 from dynamo_mega.guards import StopSignal, broadcast, sigterm_stops_start_up
+from dynamo_mega.hf_folder import write_hf_folder
 from dynamo_mega.lifeline import arm_spawned_children
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
-from dynamo_mega.models.qwen import arch_from_model_config, hf_config_dict
+from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.optim import build_optimizer
 from dynamo_mega.parallel import packing, train_step
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
@@ -38,6 +39,7 @@ from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, to_token_batch
 from dynamo_mega.rl.rollout_service import RolloutService, start_vllm_replicas
 from dynamo_mega.tasks import arithmetic
+from dynamo_mega.wandb_sink import WandbSink
 from dynamo_mega.weight_push import WeightStream
 
 
@@ -76,7 +78,7 @@ def setup(cfg: Config) -> Trainer:
             "lower it or add training data"
         )
     model, arch = build_policy(cfg.model, groups, seed=cfg.run.seed, random_init=cfg.model.hf_checkpoint is None)
-    _check_vocab(tokenizer, arch.vocab_size)
+    check_vocab(tokenizer, arch.vocab_size)
     if cfg.model.hf_checkpoint is not None:
         load_hf_into_model(model, Path(cfg.model.hf_checkpoint), arch, groups.tp_rank, groups.tp_size)
     optimizer, scheduler = build_optimizer(
@@ -96,8 +98,9 @@ def setup(cfg: Config) -> Trainer:
         if cfg.model.hf_checkpoint is None:  # the synthetic task's tokenizer, saved with the run as before
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     hf_state = export_hf_state(model, arch, groups)  # collective: the driver's export gathers TP shards
-    if groups.is_driver:
-        _write_hf_init(cfg, run_dir / "hf_init", hf_state, arch, tokenizer)
+    if groups.is_driver:  # what every engine starts (and restarts) from
+        config = hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id)
+        write_hf_folder(run_dir / "hf_init", hf_state, config)
     del hf_state
     broadcast(None, groups)  # every replica's engine starts from hf_init: wait until it is written
     console.move_to_run_dir(run_dir, groups.rank)  # the libraries' output, buffered so far, continues in RUN_DIR/logs
@@ -117,7 +120,7 @@ def setup(cfg: Config) -> Trainer:
                 warmup_target=cfg.warmup.stop_accuracy,
                 progress=cfg.run.progress,
                 resume_step=resume_step,
-                wandb=_wandb_sink(cfg, run_dir),
+                wandb=WandbSink.from_config(cfg, run_dir),
             )
             if data_dropped and resume_step is None:
                 logger.log(0, data_dropped, phase="data")
@@ -130,92 +133,20 @@ def setup(cfg: Config) -> Trainer:
     )
 
 
-def load_data(cfg: Config) -> tuple[list[Prompt], list[Prompt], object, dict[str, int]]:
-    """(train, held-out, tokenizer, dropped-row counts): the splits checked row by row (data.py) and, rendered with
-    the tokenizer, against the engines' context. A bad row is a ConfigError naming file and row, or is dropped
-    and counted with data.drop_bad_rows."""
-    splits = load_splits(cfg.data)
-    tokenizer = load_tokenizer(cfg)
-    train_set, eval_set = splits
-    if cfg.data.source == "file" and cfg.data.prompt_format == "chat":
-        train_set, eval_set = (render_chat(split, tokenizer, cfg.data.system_prompt) for split in (train_set, eval_set))
-    max_len = arch_from_model_config(cfg.model).max_position_embeddings  # the engines' context (start_vllm_replicas)
-    fit = dict(max_context=max_len, max_new_tokens=cfg.rollout.max_new_tokens, drop_bad_rows=cfg.data.drop_bad_rows)
-    train_kept = check_prompt_lengths("train", train_set, tokenizer, **fit)
-    eval_kept = check_prompt_lengths("eval", eval_set, tokenizer, **fit)
-    dropped = dict(splits.dropped)
-    if cfg.data.drop_bad_rows:
-        dropped["train/dropped_too_long"] = len(train_set) - len(train_kept)
-        dropped["eval/dropped_too_long"] = len(eval_set) - len(eval_kept)
-    return train_kept, eval_kept, tokenizer, dropped
-
-
-def load_tokenizer(cfg: Config):
-    """The checkpoint's own tokenizer, or the synthetic task's (built locally; setup's driver saves it in HF format)."""
-    if cfg.model.hf_checkpoint is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
-        if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    return arithmetic.build_tokenizer()
-
-
-def _check_vocab(tokenizer, vocab_size: int) -> None:
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; raise model.vocab_size")
-
-
-def _write_hf_init(cfg: Config, init_dir: Path, hf_state: dict, arch, tokenizer) -> None:
-    """The initial policy as an HF folder: what every engine starts from (and restarts from)."""
-    from safetensors.torch import save_file
-
-    init_dir.mkdir(exist_ok=True)
-    (init_dir / "config.json").write_text(
-        json.dumps(hf_config_dict(arch, cfg.model.params_dtype, tokenizer.eos_token_id), indent=1)
-    )
-    save_file(hf_state, str(init_dir / "model.safetensors"))
-
-
 def save_hf_snapshot(t: Trainer, directory: Path) -> None:
-    """The current policy as a Hugging Face model folder (config.json, model.safetensors, tokenizer), e.g. a warmed-up
-    start that several runs share through model.hf_checkpoint. Written to a sibling folder and renamed into place, so
-    the folder is complete or absent. Collective (the export gathers TP shards)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
+    """The current policy as an HF folder with its tokenizer, e.g. a warmed-up start several runs share through
+    model.hf_checkpoint. Collective (the export gathers TP shards)."""
     hf_state = export_hf_state(t.model, t.arch, t.groups)
-    if not t.groups.is_driver:
-        return
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    config = hf_config_dict(t.arch, t.cfg.model.params_dtype, t.tokenizer.eos_token_id)
-    (partial / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(hf_state, str(partial / "model.safetensors"))
-    t.tokenizer.save_pretrained(str(partial))
-    shutil.rmtree(directory, ignore_errors=True)
-    partial.rename(directory)
-    print(f"dynamo-mega: saved the warmed-up policy to {directory}", flush=True)
+    if t.groups.is_driver:
+        config = hf_config_dict(t.arch, t.cfg.model.params_dtype, t.tokenizer.eos_token_id)
+        write_hf_folder(directory, hf_state, config, t.tokenizer)
+        print(f"dynamo-mega: saved the warmed-up policy to {directory}", flush=True)
 
 
 def sync_weights(t: Trainer) -> None:
     """After an optimizer step: a new policy version, refitted into every rollout replica."""
     t.version += 1
     t.rollout.push(t.version)
-
-
-def _wandb_sink(cfg: Config, run_dir: Path):
-    if not cfg.run.wandb_project:
-        return None
-    from omegaconf import OmegaConf
-
-    from dynamo_mega.wandb_sink import WandbSink
-
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
-    return WandbSink(run_dir, project=cfg.run.wandb_project, mode=cfg.run.wandb_mode, config=config)
 
 
 def evaluate(t: Trainer, step: int, phase: str = "eval") -> float:

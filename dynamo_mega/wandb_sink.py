@@ -15,13 +15,22 @@ from pathlib import Path
 
 
 class WandbSink:
+    @classmethod
+    def from_config(cls, cfg, run_dir: Path) -> WandbSink | None:
+        """The sink of a training run's config, or None when run.wandb_project is unset."""
+        if not cfg.run.wandb_project:
+            return None
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.structured(cfg))
+        return cls(run_dir, project=cfg.run.wandb_project, mode=cfg.run.wandb_mode, config=config)
+
     def __init__(self, run_dir: Path, *, project: str, mode: str, config: dict, name: str | None = None):
         try:
             import wandb
         except ImportError:
             raise RuntimeError(
-                "run.wandb_project is set but wandb is not installed: `pip install -e .[wandb]` "
-                "(or unset run.wandb_project)"
+                "run.wandb_project is set but wandb is not installed: `pip install -e .[wandb]` (or unset run.wandb_project)"
             ) from None
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)

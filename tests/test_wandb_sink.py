@@ -45,5 +45,5 @@ def test_missing_wandb_is_a_clear_error(tmp_path, monkeypatch):
 def test_config_rejects_an_unknown_wandb_mode():
     from dynamo_mega.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="run.wandb_mode='cloud': use online or offline"):
+    with pytest.raises(ConfigError, match=r"run.wandb_mode: Invalid value 'cloud', expected one of \[online, offline\]"):
         load_config(None, ["run.wandb_mode=cloud"])
