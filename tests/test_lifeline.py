@@ -9,6 +9,9 @@ import sys
 import time
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
 
 _OWNER = """
 import json, sys, time
@@ -41,8 +44,6 @@ if sys.argv[1] == "armed":
     arm_spawned_children()
 import psutil
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
-
-pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
 get_write_results_queue()  # what megatron's checkpoint writer starts on the first save: a spawned Manager server
 print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
 time.sleep(600)

@@ -108,9 +108,9 @@ def _two_mini_batches(rank: int, world: int, size: int, scope: str) -> dict:
     olds = [train_step.old_logprobs(model, micro, groups, 1.0) for micro in minis]
     used, original = [], train_step._micro_batch_loss
 
-    def recording(logp, mb, olp, ent, adv, algo, num_tokens):
+    def recording(logp, mb, olp, ent, adv, *rest):
         used.append(adv.detach().clone())
-        return original(logp, mb, olp, ent, adv, algo, num_tokens)
+        return original(logp, mb, olp, ent, adv, *rest)
 
     out = {"expected": [], "stale": [], "log_ratio_max": [], "entropy": [], "stats": []}
     train_step._micro_batch_loss = recording

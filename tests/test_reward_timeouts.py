@@ -13,6 +13,8 @@ import pytest
 
 from dynamo_mega.rl.reward import GRACE_S, MathVerifyReward
 
+pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
+
 TIMEOUT_S, WORKERS, STARTUP_S = 2.0, 2, 20.0
 GOOD = [(f"\\boxed{{{v}}}", str(v)) for v in range(100, 140)]
 ADVERSARIAL = [("9**9**9**9", "8"), ("\\boxed{(10^{100})!}", "8"), ("\\boxed{10^{10^{8}}}", "8")]
@@ -75,8 +77,6 @@ def test_only_adversarial_pairs_each_time_out_on_their_own(reward):
 _QUIET = r"""
 import logging, os, sys
 from dynamo_mega.rl.reward import MathVerifyReward
-
-pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
 if __name__ == "__main__":
     r = MathVerifyReward(workers=2, timeout_s=1.0, startup_s=20.0)
     huge = "\\boxed{10^{10^{8}}}" + " x" * 100_000  # 200 kB: math-verify logs such inputs whole on a timeout
