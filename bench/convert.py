@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from dynamo_mega.durable import fsync_path
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT.parent / "shared" / "data" / "qwen2.5-math-1.5b" / "config.json"
 WARM_GIB = 5  # more than any step writes (3.1 GB) plus what it allocates
@@ -64,22 +66,14 @@ def run_floor(src: Path, dst: Path, durable: bool = False) -> dict:
     for shard in sorted(src.glob("*.safetensors")):
         save_file(load_file(shard), dst / shard.name, metadata={"format": "pt"})
         if durable:
-            _fsync(dst / shard.name)
+            fsync_path(dst / shard.name)
     if durable:
-        _fsync(dst)
+        fsync_path(dst)
     return {
         "seconds": time.perf_counter() - start,
         "cpu_seconds": _cpu_seconds() - cpu,
         "host_steal_seconds": _host_steal_seconds() - steal,
     }
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _host_steal_seconds() -> float:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from dynamo_mega.config import ConfigError
+from dynamo_mega.durable import fsync_path
 from dynamo_mega.parallel.groups import ParallelGroups
 
 COMPLETE_MARKER = "COMPLETE"
@@ -268,7 +269,7 @@ def save_checkpoint(
         if final.exists():  # an older save of the same step (e.g. a re-run after resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         if keep_last > 0:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -372,14 +373,6 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_root(cfg) -> Path:

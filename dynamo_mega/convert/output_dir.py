@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from dynamo_mega.durable import fsync_path
+
 MANIFEST = "manifest.sha256.json"
 _CHUNK = 1 << 20  # bytes read and hashed per call
 
@@ -110,21 +112,12 @@ def verify_manifest(folder: Path) -> list[str]:
     return bad
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """fsync every file under `folder`, then every folder, deepest first (a sealed file costs a syscall)."""
     for parent, _, files in os.walk(folder, topdown=False):
         for name in files:
-            _fsync(Path(parent, name))
-        _fsync(Path(parent))
+            fsync_path(Path(parent, name))
+        fsync_path(Path(parent))
 
 
 @contextlib.contextmanager
@@ -147,11 +140,11 @@ def atomic_output(dst: Path, overwrite: bool) -> Iterator[Path]:
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
         dst.rename(old)
         tmp.rename(dst)
-        _fsync(dst.parent)
+        fsync_path(dst.parent)
         shutil.rmtree(old)
     else:
         tmp.rename(dst)
-        _fsync(dst.parent)  # the rename itself is durable
+        fsync_path(dst.parent)  # the rename itself is durable
 
 
 @contextlib.contextmanager
