@@ -116,9 +116,10 @@ def crash_chain(work: Path, reference: dict[int, dict], rng: random.Random) -> l
     """One run killed again and again (SIGKILL of the trainer alone at three kinds of point, then SIGTERM), resumed
     each time, compared with the uninterrupted run at the end."""
     run_dir, rows, orphans = work / "chain", [], []
+    # Early enough that a step is still ahead for the SIGTERM below (the newest checkpoint is at most step 4 of 6).
     points = [("during start-up / warm-up", None, rng.uniform(8, 30)),
               ("right after a checkpoint", rng.randint(1, 2), 0.0),
-              ("mid-step, after a checkpoint", rng.randint(3, 4), rng.uniform(0.5, 4.0))]  # fmt: skip
+              ("mid-step, after a checkpoint", rng.randint(2, 3), rng.uniform(0.5, 4.0))]  # fmt: skip
     for where, after_step, delay in points:
         proc = start(run_dir)
         if after_step is not None:
@@ -133,7 +134,9 @@ def crash_chain(work: Path, reference: dict[int, dict], rng: random.Random) -> l
                           detail=f"delay {delay:.1f} s", test="tests/test_resume.py"))  # fmt: skip
     proc = start(run_dir)
     newest = max((int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")), default=0)
-    wait_for(run_dir / "checkpoints" / f"step_{newest + 1:08d}" / "COMPLETE", proc)
+    assert newest + 1 < STEPS, f"kill points left no step to SIGTERM in (newest checkpoint {newest})"
+    reached = wait_for(run_dir / "checkpoints" / f"step_{newest + 1:08d}" / "COMPLETE", proc)
+    assert reached and proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {newest + 1} was saved"
     os.kill(proc.pid, signal.SIGTERM)
     rc = finish(proc)
     rows.append(probe("SIGTERM during RL (save, exit 0)", "crash", rc == 0, orphans=session_left(proc.pid),
