@@ -30,7 +30,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dynamo_mega", "dynamo_mega.*"]),
     include_package_data=True,
-    # Not a package: the folder goes on the PYTHONPATH of vLLM's spawned processes (rl/engines/vllm_engine.py).
+    # Not a package: the folder goes on the PYTHONPATH of every process the trainer spawns (lifeline.py).
     package_data={"dynamo_mega": ["spawn_hook/sitecustomize.py"]},
     install_requires=CORE,
     extras_require={
