@@ -106,3 +106,34 @@ class PolicySampler:
 
     def close(self) -> None:
         pass
+
+
+def _train_with_policy_sampler(overrides: list[str]) -> None:
+    """Spawned process: configs/tiny_cpu.yaml with `overrides` through train.train, every rollout replica's vLLM
+    engine replaced by PolicySampler (what rollout_service.start_vllm_replicas builds); the rest as in a real run."""
+    from pathlib import Path
+
+    from dynamo_mega import train
+    from dynamo_mega.config import load_config
+    from dynamo_mega.rl.engines import vllm_engine
+
+    vllm_engine.VLLMEngine = PolicySampler
+    train.train(load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", overrides))
+
+
+def run_tiny_train(run_dir, overrides: list[str]) -> list[dict]:
+    """The tiny run in a process of its own (train.train takes the default process group down on its way out);
+    returns its metrics.jsonl records."""
+    import json
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_train_with_policy_sampler, args=([*overrides, f"run.output_dir={run_dir}"],)
+    )
+    proc.start()
+    proc.join(timeout=600)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0, f"the run failed (exit code {proc.exitcode}): see its output above and {run_dir}"
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

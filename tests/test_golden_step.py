@@ -25,13 +25,13 @@ README/docs numbers that depend on them (docs/results.md: the quick start).
 from __future__ import annotations
 
 import json
-import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 from _gloo import run_gloo
 from _policy_batch import policy_batch
+from _policy_sampler import run_tiny_train
 
 from dynamo_mega.config import AlgoConfig, ModelConfig, ModulationConfig
 
@@ -180,32 +180,11 @@ RL_OVERRIDES = [
 RL_STEP_KEYS = ("loss", "grad_norm", "reward_mean", "samples")
 
 
-def _rl_run(run_dir: str) -> None:
-    """configs/tiny_cpu.yaml, shortened, through train.train in this (spawned) process, with every rollout replica's
-    vLLM engine replaced by tests/_policy_sampler.py; the loop and everything else as in a real run (allocation,
-    math-verify in its process pool, advantages, policy steps, weight refits, checkpoint). Writes the run folder."""
-    from _policy_sampler import PolicySampler
-
-    from dynamo_mega import train
-    from dynamo_mega.config import load_config
-    from dynamo_mega.rl.engines import vllm_engine
-
-    vllm_engine.VLLMEngine = PolicySampler  # what rollout_service.start_vllm_replicas builds
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
-    train.train(load_config(config, [*RL_OVERRIDES, f"run.output_dir={run_dir}"]))
-
-
 def _rl_golden(run_dir: Path) -> dict:
-    """The run in a process of its own (train.train takes the default process group down on its way out), then
-    its per-step metrics and held-out accuracies from the run folder."""
-    proc = multiprocessing.get_context("spawn").Process(target=_rl_run, args=(str(run_dir),))
-    proc.start()
-    proc.join(timeout=600)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-    assert proc.exitcode == 0, f"the run failed (exit code {proc.exitcode}): see its output above and {run_dir}"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """configs/tiny_cpu.yaml, shortened, through train.train with every rollout replica's vLLM engine replaced by
+    tests/_policy_sampler.py; the loop and everything else as in a real run (allocation, math-verify in its process
+    pool, advantages, policy steps, weight refits, checkpoint). Its per-step metrics and held-out accuracies."""
+    records = run_tiny_train(run_dir, RL_OVERRIDES)
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [{k: r[k] for k in RL_STEP_KEYS} for r in records if r["phase"] == "train"]
     return {"steps": steps, "accuracy": {k: v for k, v in summary.items() if k.startswith("accuracy")}}

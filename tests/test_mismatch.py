@@ -13,6 +13,7 @@ import pytest
 import torch
 from _gloo import run_gloo
 from _policy_batch import policy_batch
+from _policy_sampler import run_tiny_train
 
 from dynamo_mega.config import AlgoConfig, ConfigError, MismatchConfig, ModelConfig, ModulationConfig, load_config
 from dynamo_mega.rl.loss import policy_loss, reduce_loss_metrics
@@ -231,40 +232,16 @@ def test_corrected_step_two_ranks_two_micro_batches_equal_one_process():
 # ---- the RL loop (train.train) with the correction on: config -> rl_step -> policy_step -> metrics.jsonl -----------
 
 
-def _rl_run(run_dir: str) -> None:
-    """configs/tiny_cpu.yaml, one RL step without warm-up, every correction on, rollouts from the policy itself
-    (tests/_policy_sampler.py records the exact fp64 log-probs of what it samples: the mismatch is round-off)."""
-    from pathlib import Path
-
-    from _policy_sampler import PolicySampler
-
-    from dynamo_mega import train
-    from dynamo_mega.rl.engines import vllm_engine
-
-    vllm_engine.VLLMEngine = PolicySampler
+def test_rl_loop_logs_the_correction(tmp_path):
+    """One RL step without warm-up, every correction on, rollouts from the policy itself (tests/_policy_sampler.py
+    records the exact fp64 log-probs of what it samples: the mismatch is round-off)."""
     overrides = [
         *("run.steps=1 run.eval_every=0 run.eval_prompts=8 run.progress=false run.tensorboard=false".split()),
         *("run.log_samples=0 rollout.prompts_per_step=4 rollout.samples_per_prompt=4 allocation.mode=uniform".split()),
         *("allocation.n_low=4 allocation.n_high=4 warmup.enabled=false data.num_train=16 data.num_eval=8".split()),
         *("algo.reward_workers=1 mismatch.token_is=true mismatch.mask_geometric=true mismatch.mask_token=true".split()),
-        f"run.output_dir={run_dir}",
     ]
-    train.train(load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", overrides))
-
-
-def test_rl_loop_logs_the_correction(tmp_path):
-    import json
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=_rl_run, args=(str(tmp_path),))
-    proc.start()
-    proc.join(timeout=600)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-    assert proc.exitcode == 0, f"the run failed (exit code {proc.exitcode}): see its output above and {tmp_path}"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    (step,) = [r for r in records if r["phase"] == "train"]
+    (step,) = [r for r in run_tiny_train(tmp_path, overrides) if r["phase"] == "train"]
     # The engine holds the trainer's weights and samples the same distribution: nothing to cap or drop.
     assert step["tis_capped"] == 0.0 and step["seq_masked"] == 0.0
     assert 0.0 <= step["mismatch_kl"] < 1e-6 and step["logprob_mismatch"] < 1e-3
