@@ -1,5 +1,5 @@
 """fsync for files and folders: what makes a write (a file's bytes, or a name in a folder) survive a crash of the
-machine, not only of the process. Used by training checkpoints and by checkpoint conversion."""
+machine, not only of the process. Used by training checkpoints, checkpoint conversion and HF folders."""
 
 from __future__ import annotations
 
@@ -14,3 +14,11 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first (a file fsynced before costs a syscall)."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(parent, name))
+        fsync_path(Path(parent))

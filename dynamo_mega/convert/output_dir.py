@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from dynamo_mega.durable import fsync_path
+from dynamo_mega.durable import fsync_path, fsync_tree
 
 MANIFEST = "manifest.sha256.json"
 _CHUNK = 1 << 20  # bytes read and hashed per call
@@ -110,14 +110,6 @@ def verify_manifest(folder: Path) -> list[str]:
         if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             bad.append(rel)
     return bad
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file under `folder`, then every folder, deepest first (a sealed file costs a syscall)."""
-    for parent, _, files in os.walk(folder, topdown=False):
-        for name in files:
-            fsync_path(Path(parent, name))
-        fsync_path(Path(parent))
 
 
 @contextlib.contextmanager
