@@ -30,21 +30,12 @@ from pathlib import Path
 import pytest
 import torch
 from _gloo import run_gloo
-from _policy_batch import policy_batch
+from _policy_batch import policy_batch, tiny_model_config
 from _policy_sampler import run_tiny_train
 
-from dynamo_mega.config import AlgoConfig, ModelConfig, ModulationConfig
+from dynamo_mega.config import AlgoConfig, ModulationConfig
 
-CFG = ModelConfig(
-    vocab_size=32,
-    hidden_size=64,
-    num_layers=4,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=128,
-    max_position_embeddings=32,
-    tie_word_embeddings=True,
-)
+CFG = tiny_model_config(num_layers=4, tie_word_embeddings=True)
 N, S, MICRO = 12, 14, 5  # samples, padded length, micro-batch size
 TEMPERATURE = 0.7  # the quick start's: the log-probs and entropies are of logits / 0.7
 STAT_KEYS = ("loss", "grad_norm", "entropy", "approx_kl", "modulation_comp_mean", "modulation_stab_mean")

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 from _gloo import run_gloo
-from _policy_batch import policy_batch
+from _policy_batch import policy_batch, tiny_model_config
 from _policy_sampler import run_tiny_train
 
-from dynamo_mega.config import AlgoConfig, ConfigError, MismatchConfig, ModelConfig, ModulationConfig, load_config
+from dynamo_mega.config import AlgoConfig, ConfigError, MismatchConfig, ModulationConfig, load_config
 from dynamo_mega.rl.loss import policy_loss, reduce_loss_metrics
 from dynamo_mega.rl.mismatch import mismatch_correction
 
@@ -148,15 +148,7 @@ def test_config_section_defaults_off_and_checks():
 
 # ---- the policy step, several processes -------------------------------------------------------------------------
 
-CFG = ModelConfig(
-    vocab_size=32,
-    hidden_size=64,
-    num_layers=2,
-    num_attention_heads=4,
-    num_query_groups=2,
-    ffn_hidden_size=128,
-    max_position_embeddings=32,
-)
+CFG = tiny_model_config()
 N, S = 12, 14
 ON = MismatchConfig(
     token_is=True, token_is_cap=1.5, mask_geometric=True, geometric_tau=1.15, mask_token=True, token_ratio_max=3.0
