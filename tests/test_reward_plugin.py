@@ -132,6 +132,12 @@ def test_math_verify_plus_a_weighted_format_reward(scorer):
     benchmark = both(COMPLETIONS, ANSWERS, None)  # no kwargs: math-verify only (pass@k)
     assert benchmark.rewards == only_math.rewards and benchmark.correct == correct
 
+    # Math-verify alone reads no dataset columns: the rollout service passes {} (no per-sample columns gathered),
+    # and the term's weight still applies.
+    doubled = ConfiguredReward([(MATH_VERIFY, 2.0)], scorer)
+    assert not doubled.uses_columns and both.uses_columns
+    assert doubled(COMPLETIONS, ANSWERS, {}).rewards == [2.0 * r for r in only_math.rewards]
+
 
 class _ChatTemplate:
     def apply_chat_template(self, messages, tokenize, add_generation_prompt):

@@ -170,6 +170,11 @@ class ConfiguredReward:
         self.math = scorer
 
     @property
+    def uses_columns(self) -> bool:
+        """Whether any term is a user function (math-verify alone needs no dataset columns per sample)."""
+        return any(fn != MATH_VERIFY for fn, _ in self.terms)
+
+    @property
     def last_call_timeouts(self) -> int:  # math-verify pairs scored wrong on a timeout (a user function's is an error)
         return self.math.last_call_timeouts
 

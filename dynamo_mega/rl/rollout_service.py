@@ -180,7 +180,10 @@ class RolloutService:
             if answers is not None:
                 t1 = time.perf_counter()
                 samples = [(c, i) for (i, _), piece in zip(pieces, rep.groups, strict=True) for c in piece]
-                kwargs = None if reward_kwargs is None else _columns([reward_kwargs[i] for _, i in samples])
+                kwargs = None  # benchmarks: math-verify's verdict only
+                if reward_kwargs is not None:  # per-sample columns only when a user function reads them
+                    uses = getattr(self._reward, "uses_columns", True)
+                    kwargs = _columns([reward_kwargs[i] for _, i in samples]) if uses else {}
                 texts = self._decode([c.token_ids for c, _ in samples])
                 scores: Scores = self._reward(texts, [answers[i] for _, i in samples], kwargs)
                 for (c, _), reward, correct in zip(samples, scores.rewards, scores.correct, strict=True):
