@@ -158,6 +158,10 @@ class RolloutConfig:
     # broadcast: over a process group with the engine's workers, NCCL on GPUs / gloo on CPU (disaggregated)
     weight_transport: WeightTransport = WeightTransport.rpc
     max_engine_restarts: int = 2  # a dead engine is restarted with the current weights this many times per run
+    # Generation ahead of training (docs/async.md): 0 = synchronous, every step trains on rollouts of the weights it
+    # starts from; 1 = one step off-policy, step k+1's rollouts are generated (by the weights step k starts from)
+    # while step k trains. Samples older than this many policy versions are never trained on.
+    max_staleness: int = 0
 
     def check(self) -> None:
         """What `dynamo-mega plan | launch` read too; `check_for_training` adds what the training step needs."""
@@ -178,6 +182,16 @@ class RolloutConfig:
             gpu = torch.cuda.is_available()
             _require(gpu, "rollout.weight_transport=ipc shares GPU memory, so it needs a GPU: use rpc or broadcast")
         _require(self.vllm_sleep_level in (0, 1, 2), f"rollout.vllm_sleep_level={self.vllm_sleep_level}: use 0, 1 or 2")
+        _require(
+            self.max_staleness in (0, 1),
+            f"rollout.max_staleness={self.max_staleness}: use 0 (synchronous) or 1 (one step off-policy); "
+            "deeper pipelines are not implemented",
+        )
+        _require(
+            self.max_staleness == 0 or not (self.colocated and self.vllm_sleep_level > 0),
+            "rollout.max_staleness=1 generates while the trainer trains, so colocated engines cannot sleep: "
+            "set rollout.vllm_sleep_level=0 or rollout.colocated=false",
+        )
         _require(self.temperature > 0, "rollout.temperature must be > 0 (greedy decoding is used for evaluation only)")
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
 

@@ -10,6 +10,7 @@ share of every step's allocation. Rank 0, the driver, owns the run directory and
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from dynamo_mega import config as config_mod
 from dynamo_mega import console
+from dynamo_mega.ahead import Ahead
 from dynamo_mega.checkpoint import checkpoint_root, checkpoint_step, resolve_resume, save_checkpoint
 from dynamo_mega.config import Config
 from dynamo_mega.convert.live import load_hf_into_model
@@ -37,7 +39,7 @@ from dynamo_mega.rl.advantage import group_advantages
 from dynamo_mega.rl.allocation import allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, to_token_batch
-from dynamo_mega.rl.rollout_service import RolloutService, start_vllm_replicas
+from dynamo_mega.rl.rollout_service import EnginesDied, RolloutService, start_vllm_replicas
 from dynamo_mega.tasks import arithmetic
 from dynamo_mega.wandb_sink import WandbSink
 from dynamo_mega.weight_push import WeightStream
@@ -63,6 +65,8 @@ class Trainer:
     version: int = 0  # policy version: optimizer steps whose weights reached the engine
     resume_path: Path | None = None  # checkpoint this run continues from (None: a fresh start)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite gradient norm
+    epoch: int = -1  # the last sampler epoch whose start refreshed the reference-mode priorities
+    outcomes_version: int = -1  # policy version that generated the newest outcomes in the prompt statistics
 
 
 def setup(cfg: Config) -> Trainer:
@@ -187,13 +191,22 @@ def evaluate_on_benchmarks(t: Trainer, step: int) -> dict[str, float]:
     return metrics
 
 
-def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step_rollouts.StepRollouts, dict[str, float]]:
+Collected = tuple[step_rollouts.StepRollouts, dict[str, float]]  # a step's rollouts and its generation metrics
+
+
+def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int, ahead: bool = False) -> Collected:
     """This step's prompts and rollouts by allocation.mode (rl/step_rollouts.py) from the rollout replicas, each
     sample scored against ITS OWN prompt's answer on the replica that generated it. Every rank runs this with
     identical statistics and sampler, so every rank draws the same prompts and allocation. Returns the rollouts
-    with the step's generation metrics (time split, per-replica work, imbalance)."""
+    with the step's generation metrics (time split, per-replica work, imbalance).
+
+    ahead: called in a background thread while the previous step trains (rollout.max_staleness=1): it touches the
+    sampler, the prompt statistics and the engines only, and a dead engine raises EnginesDied (`take_ahead`)."""
     r, al = t.cfg.rollout, t.cfg.allocation
     t0 = time.time()
+    if sampler.epoch != t.epoch:  # the reference mode re-reads its history once per epoch
+        t.epoch = sampler.epoch
+        t.stats.refresh_priorities()
 
     def draw(k: int) -> list[Prompt]:
         return [t.train_set[i] for i in sampler.next_batch(k)]
@@ -203,7 +216,7 @@ def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step
             t.rollout, t.tokenizer, prompts, counts,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
             seed=r.seed + 1_000_003 * step + 7_919 * round_no, score=True,
-            expected_lengths=t.stats.expected_lengths([p.id for p in prompts]).tolist(),
+            expected_lengths=t.stats.expected_lengths([p.id for p in prompts]).tolist(), recover=not ahead,
         )
 
     prompts, budget = draw(r.prompts_per_step), r.prompts_per_step * r.samples_per_prompt
@@ -218,17 +231,50 @@ def collect_rollouts(t: Trainer, sampler: EpochSampler, step: int) -> tuple[step
     else:
         out = step_rollouts.allocated(prompts, t.stats, generate_scored, mode=al.mode, **bounds)
     t.rollout.sleep()  # colocated on GPU: the trainer gets the memory until the weight sync wakes it
-    if t.groups.is_driver:
-        _log_samples(t, step, out.batch)
     metrics = t.rollout.take_metrics()
     replicas = range(t.rollout.num_replicas)
     reward_s = max(metrics.get(f"replica{i}/score_s", 0.0) for i in replicas)  # the slowest replica's scoring
     metrics.update(time_rollout=time.time() - t0 - reward_s, time_reward=reward_s)
     metrics.update(step_rollouts.step_metrics(t.stats, out))
+    # What the allocation was planned from: the version that generated the newest outcomes it had (train.py's
+    # allocation_lag_* metrics compare it with the versions generating and training on this batch).
+    metrics["allocation_stats_version"] = float(t.outcomes_version)
     # Outcomes are attributed by the prompt id carried by each sample, never by position.
     b = out.batch
     t.stats.update(b.prompt_ids, [float(ok) for ok in b.correct], [len(x) for x in b.response_tokens])
+    t.outcomes_version = b.policy_version
     return out, metrics
+
+
+def start_ahead(t: Trainer, sampler: EpochSampler, step: int) -> tuple[Ahead[Collected], tuple]:
+    """Step `step`'s rollouts, generated in a background thread while the current step trains, with what
+    `take_ahead` restores if an engine dies on the way."""
+    snapshot = copy.deepcopy((sampler.state_dict(), t.stats.state_dict(), t.epoch, t.outcomes_version))
+    return Ahead(collect_rollouts, t, sampler, step, True), snapshot
+
+
+def take_ahead(t: Trainer, ahead: Ahead[Collected], snapshot: tuple, sampler: EpochSampler) -> Collected | None:
+    """The rollouts generated ahead, or None when an engine died on the way: then the sampler and the statistics are
+    put back as they were, the next weight sync restarts the dead engine (RolloutService.push), and the step's
+    rollouts are generated again, synchronously (that step is on-policy)."""
+    try:
+        return ahead.result()
+    except EnginesDied as exc:
+        sampler_state, stats_state, t.epoch, t.outcomes_version = snapshot
+        sampler.load_state_dict(sampler_state)
+        t.stats.load_state_dict(stats_state)
+        t.rollout.take_metrics()  # the interrupted rounds' counters
+        if t.groups.is_driver:
+            print(f"dynamo-mega: {exc}; the next step's rollouts are generated again after the weight sync", flush=True)
+        return None
+
+
+def check_staleness(batch: RolloutBatch, version: int, max_staleness: int) -> int:
+    """The batch's staleness (trainer version - the oldest generating version); never above the bound: the loop
+    generates at most one step ahead and a resumed batch older than the bound is dropped (`start_rl`)."""
+    staleness = version - min(batch.versions)
+    assert 0 <= staleness <= max_staleness, f"internal error: training on samples {staleness} versions old"
+    return staleness
 
 
 def _log_samples(t: Trainer, step: int, batch: RolloutBatch) -> None:
@@ -249,7 +295,7 @@ def _log_samples(t: Trainer, step: int, batch: RolloutBatch) -> None:
                         "answer": batch.answers[i],
                         "response": texts[i],
                         "reward": batch.rewards[i],
-                        "policy_version": batch.policy_version,
+                        "policy_version": batch.versions[i],
                     }
                 )
                 + "\n"
@@ -364,14 +410,20 @@ def supervised_warmup(t: Trainer) -> int:
     return w.max_steps
 
 
-def trainer_state(t: Trainer, step: int, sampler: EpochSampler, epoch: int, summary: dict, rl_seconds: float) -> dict:
-    """Everything besides model and optimizer that a resumed run needs to continue exactly (same on every rank)."""
+def trainer_state(
+    t: Trainer, step: int, sampler: EpochSampler, summary: dict, rl_seconds: float, pending: Collected | None
+) -> dict:
+    """Everything besides model and optimizer that a resumed run needs to continue exactly (same on every rank),
+    the next step's rollouts included when they were generated ahead (rollout.max_staleness=1): a resumed run
+    trains on them rather than drawing their prompts again, so none is lost and none is trained twice."""
     return {
         "step": step,
         "policy_version": t.version,
         "prompt_stats": t.stats.state_dict(),
         "sampler": sampler.state_dict(),
-        "epoch": epoch,  # the last epoch whose start refreshed the reference-mode priorities
+        "epoch": t.epoch,  # the last epoch whose start refreshed the reference-mode priorities
+        "outcomes_version": t.outcomes_version,
+        "pending": None if pending is None else {"rollouts": pending[0].state_dict(), "metrics": pending[1]},
         "scheduler": t.scheduler.state_dict(),
         "summary": summary,
         "rl_seconds": rl_seconds,
@@ -405,8 +457,9 @@ def resume_point(cfg: Config, groups: ParallelGroups) -> Path | None:
     return choice
 
 
-def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
-    """Fresh start (evaluate, warm up) or resume; returns (last finished step, epoch, summary, RL seconds so far)."""
+def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, dict, float, Collected | None]:
+    """Fresh start (evaluate, warm up) or resume; returns (last finished step, summary, RL seconds so far, the next
+    step's rollouts if the checkpoint holds them)."""
     cfg, path = t.cfg, t.resume_path
     if path is None:
         summary = {"accuracy_init": evaluate(t, 0, phase="init_eval")}
@@ -416,7 +469,7 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
             if cfg.warmup.save_hf_dir:
                 save_hf_snapshot(t, Path(cfg.warmup.save_hf_dir))
         summary["accuracy_before_rl"] = evaluate(t, 0)
-        return 0, -1, summary, 0.0
+        return 0, summary, 0.0, None
     from dynamo_mega.checkpoint import report_damage, try_load_checkpoint
     from dynamo_mega.metrics import PRE_RL_PHASES
 
@@ -451,13 +504,34 @@ def start_rl(t: Trainer, sampler: EpochSampler) -> tuple[int, int, dict, float]:
     t.scheduler.load_state_dict(state["scheduler"])
     t.version = state["policy_version"]
     t.skipped_steps = state["skipped_steps"]
+    t.epoch, t.outcomes_version = state["epoch"], state.get("outcomes_version", -1)
+    pending = _resumed_pending(t, state.get("pending"))
     t.rollout.push(t.version)
     t.rollout.restarts = state["engine_restarts"]
     t.rollout.take_metrics()
     if t.groups.is_driver:
         t.logger.log(state["step"], {"resumed_from_step": state["step"], "policy_version": t.version}, phase="resume")
         print(f"dynamo-mega: resumed from {path}", flush=True)
-    return state["step"], state["epoch"], {**state["summary"], "resumed_from": str(path)}, state["rl_seconds"]
+    return state["step"], {**state["summary"], "resumed_from": str(path)}, state["rl_seconds"], pending
+
+
+def _resumed_pending(t: Trainer, saved: dict | None) -> Collected | None:
+    """The rollouts a checkpoint holds for its next step, unless they are older than rollout.max_staleness allows
+    (the bound was lowered on resume): then they are dropped, said, and the step generates afresh. Their outcomes
+    stay in the prompt statistics (they happened) and their prompts count as drawn."""
+    if saved is None:
+        return None
+    rollouts = step_rollouts.StepRollouts.from_state_dict(saved["rollouts"], {p.id: p for p in t.train_set})
+    staleness = t.version - min(rollouts.batch.versions)
+    if staleness > t.cfg.rollout.max_staleness:
+        if t.groups.is_driver:
+            print(
+                f"dynamo-mega: dropped the checkpoint's {len(rollouts.batch)} rollouts generated ahead: {staleness} "
+                f"versions old, over rollout.max_staleness={t.cfg.rollout.max_staleness}",
+                flush=True,
+            )
+        return None
+    return rollouts, saved["metrics"]
 
 
 def train(cfg: Config) -> dict:
@@ -469,27 +543,12 @@ def train(cfg: Config) -> dict:
     try:
         start = time.time()
         sampler = EpochSampler(len(t.train_set), cfg.run.seed)
-        step, epoch, summary, rl_before = start_rl(t, sampler)
+        step, summary, rl_before, pending = start_rl(t, sampler)
         rl_start = time.time() - rl_before
         stopped = False
         while step < cfg.run.steps and not stopped:
             step += 1
-            t0 = time.time()
-            if sampler.epoch != epoch:  # the reference mode re-reads its history once per epoch
-                epoch = sampler.epoch
-                t.stats.refresh_priorities()
-            rollouts, timing = collect_rollouts(t, sampler, step)
-            t1 = time.time()
-            stats = rl_step(t, rollouts.batch)
-            t2 = time.time()
-            sync_weights(t)
-            t.skipped_steps += int(stats["skipped_step"])  # non-finite loss/grad norm: update dropped, counted
-            stats.update(timing, time_train=t2 - t1, time_sync=time.time() - t2, policy_version=t.version)
-            stats.update(t.rollout.take_metrics())  # each replica's refit time
-            stats.update(skipped_steps_total=t.skipped_steps)
-            step_s = max(time.time() - t0, 1e-9)
-            stats.update(response_tokens_per_s=stats["response_len_mean"] * stats["samples"] / step_s, rss_gib=_rss_gib())
-            stats["engine_restarts"] = t.rollout.restarts
+            stats, pending = rl_iteration(t, sampler, step, pending)
             if t.groups.is_driver:
                 t.logger.log(step, stats)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
@@ -500,7 +559,7 @@ def train(cfg: Config) -> dict:
             stopped = stop.agreed(t.groups, also=out_of_time)
             interval = cfg.checkpoint.interval
             if (interval and step % interval == 0) or stopped or step == cfg.run.steps:
-                save(t, step, trainer_state(t, step, sampler, epoch, summary, time.time() - rl_start))
+                save(t, step, trainer_state(t, step, sampler, summary, time.time() - rl_start, pending))
         if stop.requested:
             summary["stopped_by"] = "SIGTERM"
         summary.update(accuracy_after_rl=evaluate(t, step), rl_steps=step, wall_s=time.time() - start)
@@ -515,6 +574,58 @@ def train(cfg: Config) -> dict:
             t.logger.close()
         t.rollout.close()
         destroy_parallel()
+
+
+def rl_iteration(t: Trainer, sampler: EpochSampler, step: int, pending: Collected | None) -> tuple[dict, Collected | None]:
+    """One RL step: this step's rollouts (`pending` if generated ahead), the policy step, the weight sync. With
+    rollout.max_staleness=1 the next step's rollouts are generated in a background thread while this step trains
+    and returned; the weights reach the engines only once that generation is done, so every batch comes from one
+    policy version. Returns the step's stats and those rollouts (None when synchronous or on the last step)."""
+    cfg = t.cfg
+    t0 = time.time()
+    if pending is None:  # synchronous, or the first step, or generation ahead was interrupted
+        pending = collect_rollouts(t, sampler, step)
+    (rollouts, timing), pending = pending, None
+    if t.groups.is_driver:  # before the thread starts: the tokenizer is not shared between threads
+        _log_samples(t, step, rollouts.batch)
+    t1 = time.time()
+    ahead = None
+    if cfg.rollout.max_staleness and step < cfg.run.steps:
+        ahead, snapshot = start_ahead(t, sampler, step + 1)
+    staleness = check_staleness(rollouts.batch, t.version, cfg.rollout.max_staleness)
+    stats = rl_step(t, rollouts.batch)
+    t2 = time.time()
+    if ahead is not None:
+        pending = take_ahead(t, ahead, snapshot, sampler)
+    t3 = time.time()
+    trained_version = t.version
+    sync_weights(t)
+    t.skipped_steps += int(stats["skipped_step"])  # non-finite loss/grad norm: update dropped, counted
+    stats.update(timing, time_train=t2 - t1, time_sync=time.time() - t3, policy_version=t.version)
+    waits = (t1 - t0, t3 - t2)  # for this step's rollouts (synchronous) and for the next step's (ahead)
+    stats.update(_pipeline_metrics(rollouts.batch, timing, trained_version, staleness, waits, pending))
+    stats.update(t.rollout.take_metrics())  # each replica's refit time
+    stats.update(skipped_steps_total=t.skipped_steps, engine_restarts=t.rollout.restarts, rss_gib=_rss_gib())
+    step_s = max(time.time() - t0, 1e-9)
+    stats["response_tokens_per_s"] = stats["response_len_mean"] * stats["samples"] / step_s
+    return stats, pending
+
+
+def _pipeline_metrics(
+    batch: RolloutBatch, timing: dict, trained_version: int, staleness: int, waits: tuple, ahead: Collected | None
+) -> dict[str, float]:
+    """How far behind the trained policy the batch and its allocation were, and how much generation the training
+    hid. time_rollout_wait: what the loop waited for rollouts this step (all of the generation when synchronous);
+    rollout_hidden_s: the part of the next step's generation that ran during this step's training (ahead)."""
+    out = {"staleness": float(staleness), "time_rollout_wait": sum(waits)}
+    planned_from = timing.get("allocation_stats_version", -1.0)
+    if planned_from >= 0:  # the statistics held outcomes when the allocation was planned
+        out["allocation_lag_generator"] = batch.policy_version - planned_from
+        out["allocation_lag_trainer"] = trained_version - planned_from
+    if ahead is not None:
+        generated_s = ahead[1]["time_rollout"] + ahead[1]["time_reward"]
+        out["rollout_hidden_s"] = max(generated_s - waits[1], 0.0)
+    return out
 
 
 def _rss_gib() -> float:

@@ -29,6 +29,7 @@ def fake_generate(pass_rate: dict[str, float], calls: list):
                 b.finished.append(True)
                 b.rewards.append(1.0 if (j + 0.5) / n < pass_rate[p.id] else 0.0)
                 b.correct.append(b.rewards[-1] == 1.0)
+                b.versions.append(b.policy_version)
         return b
 
     return generate

@@ -52,6 +52,7 @@ class RolloutBatch:
     # success per sample (math-verify's verdict; rl/reward_plugins.py): what prompt statistics and accuracy count,
     # apart from the reward, which may add user terms (algo.reward)
     correct: list[bool] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # per sample: the policy version that generated it
 
     def __len__(self) -> int:
         return len(self.response_tokens)
@@ -77,6 +78,7 @@ def generate_rollouts(
     seed: int | None,
     score: bool = False,
     expected_lengths: list[float] | None = None,
+    recover: bool = True,
 ) -> RolloutBatch:
     """Ask the engine for counts[i] samples of prompts[i] and flatten them with aligned metadata. score: the
     engine (the rollout service) scores each sample against its own prompt's answer (user reward terms also get the
@@ -89,6 +91,8 @@ def generate_rollouts(
         extra["reward_kwargs"] = [p.reward_kwargs() for p in prompts]
     if expected_lengths is not None:
         extra["expected_lengths"] = expected_lengths
+    if not recover:  # generating ahead of training: a dead engine is the caller's to restart (EnginesDied)
+        extra["recover"] = False
     groups = engine.generate(
         prompt_tokens,
         counts,
@@ -111,6 +115,7 @@ def generate_rollouts(
             batch.response_tokens.append(c.token_ids)
             batch.rollout_logprobs.append(c.logprobs)
             batch.finished.append(c.finished)
+            batch.versions.append(batch.policy_version)
             if score:
                 batch.rewards.append(c.reward)
                 batch.correct.append(c.correct)
@@ -162,12 +167,13 @@ def regroup(batches: list[RolloutBatch], groups: list[list[tuple[int, int]]]) ->
     starts = [[0, *torch.tensor(b.group_sizes, dtype=torch.long).cumsum(0).tolist()] for b in batches]
     out = RolloutBatch([], [], [], [], [], [], [], versions.pop())
     per_sample = ("prompt_ids", "answers", "prompt_tokens", "response_tokens", "rollout_logprobs", "finished")
-    per_sample += ("rewards", "correct")
+    per_sample += ("rewards", "correct", "versions")
     for members in groups:
         size = 0
         for b, i in members:
             src, lo, hi = batches[b], starts[b][i], starts[b][i + 1]
-            assert len(src.rewards) == len(src.correct) == len(src), "internal error: regroup needs scored batches"
+            scored = len(src.rewards) == len(src.correct) == len(src.versions) == len(src)
+            assert scored, "internal error: regroup needs scored batches"
             for name in per_sample:
                 getattr(out, name).extend(getattr(src, name)[lo:hi])
             size += hi - lo

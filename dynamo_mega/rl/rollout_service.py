@@ -49,6 +49,16 @@ class ReplicaFailed(RuntimeError):
     """A replica failed with an error other than its engine dying; raised on every rank."""
 
 
+class EnginesDied(RuntimeError):
+    """Raised on every rank by `generate(recover=False)` when replica engines died: generating ahead of training,
+    the service cannot refit a restarted engine (the trainer is changing the weights), so the caller restarts them
+    with its next `push` and generates again."""
+
+    def __init__(self, replicas: list[int]):
+        super().__init__(f"rollout replica(s) {replicas} died while generating ahead of training")
+        self.replicas = replicas
+
+
 @dataclass
 class _Report:
     """One replica's outcome of one collective operation, as every rank sees it."""
@@ -95,6 +105,9 @@ class RolloutService:
         self.replica, self.is_leader = self.rank // replica_size, self.rank % replica_size == 0
         self.leader_ranks = list(range(0, self.world_size, replica_size))
         self._leaders_group = dist.new_group(self.leader_ranks) if self.num_replicas > 1 else None  # every rank calls
+        # The reports go over a group of the service's own: with rollout.max_staleness=1 `generate` runs in a
+        # background thread while the trainer's collectives run on the other groups (gloo: any backend's world).
+        self._group = dist.new_group(backend="gloo") if self.world_size > 1 else None
         self._weights, self._pp_size, self.max_restarts, self._decode = weights, pp_size, max_restarts, decode
         self.version, self.restarts = 0, 0
         self._metrics: dict[str, float] = {}
@@ -130,13 +143,15 @@ class RolloutService:
         answers: list[str] | None = None,
         reward_kwargs: list[dict] | None = None,
         expected_lengths: list[float] | None = None,
+        recover: bool = True,
     ) -> list[list[Completion]]:
         """counts[i] samples of prompts[i] (token ids), one list per prompt in order, on every rank. answers:
         each sample is scored against its own prompt's answer on the replica that made it (Completion.reward and
         .correct). reward_kwargs[i]: prompt i's keyword values for user reward functions (Prompt.reward_kwargs);
         None: math-verify only, whatever algo.reward says (benchmarks).
         expected_lengths: tokens per response of each prompt, for balancing (None: all equal). Request i is
-        seeded seed + i wherever it runs; a group cut across replicas seeds its later pieces apart."""
+        seeded seed + i wherever it runs; a group cut across replicas seeds its later pieces apart. recover=False:
+        a replica's dead engine raises EnginesDied on every rank instead of being restarted and refitted here."""
         lengths = expected_lengths if expected_lengths is not None else [1.0] * len(prompts)
         plans = plan_requests([str(i) for i in range(len(prompts))], list(counts), lengths, self.num_replicas)
         pieces_R = [[(int(pid), n) for pid, n in plan] for plan in plans]
@@ -147,6 +162,9 @@ class RolloutService:
             busy = self.is_leader and self.replica in todo
             share = self._generate_share(pieces_R, prompts, seed, answers, reward_kwargs, sampling) if busy else None
             reports = self._exchange(share)
+            dead = [rep.replica for rep in reports if rep.status == "dead"]
+            if dead and not recover:
+                raise EnginesDied(dead)
             for rep in reports:
                 if rep.status == "ok" and rep.replica in todo:
                     done[rep.replica] = rep
@@ -307,7 +325,7 @@ class RolloutService:
             reports = [mine]
         else:
             gathered: list[_Report | None] = [None] * self.world_size
-            dist.all_gather_object(gathered, mine)
+            dist.all_gather_object(gathered, mine, group=self._group)
             reports = [rep for rep in gathered if rep is not None]
         for rep in reports:
             if rep.status == "error":

@@ -15,7 +15,7 @@ the allocation logic alone (tested with a fake generator). Every sample ever gen
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,29 @@ class StepRollouts:
     tokens_generated: int
     rounds: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Plain lists and numbers (a checkpoint's trainer state loads with torch.load(weights_only=True)); the
+        prompts by id."""
+        return {
+            "batch": asdict(self.batch),
+            "prompt_ids": [p.id for p in self.prompts],
+            "rollouts_generated": self.rollouts_generated,
+            "tokens_generated": self.tokens_generated,
+            "rounds": self.rounds,
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, prompts_by_id: dict[str, Prompt]) -> StepRollouts:
+        return cls(
+            RolloutBatch(**state["batch"]),
+            [prompts_by_id[i] for i in state["prompt_ids"]],
+            state["rollouts_generated"],
+            state["tokens_generated"],
+            state["rounds"],
+            dict(state["metrics"]),
+        )
 
 
 def _consumed(batches: list[RolloutBatch]) -> tuple[int, int]:
