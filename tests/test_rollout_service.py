@@ -196,3 +196,38 @@ def test_restarts_beyond_the_budget_stop_the_run():
 def test_replica_size_must_divide_the_world():
     with pytest.raises(ValueError, match="must divide the 1 ranks"):
         _service({}, replica_size=2)
+
+
+def _ahead_worker(rank: int, world: int, die_at: tuple):
+    """Generation in a background thread (recover=False, as train.py's rollouts ahead) while this thread runs
+    collectives on the default group, as the policy step does; then the next push and a synchronous generate."""
+    from dynamo_mega.ahead import Ahead
+
+    engines = {1: FakeEngine(1, die_at=die_at)} if rank == 1 else {}
+    service = _service(engines)
+    service.push(1)
+    ahead = Ahead(
+        lambda: service.generate(PROMPTS, COUNTS, max_new_tokens=3, temperature=1.0, seed=100, answers=ANSWERS, recover=False)
+    )
+    for _ in range(50):  # the trainer's collectives, concurrently on the other groups
+        dist.all_reduce(torch.ones(8))
+    out = {}
+    try:
+        out["ahead"] = [[(c.token_ids, c.logprobs[0]) for c in g] for g in ahead.result()]
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        service.take_metrics()
+    service.push(2)  # restarts and refits a dead replica
+    out["after"] = _generate(service, seed=7)
+    out.update(restarts=service.restarts, engine=[(e.replica, e.calls, e.restarts, e.version) for e in engines.values()])
+    return out
+
+
+def test_generation_ahead_runs_beside_the_trainers_collectives_and_leaves_a_dead_engine_to_the_next_push():
+    fine = run_gloo(_ahead_worker, 2, ())
+    assert fine[0]["ahead"] == fine[1]["ahead"] and [len(g) for g in fine[0]["ahead"]] == COUNTS
+    died = run_gloo(_ahead_worker, 2, (1,))
+    for out in died:
+        assert out["error"] == "EnginesDied: rollout replica(s) [1] died while generating ahead of training"
+        assert out["restarts"] == 1 and [len(g) for g in out["after"]] == COUNTS
+    assert died[1]["engine"] == [(1, 2, 1, 2)]  # died, restarted by push(2) at version 2, generated once

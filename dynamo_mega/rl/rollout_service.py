@@ -110,6 +110,7 @@ class RolloutService:
         self._group = dist.new_group(backend="gloo") if self.world_size > 1 else None
         self._weights, self._pp_size, self.max_restarts, self._decode = weights, pp_size, max_restarts, decode
         self.version, self.restarts = 0, 0
+        self._died_ahead: dict[int, str] = {}  # engines that died in a generate(recover=False): the next push restarts them
         self._metrics: dict[str, float] = {}
         self._local_error: Exception | None = None  # this leader's own error, re-raised as itself
         self.engine = self._reward = None
@@ -162,9 +163,10 @@ class RolloutService:
             busy = self.is_leader and self.replica in todo
             share = self._generate_share(pieces_R, prompts, seed, answers, reward_kwargs, sampling) if busy else None
             reports = self._exchange(share)
-            dead = [rep.replica for rep in reports if rep.status == "dead"]
+            dead = {rep.replica: rep.error for rep in reports if rep.status == "dead"}
             if dead and not recover:
-                raise EnginesDied(dead)
+                self._died_ahead = dead
+                raise EnginesDied(sorted(dead))
             for rep in reports:
                 if rep.status == "ok" and rep.replica in todo:
                     done[rep.replica] = rep
@@ -248,6 +250,9 @@ class RolloutService:
     def push(self, version: int) -> None:
         """The policy's weights (version `version`) into every replica; returns once every replica holds them."""
         self.version = version
+        if self._died_ahead:
+            self._restart(self._died_ahead)
+            self._died_ahead = {}
         self._push(set(range(self.num_replicas)))
 
     def _push(self, targets: set[int]) -> None:
@@ -338,25 +343,30 @@ class RolloutService:
 
     def _recover(self, reports: list[_Report]) -> set[int]:
         """Restart the replicas whose engine died (within the run's restart budget) and refit them; returns them."""
-        dead = sorted(rep.replica for rep in reports if rep.status == "dead")
+        dead = {rep.replica: rep.error for rep in reports if rep.status == "dead"}
         if not dead:
             return set()
+        self._restart(dead)
+        self._push(set(dead))
+        return set(dead)
+
+    def _restart(self, dead: dict[int, str]) -> None:
+        """Restart the engines of the replicas in `dead` (replica -> why; identical on every rank), within the
+        run's budget."""
         if self.restarts + len(dead) > self.max_restarts:
             raise RuntimeError(
-                f"rollout replica(s) {dead} died after {self.restarts} engine restarts in this run "
+                f"rollout replica(s) {sorted(dead)} died after {self.restarts} engine restarts in this run "
                 f"(rollout.max_engine_restarts={self.max_restarts}); rerun to resume from the newest checkpoint"
             )
         self.restarts += len(dead)
         if self.is_leader and self.replica in dead:
-            why = next(rep.error for rep in reports if rep.replica == self.replica)
+            why = dead[self.replica]
             print(
                 f"dynamo-mega: rollout replica {self.replica}'s engine died ({why}); "
                 f"restarting it with policy version {self.version}",
                 flush=True,
             )
             self.engine.restart()
-        self._push(set(dead))
-        return set(dead)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
