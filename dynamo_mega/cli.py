@@ -71,7 +71,7 @@ def _plan(args) -> int:
         return _fail(str(exc))
     gpus = args.gpus or cfg.launch.nodes * cfg.launch.procs_per_node
     inputs = inputs_from_config(cfg, gpus, args.gpu_mem, offload=args.offload)
-    problems = layout_problems(arch, inputs.tp, inputs.pp, gpus, inputs.vllm_tp)
+    problems = layout_problems(arch, inputs.tp, inputs.pp, gpus, inputs.vllm_tp, inputs.colocated)
     if problems:
         return _fail(f"{args.config}: " + "; ".join(problems))
     plan = plan_memory(arch, inputs)

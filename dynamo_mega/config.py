@@ -149,7 +149,10 @@ class RolloutConfig:
     # Ranks (GPUs) per vLLM engine: the world is split into world / k rollout replicas of k consecutive ranks,
     # each running one engine of tensor parallel size k (spawned workers; on CPU k processes). Must divide the world.
     vllm_tensor_parallel: int = 1
-    colocated: bool = True  # vLLM shares the trainer's GPUs (sleep/wake); the planner counts both on one GPU
+    # true: vLLM shares the trainer's GPUs (sleep/wake); false: the engines run on GPUs of their own,
+    # dedicated_gpus_per_node per node besides the trainer's (rl/placement.py; docs/async.md)
+    colocated: bool = True
+    dedicated_gpus_per_node: int = 0  # colocated=false: GPUs per node that only generate (dedicated / k engines)
     max_prompt_tokens: int = 1024  # prompt tokens per sequence the memory planner budgets for (with max_new_tokens)
     seed: int = 0
     vllm_sleep_level: int = 0  # GPU, colocated: 1 frees the KV cache while training, 2 also the weights (0: off)
@@ -167,6 +170,24 @@ class RolloutConfig:
         """What `dynamo-mega plan | launch` read too; `check_for_training` adds what the training step needs."""
         _require(self.vllm_tensor_parallel >= 1, "rollout.vllm_tensor_parallel must be >= 1")
         _require(self.max_prompt_tokens >= 1, "rollout.max_prompt_tokens must be >= 1")
+        if self.colocated:
+            _require(
+                self.dedicated_gpus_per_node == 0,
+                f"rollout.dedicated_gpus_per_node={self.dedicated_gpus_per_node} needs rollout.colocated=false",
+            )
+        else:
+            k = self.vllm_tensor_parallel
+            _require(
+                self.dedicated_gpus_per_node >= k and self.dedicated_gpus_per_node % k == 0,
+                f"rollout.colocated=false needs rollout.dedicated_gpus_per_node, a positive multiple of "
+                f"rollout.vllm_tensor_parallel={k}: the GPUs per node the engines run on",
+            )
+            _require(
+                self.weight_transport != WeightTransport.ipc,
+                "rollout.weight_transport=ipc shares the trainer's GPU memory: with rollout.colocated=false use broadcast or rpc",
+            )
+            sleep = self.vllm_sleep_level
+            _require(sleep == 0, f"rollout.vllm_sleep_level={sleep} frees shared GPU memory: with rollout.colocated=false use 0")
 
     def check_for_training(self) -> None:
         self.check()
@@ -588,14 +609,18 @@ def _check_world(cfg: Config, world_size: int) -> None:
         f"world size {world_size} is not a multiple of tensor_parallel x pipeline_parallel = {model_ranks}; "
         "change parallel.* or the number of processes",
     )
+    import os
+
+    from dynamo_mega.rl.placement import replica_placement
+
     k = r.vllm_tensor_parallel
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    try:
+        replicas = replica_placement(world_size, per_node, k, r.colocated, r.dedicated_gpus_per_node).num_replicas
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _require(
-        world_size % k == 0,
-        f"rollout.vllm_tensor_parallel={k} must divide the {world_size} ranks: the world is split into world / k "
-        f"rollout replicas of k ranks; use one of {[d for d in range(1, world_size + 1) if world_size % d == 0]}",
-    )
-    _require(
-        r.weight_transport != WeightTransport.broadcast or world_size // k == 1,
-        f"rollout.weight_transport=broadcast feeds one engine, but {world_size} ranks with vllm_tensor_parallel={k} "
-        f"make {world_size // k} replicas: use weight_transport=rpc, or vllm_tensor_parallel={world_size}",
+        r.weight_transport != WeightTransport.broadcast or replicas == 1,
+        f"rollout.weight_transport=broadcast feeds one engine, but this layout makes {replicas} rollout replicas: "
+        "use weight_transport=rpc, or one replica (a larger rollout.vllm_tensor_parallel)",
     )

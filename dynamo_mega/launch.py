@@ -36,8 +36,9 @@ class LaunchResult:
         return self.state == "SUCCEEDED"
 
 
-def build_executor(la: LaunchConfig):
-    """The nemo-run executor the `launch` section describes (torchrun launcher in both cases)."""
+def build_executor(la: LaunchConfig, rollout_gpus_per_node: int = 0):
+    """The nemo-run executor the `launch` section describes (torchrun launcher in both cases): one torchrun process
+    per training GPU, and on Slurm `rollout_gpus_per_node` more GPUs per node for disaggregated engines."""
     import nemo_run as run
 
     env = {**BASE_ENV, **la.env}
@@ -52,7 +53,7 @@ def build_executor(la: LaunchConfig):
         partition=la.partition,
         nodes=la.nodes,
         ntasks_per_node=la.procs_per_node,
-        gpus_per_node=la.procs_per_node,
+        gpus_per_node=la.procs_per_node + rollout_gpus_per_node,
         time=la.time,
         container_image=la.container_image,
         container_mounts=list(la.container_mounts),
@@ -73,9 +74,9 @@ def train_script(config_path: str, overrides: list[str]):
 def _experiment(cfg: Config, config_path: str, overrides: list[str], quiet: bool = False):
     import nemo_run as run
 
-    exp = run.Experiment(
-        cfg.launch.experiment, executor=build_executor(cfg.launch), log_level="ERROR" if quiet else "WARN", clean_mode=quiet
-    )
+    rollout_gpus = 0 if cfg.rollout.colocated else cfg.rollout.dedicated_gpus_per_node
+    executor = build_executor(cfg.launch, rollout_gpus)
+    exp = run.Experiment(cfg.launch.experiment, executor=executor, log_level="ERROR" if quiet else "WARN", clean_mode=quiet)
     return exp, train_script(config_path, overrides)
 
 

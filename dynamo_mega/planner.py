@@ -55,6 +55,7 @@ class PlanInputs:
     vllm_tp: int = 1
     vllm_memory_fraction: float = 0.5
     colocated: bool = True
+    rollout_gpus: int = 0  # disaggregated (colocated=False): GPUs that only generate, besides the `gpus` training ones
     offload: bool = False  # training state moved to host memory while vLLM generates
     overhead_gib: float = 2.0
     gpus_per_node: int = 8  # where the engines sit (the rollout line); the config's launch.procs_per_node
@@ -65,8 +66,8 @@ class PlanInputs:
 
     @property
     def rollout_replicas(self) -> int:
-        """R: vLLM engines the trainer starts, one per vllm_tp consecutive ranks."""
-        return self.gpus // self.vllm_tp
+        """R: vLLM engines the trainer starts, one per vllm_tp consecutive ranks (colocated) or rollout GPUs."""
+        return (self.gpus if self.colocated else self.rollout_gpus) // self.vllm_tp
 
     @property
     def replicas_per_node(self) -> float:
@@ -190,8 +191,8 @@ def plan_memory(arch: QwenArch, p: PlanInputs) -> MemoryPlan:
     )
 
 
-def layout_problems(arch: QwenArch, tp: int, pp: int, gpus: int, vllm_tp: int = 1) -> list[str]:
-    """Why a TP/PP/vLLM-TP layout cannot run this model on `gpus` GPUs (empty: it can)."""
+def layout_problems(arch: QwenArch, tp: int, pp: int, gpus: int, vllm_tp: int = 1, colocated: bool = True) -> list[str]:
+    """Why a TP/PP/vLLM-TP layout cannot run this model on `gpus` training GPUs (empty: it can)."""
     problems = []
     for what, value in (("num_attention_heads", arch.num_attention_heads), ("num_query_groups", arch.num_query_groups)):
         if value % tp:
@@ -204,7 +205,7 @@ def layout_problems(arch: QwenArch, tp: int, pp: int, gpus: int, vllm_tp: int = 
         problems.append(f"{gpus} GPUs are not a multiple of tensor_parallel x pipeline_parallel = {tp * pp}")
     if arch.num_attention_heads % vllm_tp:
         problems.append(f"vllm_tensor_parallel={vllm_tp} does not divide num_attention_heads={arch.num_attention_heads}")
-    if gpus % vllm_tp:
+    if colocated and gpus % vllm_tp:  # disaggregated engines split the rollout GPUs (config.py checks those)
         problems.append(f"{gpus} GPUs are not a multiple of vllm_tensor_parallel={vllm_tp}")
     if padded_vocab_size(arch.vocab_size, tp) != arch.vocab_size:
         problems.append(
@@ -220,7 +221,7 @@ def suggest_layouts(arch: QwenArch, base: PlanInputs, gpus_per_node: int = 8) ->
     fitting = []
     for tp in (t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node):
         for pp in (q for q in range(1, arch.num_layers + 1) if arch.num_layers % q == 0):
-            if layout_problems(arch, tp, pp, base.gpus, base.vllm_tp):
+            if layout_problems(arch, tp, pp, base.gpus, base.vllm_tp, base.colocated):
                 continue
             plan = plan_memory(arch, replace(base, tp=tp, pp=pp))
             if plan.fits:
@@ -232,17 +233,23 @@ def rollout_layout(plan: MemoryPlan) -> str:
     """One line: the rollout replicas a layout gets (the module docstring's "Rollout replicas")."""
     p = plan.inputs
     r, k, node = p.rollout_replicas, p.vllm_tp, min(p.gpus, p.gpus_per_node)
+    if not p.colocated:
+        nodes = max(p.gpus // p.gpus_per_node, 1)
+        return (
+            f"Rollout: {r} vLLM replica{'' if r == 1 else 's'} of TP={k} on {p.rollout_gpus} GPUs of their own "
+            f"({p.rollout_gpus // nodes} per node beside {min(p.gpus, p.gpus_per_node)} training GPUs), disaggregated: "
+            f"the engines keep their memory while the trainer trains; KV cache {plan.kv_tokens:,} tokens per engine"
+        )
     if node % k == 0:
         where = f"{node // k} per {node}-GPU node"
     elif k % node == 0:
         where = f"each spanning {k // node} {node}-GPU nodes"
     else:
         where = f"engines straddle {node}-GPU nodes"
-    on = "" if p.colocated else f" on {p.gpus} separate rollout GPUs"
     ranks = "the one rank generates" if p.gpus == 1 else f"all {p.gpus} ranks generate"
     share = "each GPU runs its own engine" if k == 1 else f"each GPU holds 1/{k} of one engine"
     return (
-        f"Rollout: {r} vLLM replica{'' if r == 1 else 's'} of TP={k} ({where}){on}, {ranks} ({share}); "
+        f"Rollout: {r} vLLM replica{'' if r == 1 else 's'} of TP={k} ({where}), {ranks} ({share}); "
         f"KV cache {plan.kv_tokens:,} tokens per engine"
     )
 
@@ -261,10 +268,14 @@ def format_plan(plan: MemoryPlan, title: str = "") -> str:
         (f"vLLM KV cache ({plan.kv_tokens:,} tokens per engine = {plan.kv_tokens // p.seq_len} full sequences)", plan.kv_cache),
         ("= rollout phase" + (" (training state offloaded)" if p.offload else ""), plan.rollout_peak),
     ]
+    if not p.colocated:  # two kinds of GPU: the rollout rows are a rollout GPU's, the training rows a training GPU's
+        rows[-1] = ("= rollout GPU (vLLM alone)", plan.rollout_peak)
+        rows[6] = ("= training GPU", plan.train_peak)
+    gpus = f"{p.gpus} GPUs" if p.colocated else f"{p.gpus} training + {p.rollout_gpus} rollout GPUs"
     head = (
-        f"{title}{plan.params_total / 1e9:.2f}B parameters on {p.gpus} GPUs x {p.gpu_mem_gib:g} GiB: "
+        f"{title}{plan.params_total / 1e9:.2f}B parameters on {gpus} x {p.gpu_mem_gib:g} GiB: "
         f"TP={p.tp} PP={p.pp} DP={p.dp}, vLLM TP={p.vllm_tp} ({p.vllm_memory_fraction:g} of each GPU), "
-        f"{'colocated' if p.colocated else 'separate rollout GPUs'}"
+        f"{'colocated' if p.colocated else 'disaggregated'}"
     )
     lines = [head, rollout_layout(plan), "", "| per GPU | GiB |", "|---|---|"] + [f"| {name} | {gib:.2f} |" for name, gib in rows]
     verdict = "FITS" if plan.fits else "DOES NOT FIT: " + "; ".join(plan.notes)
@@ -286,6 +297,7 @@ def inputs_from_config(cfg, gpus: int, gpu_mem_gib: float, *, offload: bool = Fa
         vllm_tp=r.vllm_tensor_parallel,
         vllm_memory_fraction=r.vllm_gpu_memory_utilization,
         colocated=r.colocated,
+        rollout_gpus=0 if r.colocated else r.dedicated_gpus_per_node * max(gpus // cfg.launch.procs_per_node, 1),
         offload=offload,
         gpus_per_node=cfg.launch.procs_per_node,
     )

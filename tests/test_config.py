@@ -119,15 +119,24 @@ def test_built_in_defaults_leave_room_to_reallocate():
     [
         (2, ["rollout.vllm_tensor_parallel=4"], "rollout.vllm_tensor_parallel=4 must divide the 2 ranks"),
         (6, ["rollout.vllm_tensor_parallel=4"], "use one of [1, 2, 3, 6]"),
-        (2, ["rollout.weight_transport=broadcast"], "make 2 replicas: use weight_transport=rpc, or vllm_tensor_parallel=2"),
+        (2, ["rollout.weight_transport=broadcast"], "this layout makes 2 rollout replicas: use weight_transport=rpc"),
+        (2, ["rollout.colocated=false"], "rollout.colocated=false needs rollout.dedicated_gpus_per_node"),
+        (2, ["rollout.dedicated_gpus_per_node=2"], "rollout.dedicated_gpus_per_node=2 needs rollout.colocated=false"),
+        (2, ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=6", "rollout.vllm_tensor_parallel=2"],
+         "makes 3 engines per node, each led by one of the node's 2 training ranks: use at most 4"),
+        (2, ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=2", "rollout.weight_transport=broadcast"],
+         "this layout makes 2 rollout replicas"),
+        (2, ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=1", "rollout.vllm_sleep_level=1"],
+         "rollout.vllm_sleep_level=1 frees shared GPU memory"),
+        (2, ["rollout.max_staleness=2"], "rollout.max_staleness=2: use 0 (synchronous) or 1"),
+        (2, ["rollout.max_staleness=1", "rollout.vllm_sleep_level=1"], "colocated engines cannot sleep"),
     ],
 )
 def test_rollout_replica_layout_is_checked_against_the_world(world, overrides, needle):
     from dynamo_mega.config import validate
 
-    cfg = load_config(TINY, overrides)
-    with pytest.raises(ConfigError) as err:
-        validate(cfg, world)
+    with pytest.raises(ConfigError) as err:  # at load (one section's rule) or against the world
+        validate(load_config(TINY, overrides), world)
     assert needle in str(err.value)
 
 
@@ -141,3 +150,6 @@ def test_rollout_replica_layouts_that_divide_the_world_are_accepted():
 
     validate(load_config(TINY, ["rollout.vllm_tensor_parallel=2", "rollout.weight_transport=broadcast"]), 2)
     validate(load_config(TINY, ["rollout.vllm_tensor_parallel=1"]), 2)
+    # disaggregated: one engine on a GPU of its own for two training ranks, fed by the broadcast transport
+    one = ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=1", "rollout.weight_transport=broadcast"]
+    validate(load_config(TINY, [*one, "rollout.max_staleness=1"]), 2)

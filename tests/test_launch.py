@@ -105,3 +105,12 @@ def test_slurm_sbatch_script_matches_golden(tmp_path):
     assert "--container-image nvcr.io/nvidia/pytorch:25.06-py3" in script and "--container-mounts /lustre:/lustre" in script
     assert "torchrun --rdzv-backend c10d" in script and "--nnodes 4 --nproc-per-node 8" in script
     assert "-m dynamo_mega.cli train configs/qwen2.5_32b.yaml launch.account=rl" in script
+
+
+def test_slurm_asks_for_the_rollout_gpus_of_a_disaggregated_run(tmp_path):
+    job_dir = tmp_path / "slurm_jobs"
+    overrides = ["launch.account=rl", "launch.partition=batch", f"launch.job_dir={job_dir}"]
+    overrides += ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=4"]
+    proc = _launch_cli(["configs/qwen2.5_32b.yaml", *overrides, "--dry-run"], tmp_path / "nemo_run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "#SBATCH --gpus-per-node=12" in proc.stdout and "--nproc-per-node 8" in proc.stdout

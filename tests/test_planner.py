@@ -151,3 +151,19 @@ def test_rollout_layout_line():
     assert layout_problems(ARCH, 1, 1, 48, vllm_tp=16) == ["vllm_tensor_parallel=16 does not divide num_attention_heads=8"]
     single = rollout_layout(plan_memory(ARCH, PlanInputs(**base, gpus=1)))
     assert single.startswith("Rollout: 1 vLLM replica of TP=1 (1 per 1-GPU node), the one rank generates (each GPU runs")
+
+
+def test_disaggregated_plan_counts_training_and_rollout_gpus_apart(capsys):
+    """rollout.colocated=false: the training GPUs hold the training phase alone, the rollout GPUs vLLM alone."""
+    overrides = ["rollout.colocated=false", "rollout.dedicated_gpus_per_node=4", "rollout.vllm_gpu_memory_utilization=0.9"]
+    assert main(["plan", "configs/qwen2.5_math_7b.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "on 16 training + 8 rollout GPUs x 80 GiB" in out and "disaggregated" in out
+    assert "Rollout: 4 vLLM replicas of TP=2 on 8 GPUs of their own (4 per node beside 8 training GPUs)" in out
+    base = dict(tp=2, pp=1, seq_len=4096, micro_batch=1, gpu_mem_gib=80, gpus=16, vllm_tp=2)
+    colocated = plan_memory(ARCH, PlanInputs(**base))
+    apart = plan_memory(ARCH, PlanInputs(**base, colocated=False, rollout_gpus=8))
+    assert apart.train_peak == colocated.train_peak
+    # colocated, the rollout phase also holds the resident training state; apart, vLLM's share alone
+    assert colocated.rollout_peak - apart.rollout_peak == pytest.approx(colocated.weights + colocated.grads + colocated.optimizer)
+    assert layout_problems(ARCH, 1, 1, 6, vllm_tp=4, colocated=False) == []  # the engines split the rollout GPUs

@@ -91,10 +91,11 @@ class _Reward:
         return Scores([1.0 if ok else 0.0 for ok in correct], correct)
 
 
-def _service(engines: dict, replica_size: int = 1):
+def _service(engines: dict, replica_size: int = 1, placement=None):
     from dynamo_mega.rl.rollout_service import RolloutService
 
     return RolloutService(
+        placement=placement,
         replica_size=replica_size,
         start_engine=lambda r: engines.setdefault(r, FakeEngine(r)),
         make_reward=_Reward,

@@ -1,7 +1,8 @@
-"""The rollout side as one component: R = world / k engine replicas, their rewards, restarts and weight refits.
+"""The rollout side as one component: R engine replicas, their rewards, restarts and weight refits.
 
-Replica r is ranks r*k .. r*k+k-1 (k = rollout.vllm_tensor_parallel); its first rank, the replica's leader,
-runs one vLLM engine of tensor parallel size k on the replica's devices and scores what it generates. Every
+Replica r has a leader rank that runs one vLLM engine of tensor parallel size k = rollout.vllm_tensor_parallel and
+scores what it generates: colocated, replica r is ranks r*k .. r*k+k-1 (R = world / k) and the engine runs on
+their GPUs; disaggregated, the engine runs on GPUs of its own (rl/placement.py). Every
 call below is collective over all ranks, which hold identical arguments (the allocation is computed on every
 rank from identical statistics):
 
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from dynamo_mega.parallel.weight_bridge import Bucket
 from dynamo_mega.rl.engines.vllm_engine import Completion
+from dynamo_mega.rl.placement import Placement, replica_placement
 from dynamo_mega.rl.reward_plugins import Scores
 from dynamo_mega.rl.rollout_plan import plan_requests
 from dynamo_mega.weight_push import drain, feed_engine
@@ -87,23 +89,22 @@ class RolloutService:
         weights: Callable[[int], Iterator[Bucket]] | None,
         max_restarts: int,
         pp_size: int = 1,
+        placement: Placement | None = None,
     ):
         """replica_size = k ranks per replica; start_engine(replica) -> engine (leaders only: VLLMEngine or a
         test double with generate / push / version / restart / sleep / close); make_reward() -> Reward (leaders;
         None: no scoring); decode: response token ids -> texts for the reward; weights(version) -> this rank's
         part of the weight bridge's stream (None: the engines keep the weights they started with, e.g.
         `dynamo-mega eval`); pp_size: the trainer's pipeline stages (the broadcast transport announces its
-        weight group to every stage's carrier)."""
+        weight group to every stage's carrier); placement: which rank leads each replica (rl/placement.py; None:
+        colocated replicas of replica_size consecutive ranks)."""
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        if replica_size < 1 or self.world_size % replica_size:
-            raise ValueError(
-                f"rollout.vllm_tensor_parallel={replica_size} must divide the {self.world_size} ranks "
-                "(each rollout replica is k ranks)"
-            )
-        self.k, self.num_replicas = replica_size, self.world_size // replica_size
-        self.replica, self.is_leader = self.rank // replica_size, self.rank % replica_size == 0
-        self.leader_ranks = list(range(0, self.world_size, replica_size))
+        if placement is None:
+            placement = replica_placement(self.world_size, self.world_size, replica_size, colocated=True)
+        self.placement, self.k, self.num_replicas = placement, placement.engine_tp, placement.num_replicas
+        self.leader_ranks = list(placement.leader_ranks)
+        self.replica, self.is_leader = placement.replica_of(self.rank), self.rank in self.leader_ranks
         self._leaders_group = dist.new_group(self.leader_ranks) if self.num_replicas > 1 else None  # every rank calls
         # The reports go over a group of the service's own: with rollout.max_staleness=1 `generate` runs in a
         # background thread while the trainer's collectives run on the other groups (gloo: any backend's world).
@@ -391,11 +392,12 @@ def start_vllm_replicas(
     (math-verify and user functions, rl/reward_plugins.py).
     weights(version): the refit stream (None: the engines keep model_dir's weights); max_len: the engines'
     context; seed: the engines' sampling seed (default rollout.seed)."""
-    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine, replica_devices
+    from dynamo_mega.rl.engines.vllm_engine import VLLMEngine
     from dynamo_mega.rl.reward import MathVerifyReward
     from dynamo_mega.rl.reward_plugins import ConfiguredReward
 
     r, k, a = cfg.rollout, cfg.rollout.vllm_tensor_parallel, cfg.algo
+    placement = placement_from_config(cfg)
 
     def start_engine(replica: int) -> VLLMEngine:
         return VLLMEngine(
@@ -409,7 +411,7 @@ def start_vllm_replicas(
             sleep_level=r.vllm_sleep_level,
             weight_transport=r.weight_transport,
             tensor_parallel=k,
-            devices=replica_devices(k),
+            devices=placement.engine_gpus(dist.get_rank() if dist.is_initialized() else 0) if torch.cuda.is_available() else None,
         )
 
     return RolloutService(
@@ -422,7 +424,19 @@ def start_vllm_replicas(
         weights=weights,
         max_restarts=r.max_engine_restarts,
         pp_size=pp_size,
+        placement=placement,
     )
+
+
+def placement_from_config(cfg) -> Placement:
+    """The run's replica layout: this job's world and ranks per node (torchrun's), rollout.colocated and
+    rollout.dedicated_gpus_per_node."""
+    import os
+
+    r = cfg.rollout
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return replica_placement(world, per_node, r.vllm_tensor_parallel, r.colocated, r.dedicated_gpus_per_node)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

@@ -71,19 +71,6 @@ def _engine_environment(devices: list[int] | None):
         os.environ.update(saved)
 
 
-def replica_devices(k: int) -> list[int] | None:
-    """The local GPUs of this rank's rollout replica: its k ranks' devices (LOCAL_RANK .. LOCAL_RANK + k - 1, the
-    caller being the replica's first rank); None without GPUs. A replica must not span nodes."""
-    if not torch.cuda.is_available():
-        return None
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if local_world % k:
-        raise ValueError(
-            f"rollout.vllm_tensor_parallel={k} must divide the {local_world} GPUs per node: an engine's ranks share a node"
-        )
-    return list(range(local_rank, local_rank + k))
-
-
 _TORCHRUN_VARIABLES = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
