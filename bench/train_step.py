@@ -22,6 +22,16 @@ the training forward is reused) and half as large (global scope then needs a no-
     python bench/train_step.py                # writes bench/results/train_step.{json,md}
     python bench/train_step.py --quick        # tiny model only, 1 rep: a smoke test of the script
     python bench/train_step.py --modulation   # adds the modulation comparison to the same files
+    python bench/train_step.py --variants     # adds the policy-step variants (below) to the same files
+
+--variants: train.rl_step itself (advantages, the rank's micro-batches, behaviour log-probs, one policy_step per
+mini-batch) on one rollout batch of the quick start's shape (configs/tiny_cpu.yaml: its model, 64 prompts x 8
+samples of its task's prompts, responses of 3-6 tokens, 4 mini-batches, temperature 0.7; one process, --threads),
+with 40% of the prompt groups all-equal in reward (zero advantage: the issue measured 30-45% early in the quick
+start's RL), under each setting of packing (optim.pack_row_tokens), zero-advantage skipping
+(optim.skip_zero_advantage), the behaviour log-prob source (optim.behaviour_logprobs) and DynaMO modulation.
+Variants run interleaved, rep after rep, so that other work on a shared machine hits them alike; the ratios
+against `before` (the old defaults: no packing, no skipping, recomputed behaviour log-probs) are what to read.
 """
 
 from __future__ import annotations
@@ -187,6 +197,139 @@ def measure_modulation(reps: int) -> dict:
     return {"setting": QUICK_START, "reps": reps, "rows": rows, "loadavg_1min_at_end": os.getloadavg()[0]}
 
 
+# name: overrides of configs/tiny_cpu.yaml. `before` is the trainer's defaults before parallel/work_skipping.py.
+VARIANTS = {
+    "before": ["optim.skip_zero_advantage=false", "optim.behaviour_logprobs=recompute"],
+    "before, modulation off": ["optim.skip_zero_advantage=false", "optim.behaviour_logprobs=recompute",
+                               "modulation.enabled=false"],
+    "before + packing 64": ["optim.skip_zero_advantage=false", "optim.behaviour_logprobs=recompute",
+                            "optim.pack_row_tokens=64"],
+    "before + packing 256": ["optim.skip_zero_advantage=false", "optim.behaviour_logprobs=recompute",
+                             "optim.pack_row_tokens=256"],
+    "before + skipping": ["optim.behaviour_logprobs=recompute"],
+    "before + engine log-probs": ["optim.skip_zero_advantage=false"],
+    "after": [],  # skipping + engine log-probs (auto), the config's packing
+    "after, modulation off": ["modulation.enabled=false"],
+}
+ZERO_ADV_GROUP_FRAC = 0.4
+
+
+def _variants_worker(rank: int, world: int, port: int, out_dir: str, reps: int, threads: int) -> None:
+    from types import SimpleNamespace
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from dynamo_mega import train
+    from dynamo_mega.config import load_config
+    from dynamo_mega.data import load_data
+    from dynamo_mega.optim import build_optimizer
+    from dynamo_mega.parallel.groups import init_parallel
+    from dynamo_mega.parallel.policy import build_policy
+    from dynamo_mega.parallel.train_step import old_logprobs, split_micro_batches
+    from dynamo_mega.rl.rollout import RolloutBatch, to_token_batch
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    cfgs = {name: load_config(config, overrides) for name, overrides in VARIANTS.items()}
+    base = cfgs["after"]
+    groups = init_parallel(1, seed=0)
+    model, _ = build_policy(base.model, groups, seed=0)
+    train_set, _, tokenizer, _ = load_data(base)
+    g = torch.Generator().manual_seed(0)
+    r = base.rollout
+    prompts = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in train_set[: r.prompts_per_step]]
+    n = r.samples_per_prompt
+    responses = [
+        torch.randint(2, base.model.vocab_size, (int(torch.randint(2, r.max_new_tokens, (), generator=g)),), generator=g).tolist()
+        + [tokenizer.eos_token_id]
+        for _ in range(len(prompts) * n)
+    ]
+    rewards = []
+    for i in range(len(prompts)):
+        if i < ZERO_ADV_GROUP_FRAC * len(prompts):
+            rewards += [float(i % 2)] * n  # all wrong or all right: zero advantage
+        else:
+            rewards += [1.0] + [0.0] + torch.randint(0, 2, (n - 2,), generator=g).float().tolist()
+    p_tok = [p for p in prompts for _ in range(n)]
+    tb = to_token_batch(p_tok, responses, None, tokenizer.pad_token_id)
+    micro = split_micro_batches(tb.input_ids_NS, tb.targets_NS, tb.loss_mask_NS, torch.zeros(len(p_tok)),
+                                tb.rollout_logp_NS, len(p_tok))
+    (logp,), _ = old_logprobs(model, micro, groups, r.temperature)  # what an fp32 engine records (to ~1e-7)
+    logprobs = [logp[i, len(p) - 1 : len(p) - 1 + len(resp)].tolist() for i, (p, resp) in enumerate(zip(p_tok, responses))]
+    batch = RolloutBatch([str(i // n) for i in range(len(p_tok))], ["0"] * len(p_tok), p_tok, responses, logprobs,
+                         [True] * len(p_tok), [n] * len(prompts), 0, rewards=rewards, correct=[x > 0 for x in rewards])
+    optimizer, scheduler = build_optimizer(model, 1e-6, base.optim, 10_000)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, groups=groups,
+                              tokenizer=tokenizer, version=0)
+    times = {name: [] for name in VARIANTS}
+    cpu = {name: [] for name in VARIANTS}
+    stats = {}
+    for rep in range(reps + 1):  # rep 0 warms up; variants interleaved
+        for name, cfg in cfgs.items():
+            trainer.cfg = cfg
+            t0, c0 = time.perf_counter(), time.process_time()
+            stats[name] = train.rl_step(trainer, batch)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    result = {name: {"min": min(t), "median": sorted(t)[len(t) // 2], "cpu_median": sorted(cpu[name])[len(t) // 2],
+                     "skipped_zero_adv_frac": stats[name].get("skipped_zero_adv_frac", 0.0),
+                     "behaviour_from_engine": stats[name].get("behaviour_from_engine", 0.0),
+                     "pack_row_tokens": cfgs[name].optim.pack_row_tokens, "modulation": cfgs[name].modulation.enabled}
+              for name, t in times.items()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def measure_variants(reps: int, threads: int) -> dict:
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_variants_worker, args=(1, free_port(), out, reps, threads), nprocs=1, join=True)
+        by_name = json.loads(Path(out, "rank0.json").read_text())
+    before = by_name["before"]
+    for name, r in by_name.items():
+        for key in ("min", "median", "cpu_median"):
+            r[f"vs_before_{key}"] = r[key] / before[key]
+        print(json.dumps({"variant": name, **r}), flush=True)
+    mod = {
+        f"{which}_{key}": by_name[which][key] / by_name[f"{which}, modulation off"][key]
+        for which in ("before", "after") for key in ("median", "cpu_median")
+    }
+    return {"variants": by_name, "reps": reps, "threads": threads, "modulation_cost": mod,
+            "zero_adv_group_frac": ZERO_ADV_GROUP_FRAC, "loadavg_1min_at_start": load_start,
+            "loadavg_1min_at_end": os.getloadavg()[0], "cores": os.cpu_count()}
+
+
+def _variants_table(v: dict) -> list[str]:
+    lines = [
+        "\n## Policy-step variants at the quick start's shape (`--variants`)\n",
+        "train.rl_step on one rollout batch of configs/tiny_cpu.yaml's shape (64 prompts x 8 samples, responses of "
+        f"3-6 tokens, 4 mini-batches; {v['zero_adv_group_frac']:.0%} of the groups all-equal in reward), one "
+        f"process, {v['threads']} thread(s), the variants interleaved rep after rep. `before`: the old defaults (no "
+        "packing, no zero-advantage skipping, behaviour log-probs recomputed); `after`: the new defaults. Ratios < 1 "
+        "are faster than `before`. CPU time (the process's own, time.process_time) is what other work on a shared "
+        "machine disturbs least; wall time is the number on a quiet one.\n",
+        "| variant | packing (row tokens) | modulation | skipped samples | behaviour log-probs | CPU median (s) "
+        "| wall median (s) | wall fastest (s) | CPU vs before | wall median vs before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in v["variants"].items():
+        lines.append(
+            f"| {name} | {r['pack_row_tokens'] or 'off'} | {'on' if r['modulation'] else 'off'} | "
+            f"{r['skipped_zero_adv_frac']:.0%} | {'engine' if r['behaviour_from_engine'] else 'recomputed'} | "
+            f"{r['cpu_median']:.3f} | {r['median']:.3f} | {r['min']:.3f} | {r['vs_before_cpu_median']:.3f}x | "
+            f"{r['vs_before_median']:.3f}x |"
+        )
+    m = v["modulation_cost"]
+    lines.append(
+        f"\nModulation's cost (with / without, CPU time): {m['before_cpu_median'] - 1:+.1%} of the step with the old "
+        f"defaults, {m['after_cpu_median'] - 1:+.1%} with the new ones (wall: {m['before_median'] - 1:+.1%}, "
+        f"{m['after_median'] - 1:+.1%}). Median of {v['reps']} reps; 1-minute load average "
+        f"{v['loadavg_1min_at_start']:.1f} at the start, {v['loadavg_1min_at_end']:.1f} at the end, on {v['cores']} cores."
+    )
+    return lines
+
+
 def _step_table(out: dict) -> list[str]:
     lines = [
         "| model | TP | PP | tokens/step | old-logprob pass (s) | fwd+bwd (s) | step (s) | optimizer+rest (s) | tokens/s "
@@ -241,6 +384,8 @@ def write_results(name: str, **update) -> None:
     lines = _step_table(out) if "rows" in out else []
     if "modulation" in out:
         lines += _modulation_table(out["modulation"])
+    if "variants" in out:
+        lines += _variants_table(out["variants"])
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -249,8 +394,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--modulation", action="store_true", help="only the modulation-cost comparison (tiny model)")
+    ap.add_argument("--variants", action="store_true", help="only the policy-step variants (quick-start shape)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="--variants: torch threads (1 on a busy machine)")
     args = ap.parse_args()
+    if args.variants:
+        write_results("train_step", variants=measure_variants(args.reps, args.threads))
+        return
     if args.modulation:
         write_results("train_step", modulation=measure_modulation(args.reps))
         return

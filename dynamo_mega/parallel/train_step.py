@@ -13,6 +13,9 @@ modulation: the modulation never sees the engine's log-probs, and the weights ne
 Every pass over the micro-batches, at every PP size, is Megatron's schedule (parallel/pipeline.py: no pipelining at
 PP=1, 1F1B above): the loss, modulation and metrics exist on the last stage (at PP=1, the only one) and every rank
 gets the last stage's stats.
+
+Samples with a zero advantage at every token may be left out of the training pass (`policy_step`'s `skipped`,
+parallel/work_skipping.py): they still count in G, so the update is unchanged.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dynamo_mega.parallel import pipeline
+from dynamo_mega.parallel import pipeline, work_skipping
 from dynamo_mega.parallel.groups import ParallelGroups
 from dynamo_mega.parallel.logprobs import vocab_parallel_logprobs_entropy
 from dynamo_mega.parallel.policy import clip_grad_norm_, forward_logits
 from dynamo_mega.rl.loss import global_token_count, policy_loss, reduce_loss_metrics
 from dynamo_mega.rl.mismatch import mismatch_correction
-from dynamo_mega.rl.modulation import modulate_micro_batches
+from dynamo_mega.rl.modulation import ModulationStats, modulate_micro_batches, modulation_stats
 
 
 @dataclass
@@ -86,6 +89,13 @@ def old_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups,
     return pipeline.broadcast_from_last_stage(_schedule_logprobs(model, micro_batches, groups, temperature), groups)
 
 
+def engine_logprobs(micro_batches: list[MicroBatch]) -> tuple[list[torch.Tensor], None]:
+    """The engine's recorded log-probs (MicroBatch.rollout_logp) as `policy_step`'s `old`, in place of an
+    `old_logprobs` pass: exact only where parallel/work_skipping.engine_behaviour_logprobs says so. No entropies:
+    `policy_step` takes every entropy from the policy being updated."""
+    return [mb.rollout_logp for mb in micro_batches], None
+
+
 @torch.no_grad()
 def _schedule_logprobs(model, micro_batches: list[MicroBatch], groups: ParallelGroups, temperature: float):
     """(log-probs, entropies) per micro-batch, detached, on the last stage; None on the others."""
@@ -132,13 +142,19 @@ def policy_step(
     temperature: float,
     grad_clip: float,
     modulation=None,
-    old: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    old: tuple[list[torch.Tensor], list[torch.Tensor] | None] | None = None,
     mismatch=None,
+    skipped: list[MicroBatch] | None = None,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches`. `modulation`: a ModulationConfig or None. `mismatch`: a
     MismatchConfig or None (no correction; the mismatch metrics are logged either way). `old`: the behaviour
-    (pre-update) (log-probs, entropies) per micro-batch, taken before the rollout batch's first optimizer step;
-    required when an earlier step has already changed the weights. None: these weights ARE the behaviour policy.
+    (pre-update) (log-probs, entropies) per micro-batch, taken before the rollout batch's first optimizer step
+    (`old_logprobs`, or `engine_logprobs` where exact); required when an earlier step has already changed the
+    weights. None: these weights ARE the behaviour policy. Only the log-probs of `old` are used.
+    `skipped`: this rank's samples of the step with a zero advantage at every token, left out of the training pass
+    (parallel/work_skipping.py): their tokens count in the global token mean, and where DynaMO's `global` scope
+    takes its entropy range over them too, one forward-only pass gives their entropies. The loss metrics are then
+    means over the trained tokens (stats `trained_tokens`); `num_tokens` is the normalisation's count.
 
     The PPO ratio is against `old`; the modulation factors (r_t, pi_t, H_t, ALGORITHM.md sections 2 and 5) come
     from the policy being updated, detached, as in the reference. The training pass is Megatron's schedule for
@@ -146,10 +162,13 @@ def policy_step(
     stage; then the tied-embedding gradient sum between the stages, the DP sync, clipping (over all stages) and the
     step. The stats are the last stage's, on every rank."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
+    skipped = skipped or []
+    assert not skipped or not _microbatch_scope(modulation), "per-micro-batch statistics need every sample"
     # Before any modulation collective, on every path: DP ranks may take different paths below (their
     # micro-batch counts can differ) and must still issue their DP all-reduces in one order.
-    num_tokens = global_token_count([mb.mask for mb in micro_batches], dp_group)  # each stage's DP group
-    modulate = _modulator(dp_group, algo, modulation)
+    num_tokens = global_token_count([mb.mask for mb in micro_batches + skipped], dp_group)  # each stage's DP group
+    extra_stats = _skipped_entropy_range(model, skipped, groups, temperature, modulation)
+    modulate = _modulator(dp_group, algo, modulation, extra_stats)
     old_logp, advantages, mod_metrics = _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate)
     tp_group = groups.tp_group if groups.tp_size > 1 else None
     losses, metrics = [], []
@@ -172,8 +191,23 @@ def policy_step(
     grad_norm, stepped = sync_and_step(model, optimizer, scheduler, groups, grad_clip)
     stats = None
     if groups.is_last_stage:
-        stats = _policy_stats(metrics, sum(losses, 0.0), grad_norm, stepped, mod_metrics, dp_group)
+        stats = _policy_stats(metrics, sum(losses, 0.0), grad_norm, stepped, mod_metrics, dp_group, num_tokens)
     return pipeline.broadcast_from_last_stage(stats, groups)
+
+
+def _skipped_entropy_range(model, skipped, groups, temperature, modulation) -> list[ModulationStats]:
+    """Partial modulation statistics of the skipped samples' tokens under the present weights (last stage; [] on
+    the others and where the modulation needs none of them): their entropy range, and max X = 0 (their xi_t = 0)."""
+    if not skipped or not work_skipping.needs_entropy_range(modulation):
+        return []
+    current = _schedule_logprobs(model, skipped, groups, temperature)
+    if current is None:
+        return []
+    return [modulation_stats(ent, torch.zeros_like(ent), mb.mask) for ent, mb in zip(current[1], skipped, strict=True)]
+
+
+def _microbatch_scope(modulation) -> bool:
+    return modulation is not None and modulation.enabled and modulation.scope == "microbatch"
 
 
 def _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate):
@@ -215,9 +249,10 @@ def _micro_batch_advantages(i, mb, logp_BS, entropy_BS, old_logp_BS, advantages,
     return adv[0]
 
 
-def _modulator(dp_group, algo, modulation):
+def _modulator(dp_group, algo, modulation, extra_stats: list[ModulationStats]):
     """modulate(micro_batches, logp, old_logp, entropy) -> (token advantages per micro-batch, metric sums): DynaMO
-    modulation when enabled (factors from logp, entropy; r_t = exp(logp - old_logp)), the plain advantages else."""
+    modulation when enabled (factors from logp, entropy; r_t = exp(logp - old_logp)), the plain advantages else.
+    `extra_stats`: the skipped samples' statistics, part of the `global` scope's (`_skipped_entropy_range`)."""
 
     def modulate(micro_batches, logp, old_logp, entropy):
         advantages = [mb.advantages for mb in micro_batches]
@@ -239,6 +274,7 @@ def _modulator(dp_group, algo, modulation):
             gamma=modulation.gamma,
             tau=modulation.tau,
             segments=[mb.segments for mb in micro_batches],
+            extra_stats=extra_stats,
         )
 
     return modulate
@@ -283,10 +319,19 @@ def _correction_on(mismatch) -> bool:
     return mismatch is not None and (mismatch.token_is or mismatch.mask_geometric or mismatch.mask_token)
 
 
-def _policy_stats(metrics, loss_total: float, grad_norm: float, stepped: bool, mod_metrics: dict, dp_group) -> dict[str, float]:
+def _policy_stats(
+    metrics, loss_total: float, grad_norm: float, stepped: bool, mod_metrics: dict, dp_group, num_tokens: float
+) -> dict[str, float]:
     out = reduce_loss_metrics(metrics, dp_group)
+    out["trained_tokens"] = out.pop("num_tokens", 0.0)  # what the loss metrics are means over
+    out["num_tokens"] = num_tokens  # the global token mean's count, skipped samples included
     out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(not stepped))
     out["logprob_mismatch"] = out.pop("mismatch_abs", 0.0)  # mean |trainer - engine| log-prob per token
+    keys = sorted(mod_metrics)  # the same keys on every DP rank (modulation on or off)
+    if keys and dp_group is not None and dist.get_world_size(group=dp_group) > 1:  # means over the whole step
+        sums = torch.stack([torch.as_tensor(mod_metrics[k], dtype=torch.float64) for k in keys])
+        dist.all_reduce(sums, group=dp_group)
+        mod_metrics = dict(zip(keys, sums, strict=True))
     for key in ("comp", "stab"):
         if f"{key}_count" in mod_metrics and mod_metrics[f"{key}_count"] > 0:
             out[f"modulation_{key}_mean"] = float(mod_metrics[f"{key}_sum"] / mod_metrics[f"{key}_count"])

@@ -21,6 +21,11 @@ Statistics H_min, H_max, max |dH| are taken over valid tokens of the SCOPE:
 - `global` (default): reduced over ALL micro-batches of the optimizer step and MAX-all-reduced over
   the data-parallel group, so factors do not depend on the micro-batch split or DP size. Every
   sequence must lie whole inside one micro-batch (the centred mean runs along the last dim).
+Valid tokens include those with a zero advantage (the reference takes its entropy range over every position of
+the micro-batch): they set H_min/H_max, while their X_t is exactly 0 (xi_t = 0), so they never move max X. A
+policy step that leaves zero-advantage samples out of its training pass (parallel/work_skipping.py) therefore
+still supplies their entropy range (`extra_stats`), and turns the skipping off in the `microbatch` scope, where
+which samples share a micro-batch decides the statistics.
 
 Which log-probs: the factors need logp_t, pi_t = exp(logp_t), H_t and r_t = exp(logp_t - logp_old_t), with
 logp_t and H_t from the policy being updated (detached) and logp_old_t from the behaviour policy, as in the
@@ -220,22 +225,27 @@ def modulate_micro_batches(
     gamma: float = 50.0,
     tau: float = 0.99,
     segments: Sequence[Tensor | None] | None = None,
+    extra_stats: Sequence[ModulationStats] = (),
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
     """The whole call sequence for one optimizer step; lists hold one [B_m, S_m] tensor per micro-batch
     (`segments`: per micro-batch, the packed-sample ids of parallel/packing.py, or None for one sample per row).
+    `extra_stats` ("global" scope only): partial statistics of this rank's tokens of the step that are not
+    modulated here, folded into the shared statistics (the zero-advantage samples a policy step leaves out of its
+    training pass, parallel/work_skipping.py).
 
     Returns (modulated advantages per micro-batch, metric sums over this rank's micro-batches).
     With scope "global" every DP rank must call it (one MAX all-reduce).
     """
     if scope not in SCOPES:
         raise ValueError(f"modulation scope must be one of {SCOPES}, got {scope!r}")
+    assert scope == "global" or not extra_stats, "only the global scope has statistics beyond its micro-batches"
     segments = segments if segments is not None else [None] * len(masks)
     dh = [
         entropy_change(lp, olp, ent, adv, m, eps_low=eps_low, eps_high=eps_high, variant=variant, segments_BS=seg)
         for lp, olp, ent, adv, m, seg in zip(logp, old_logp, entropy, advantages, masks, segments, strict=True)
     ]
     partials = [modulation_stats(ent, x, m) for ent, x, m in zip(entropy, dh, masks, strict=True)]
-    shared = reduce_modulation_stats(partials, dp_group) if scope == "global" else None
+    shared = reduce_modulation_stats([*partials, *extra_stats], dp_group) if scope == "global" else None
     out, totals = [], {}
     for adv, ent, x, m, part in zip(advantages, entropy, dh, masks, partials, strict=True):
         stats = shared if shared is not None else part
