@@ -313,6 +313,10 @@ class MismatchConfig:
         _require(self.token_ratio_max > 1, f"mismatch.token_ratio_max={self.token_ratio_max} must be > 1")
 
 
+# optim.behaviour_logprobs: where PPO mini-batches 2..M take their behaviour log-probs (parallel/work_skipping.py)
+BehaviourLogprobs = StrEnum("BehaviourLogprobs", ["auto", "engine", "recompute"])
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
@@ -326,6 +330,14 @@ class OptimConfig:
     micro_batch_size: int = 256  # sequences per forward/backward (rows, when packing)
     pack_row_tokens: int = 0  # > 0: pack samples end to end in rows of this many tokens, balanced over DP by tokens
     mini_batches: int = 1  # optimizer steps per rollout batch (PPO mini-batches of whole prompt groups, 1 epoch)
+    # Leave samples whose advantage is 0 at every token (all-equal-reward groups) out of the forward/backward; their
+    # tokens still count in the token mean, so the update is unchanged (exact; docs/work_skipping.md). With DynaMO's
+    # global scope they still get a forward-only pass for the entropy range; ignored in its microbatch scope.
+    skip_zero_advantage: bool = True
+    # Behaviour log-probs of PPO mini-batches 2..M: recompute (a no-grad pass before the first optimizer step) |
+    # engine (the log-probs the rollout engine recorded; exact only for the same weights and numerics) | auto
+    # (engine where exact: fp32 engine and trainer, top_p 1, on-policy samples, no mismatch correction; else recompute)
+    behaviour_logprobs: BehaviourLogprobs = BehaviourLogprobs.auto
 
     def check(self) -> None:
         _require(self.lr > 0, f"optim.lr={self.lr} must be > 0")

@@ -31,7 +31,7 @@ from dynamo_mega.lifeline import arm_spawned_children
 from dynamo_mega.metrics import MetricsLogger, plot_run, truncate_jsonl
 from dynamo_mega.models.qwen import hf_config_dict
 from dynamo_mega.optim import build_optimizer
-from dynamo_mega.parallel import packing, train_step
+from dynamo_mega.parallel import packing, train_step, work_skipping
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
 from dynamo_mega.rl import step_rollouts
@@ -303,15 +303,26 @@ def _log_samples(t: Trainer, step: int, batch: RolloutBatch) -> None:
 
 
 def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
-    """Advantages -> this DP rank's share of samples -> one policy step."""
+    """Advantages -> this DP rank's share of samples -> one policy step per PPO mini-batch."""
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     adv_N = group_advantages(rewards, batch.group_sizes)
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
     mini_batches = mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches)
-    plans = [this_rank_micro_batches(t, tokens, adv_N, idx) for idx in mini_batches]
+    # Samples with a zero advantage at every token carry no gradient: out of the forward/backward, still counted in
+    # the token mean (optim.skip_zero_advantage, parallel/work_skipping.py).
+    skip = work_skipping.skip_zero_advantage(t.cfg.optim, t.cfg.modulation)
+    splits = [work_skipping.split_zero_advantage(idx, adv_N, skip) for idx in mini_batches]
+    plans = [this_rank_micro_batches(t, tokens, adv_N, train) for train, _ in splits]
+    skipped = [[mb for mb in this_rank_micro_batches(t, tokens, adv_N, zero) if mb.mask.any()] for _, zero in splits]
     # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one. The
-    # first mini-batch's are the current policy's: policy_step takes them itself (None), sparing a no-grad pass.
-    olds = [None] + [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans[1:]]
+    # first mini-batch's are the current policy's: policy_step takes them itself (None), sparing a no-grad pass. The
+    # others' are the engine's where those are the same numbers (optim.behaviour_logprobs), else a no-grad pass each.
+    versions = getattr(batch, "versions", None) or [batch.policy_version]
+    from_engine = work_skipping.engine_behaviour_logprobs(t.cfg, versions, t.version)
+    if from_engine:
+        olds = [None] + [train_step.engine_logprobs(micro) for micro in plans[1:]]
+    else:
+        olds = [None] + [train_step.old_logprobs(t.model, micro, t.groups, t.cfg.rollout.temperature) for micro in plans[1:]]
     per_step = [
         train_step.policy_step(
             t.model,
@@ -325,9 +336,13 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
             modulation=t.cfg.modulation,
             old=old,
             mismatch=t.cfg.mismatch,
+            skipped=zero,
         )
-        for micro, old in zip(plans, olds, strict=True)
+        for micro, old, zero in zip(plans, olds, skipped, strict=True)
     ]
+    for s in per_step[1:] if from_engine else ():  # behaviour == engine there by construction: mini-batch 1 measures it
+        for key in work_skipping.MISMATCH_METRICS:
+            s.pop(key, None)
     # Mean over the optimizer steps that report each key: a mini-batch without positive (or any nonzero)
     # advantages has no modulation factors to report.
     keys = dict.fromkeys(k for s in per_step for k in s)
@@ -341,6 +356,8 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
         response_len_mean=sum(map(len, batch.response_tokens)) / len(batch),
         truncated_frac=1.0 - sum(batch.finished) / len(batch),  # cut at rollout.max_new_tokens
         samples=len(batch),
+        skipped_zero_adv_frac=sum(len(zero) for _, zero in splits) / len(batch),  # left out of the forward/backward
+        behaviour_from_engine=float(from_engine),
     )
     return stats
 
@@ -348,12 +365,17 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
 def this_rank_micro_batches(t: Trainer, tokens, adv_N: torch.Tensor, idx_M: torch.Tensor) -> list[train_step.MicroBatch]:
     """This DP rank's share of one mini-batch (sample indices idx_M) as micro-batches: padded rows of
     optim.micro_batch_size samples strided over ranks, or, with optim.pack_row_tokens > 0, packed rows
-    balanced over ranks by tokens (optim.micro_batch_size rows per micro-batch)."""
+    balanced over ranks by tokens (optim.micro_batch_size rows per micro-batch). A rank without samples gets one
+    all-padding micro-batch, which keeps it in the step's collectives."""
     o, g = t.cfg.optim, t.groups
     fields = (tokens.input_ids_NS, tokens.targets_NS, tokens.loss_mask_NS, adv_N, tokens.rollout_logp_NS)
     if o.pack_row_tokens == 0:
         mine = idx_M[g.dp_rank :: g.dp_size]
+        if len(mine) == 0:
+            return [train_step.empty_micro_batch()]
         return train_step.split_micro_batches(*(f[mine] for f in fields), o.micro_batch_size)
+    if len(idx_M) == 0:
+        return [train_step.empty_micro_batch()]
     lengths = packing.sample_lengths(tokens.loss_mask_NS[idx_M])
     # Rows no wider than needed to give every DP rank work, never narrower than the longest sample.
     width = min(o.pack_row_tokens, max(max(lengths), sum(lengths) // g.dp_size))
