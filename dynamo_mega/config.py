@@ -36,6 +36,7 @@ WeightTransport = StrEnum("WeightTransport", ["rpc", "ipc", "broadcast"])
 AllocationMode = StrEnum("AllocationMode", ["uniform", "reference", "optimal", "probing", "dapo"])
 ModulationScope = StrEnum("ModulationScope", ["global", "microbatch"])
 ModulationVariant = StrEnum("ModulationVariant", ["centred", "legacy"])
+EntropyRange = StrEnum("EntropyRange", ["step", "nonzero_advantage"])
 LRDecay = StrEnum("LRDecay", ["constant", "linear", "cosine"])
 WandbMode = StrEnum("WandbMode", ["online", "offline"])
 Executor = StrEnum("Executor", ["local", "slurm"])
@@ -289,6 +290,10 @@ class ModulationConfig:
     lambda_min: float = 0.6  # stabilisation floor
     gamma: float = 50.0  # sigmoid sharpness
     tau: float = 0.99  # sigmoid midpoint on the normalised entropy change
+    # Tokens H_min/H_max are taken over: step (every valid token of the scope, as the reference) | nonzero_advantage
+    # (tokens with a nonzero advantage: a change to the statistics that lets optim.skip_zero_advantage skip the
+    # zero-advantage samples' forward-only pass too; docs/work_skipping.md)
+    entropy_range: EntropyRange = EntropyRange.step
 
     def check(self) -> None:
         _require(self.mu_max >= 1 and 0 <= self.lambda_min <= 1, "modulation: need mu_max >= 1 and 0 <= lambda_min <= 1")

@@ -6,6 +6,9 @@ share of every step's allocation. Rank 0, the driver, owns the run directory and
     evaluate -> [supervised warm-up] -> for each step:
         sample prompts -> rollouts (vLLM) -> math-verify rewards -> group advantages
         -> policy step (old log-probs, DynaMO token modulation, clipped loss, AdamW) -> weight sync -> log
+
+With rollout.max_staleness=1 the next step's "sample prompts -> rollouts -> rewards" runs in a background thread
+while this step's policy step runs (`rl_iteration`, docs/async.md).
 """
 
 from __future__ import annotations

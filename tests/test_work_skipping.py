@@ -131,6 +131,18 @@ def test_skipping_without_modulation_needs_no_forward_of_the_skipped_samples():
     _check_pairs(run_gloo(_runs, 1, 1, 1, _pairs(ModulationConfig(enabled=False)))[0])
 
 
+def test_an_entropy_range_over_nonzero_advantages_skips_the_forward_too_and_stays_exact():
+    """modulation.entropy_range=nonzero_advantage: the zero-advantage samples take part in no factor, so skipping
+    them needs no forward-only pass (needs_entropy_range) and the update still equals not skipping them; the
+    statistics differ from the default's (the default's update is not reproduced)."""
+    nonzero = ModulationConfig(scope="global", entropy_range="nonzero_advantage")
+    assert not work_skipping.needs_entropy_range(nonzero)
+    for rank_out in run_gloo(_runs, 2, 1, 1, _pairs(nonzero)):  # DP=2: the range is reduced over ranks
+        _check_pairs(rank_out)
+    default, other = run_gloo(_runs, 1, 1, 1, [(0, 64, ON, False), (0, 64, nonzero, False)])[0]
+    assert _differs(other, default)
+
+
 def test_controls_skipping_a_nonzero_advantage_or_the_entropy_range_changes_the_update():
     runs = [
         (0, 64, ON, False),

@@ -275,6 +275,7 @@ def _modulator(dp_group, algo, modulation, extra_stats: list[ModulationStats]):
             tau=modulation.tau,
             segments=[mb.segments for mb in micro_batches],
             extra_stats=extra_stats,
+            entropy_range=modulation.entropy_range,
         )
 
     return modulate

@@ -40,8 +40,10 @@ def skip_zero_advantage(optim, modulation) -> bool:
 
 def needs_entropy_range(modulation) -> bool:
     """Whether skipped samples still need a forward-only pass: the `global` scope's compensation (mu_max > 1) maps
-    each positive-advantage token's entropy through H_min/H_max over every valid token of the step."""
-    return modulation is not None and modulation.enabled and modulation.scope == "global" and modulation.mu_max > 1.0
+    each positive-advantage token's entropy through H_min/H_max over every valid token of the step, unless
+    modulation.entropy_range=nonzero_advantage takes that range over nonzero-advantage tokens only."""
+    on = modulation is not None and modulation.enabled and modulation.scope == "global" and modulation.mu_max > 1.0
+    return on and modulation.entropy_range == "step"
 
 
 def split_zero_advantage(idx_M: torch.Tensor, adv_N: torch.Tensor, skip: bool) -> tuple[torch.Tensor, torch.Tensor]:

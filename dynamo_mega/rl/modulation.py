@@ -226,12 +226,15 @@ def modulate_micro_batches(
     tau: float = 0.99,
     segments: Sequence[Tensor | None] | None = None,
     extra_stats: Sequence[ModulationStats] = (),
+    entropy_range: str = "step",
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
     """The whole call sequence for one optimizer step; lists hold one [B_m, S_m] tensor per micro-batch
     (`segments`: per micro-batch, the packed-sample ids of parallel/packing.py, or None for one sample per row).
     `extra_stats` ("global" scope only): partial statistics of this rank's tokens of the step that are not
     modulated here, folded into the shared statistics (the zero-advantage samples a policy step leaves out of its
-    training pass, parallel/work_skipping.py).
+    training pass, parallel/work_skipping.py). `entropy_range`: "step" takes H_min/H_max over every valid token of
+    the scope (the reference); "nonzero_advantage" over the tokens with a nonzero advantage only, so samples whose
+    advantage is zero everywhere play no part in any factor (and need no forward pass when skipped).
 
     Returns (modulated advantages per micro-batch, metric sums over this rank's micro-batches).
     With scope "global" every DP rank must call it (one MAX all-reduce).
@@ -244,7 +247,10 @@ def modulate_micro_batches(
         entropy_change(lp, olp, ent, adv, m, eps_low=eps_low, eps_high=eps_high, variant=variant, segments_BS=seg)
         for lp, olp, ent, adv, m, seg in zip(logp, old_logp, entropy, advantages, masks, segments, strict=True)
     ]
-    partials = [modulation_stats(ent, x, m) for ent, x, m in zip(entropy, dh, masks, strict=True)]
+    ranged = masks  # the tokens the statistics are taken over
+    if entropy_range == "nonzero_advantage":  # their X_t is 0 anyway: only the entropy range changes
+        ranged = [m * (adv != 0) for m, adv in zip(masks, advantages, strict=True)]
+    partials = [modulation_stats(ent, x, m) for ent, x, m in zip(entropy, dh, ranged, strict=True)]
     shared = reduce_modulation_stats([*partials, *extra_stats], dp_group) if scope == "global" else None
     out, totals = [], {}
     for adv, ent, x, m, part in zip(advantages, entropy, dh, masks, partials, strict=True):
