@@ -108,7 +108,40 @@ class PolicySampler:
         pass
 
 
-def _train_with_policy_sampler(overrides: list[str]) -> None:
+class DyingSampler(PolicySampler):
+    """Its engine process "dies" (vLLM's EngineDeadError) at generate call number DIES_AT of this process, counted
+    over every engine (restarts included), and stays dead until restarted, as a real engine."""
+
+    DIES_AT = 0
+    calls = 0
+
+    def __init__(self, model_dir, **engine_options):
+        super().__init__(model_dir, **engine_options)
+        self.dead = False
+
+    def generate(self, *args, **kwargs):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        DyingSampler.calls += 1
+        if DyingSampler.calls == DyingSampler.DIES_AT:
+            self.dead = True
+        if self.dead:
+            raise EngineDeadError("engine core died (test)")
+        return super().generate(*args, **kwargs)
+
+    def push(self, buckets, version: int) -> int:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.dead:
+            raise EngineDeadError("engine core died (test)")
+        return super().push(buckets, version)
+
+    def restart(self) -> None:
+        super().restart()
+        self.dead = False
+
+
+def _train_with_policy_sampler(overrides: list[str], dies_at: int = 0) -> None:
     """Spawned process: configs/tiny_cpu.yaml with `overrides` through train.train, every rollout replica's vLLM
     engine replaced by PolicySampler (what rollout_service.start_vllm_replicas builds); the rest as in a real run."""
     from pathlib import Path
@@ -117,18 +150,19 @@ def _train_with_policy_sampler(overrides: list[str]) -> None:
     from dynamo_mega.config import load_config
     from dynamo_mega.rl.engines import vllm_engine
 
-    vllm_engine.VLLMEngine = PolicySampler
+    DyingSampler.DIES_AT = dies_at
+    vllm_engine.VLLMEngine = DyingSampler if dies_at else PolicySampler
     train.train(load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml", overrides))
 
 
-def run_tiny_train(run_dir, overrides: list[str]) -> list[dict]:
+def run_tiny_train(run_dir, overrides: list[str], dies_at: int = 0) -> list[dict]:
     """The tiny run in a process of its own (train.train takes the default process group down on its way out);
-    returns its metrics.jsonl records."""
+    returns its metrics.jsonl records. dies_at > 0: the engine dies at that generate call (DyingSampler)."""
     import json
     import multiprocessing
 
     proc = multiprocessing.get_context("spawn").Process(
-        target=_train_with_policy_sampler, args=([*overrides, f"run.output_dir={run_dir}"],)
+        target=_train_with_policy_sampler, args=([*overrides, f"run.output_dir={run_dir}"], dies_at)
     )
     proc.start()
     proc.join(timeout=600)
