@@ -632,6 +632,7 @@ def rl_iteration(t: Trainer, sampler: EpochSampler, step: int, pending: Collecte
     stats.update(t.rollout.take_metrics())  # each replica's refit time
     stats.update(skipped_steps_total=t.skipped_steps, engine_restarts=t.rollout.restarts, rss_gib=_rss_gib())
     step_s = max(time.time() - t0, 1e-9)
+    stats["time_step"] = step_s  # the step's wall time: waiting for rollouts, training, weight sync, bookkeeping
     stats["response_tokens_per_s"] = stats["response_len_mean"] * stats["samples"] / step_s
     return stats, pending
 

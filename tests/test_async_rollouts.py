@@ -68,6 +68,8 @@ def test_the_allocator_lags_one_more_version_behind_the_trainer_when_ahead(runs)
     assert [(r["allocation_lag_generator"], r["allocation_lag_trainer"]) for r in sync[1:]] == [(1, 1)] * 3
     assert [(r["allocation_lag_generator"], r["allocation_lag_trainer"]) for r in ahead[1:]] == [(0, 1), (1, 2), (1, 2)]
     assert all(r["rollout_hidden_s"] >= 0 for r in ahead[:3]) and "rollout_hidden_s" not in ahead[3]
+    for r in sync + ahead:  # the step's wall time covers what it waited for and what it ran
+        assert r["time_step"] >= r["time_rollout_wait"] + r["time_train"] + r["time_sync"]
 
 
 def test_resume_with_rollouts_in_flight_reproduces_the_uninterrupted_run(runs, tmp_path):
