@@ -312,6 +312,10 @@ class MismatchConfig:
     mask_token: bool = False  # drop a sample holding a token whose ratio, either way (max(r_t, 1/r_t)), > token_ratio_max
     token_ratio_max: float = 100.0  # verl's per-token veto uses 1e2 to 1e4
 
+    def corrects(self) -> bool:
+        """Whether any correction weighs the loss (the metrics are logged either way)."""
+        return self.token_is or self.mask_geometric or self.mask_token
+
     def check(self) -> None:
         _require(self.token_is_cap >= 1, f"mismatch.token_is_cap={self.token_is_cap} must be >= 1 (2 is usual)")
         _require(self.geometric_tau > 1, f"mismatch.geometric_tau={self.geometric_tau} must be > 1")

@@ -320,8 +320,7 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     # With several optimizer steps per rollout batch, every behaviour log-prob is taken before the first one. The
     # first mini-batch's are the current policy's: policy_step takes them itself (None), sparing a no-grad pass. The
     # others' are the engine's where those are the same numbers (optim.behaviour_logprobs), else a no-grad pass each.
-    versions = getattr(batch, "versions", None) or [batch.policy_version]
-    from_engine = work_skipping.engine_behaviour_logprobs(t.cfg, versions, t.version)
+    from_engine = work_skipping.engine_behaviour_logprobs(t.cfg, batch.versions, t.version)
     if from_engine:
         olds = [None] + [train_step.engine_logprobs(micro) for micro in plans[1:]]
     else:
@@ -613,11 +612,11 @@ def rl_iteration(t: Trainer, sampler: EpochSampler, step: int, pending: Collecte
     (rollouts, timing), pending = pending, None
     if t.groups.is_driver:  # before the thread starts: the tokenizer is not shared between threads
         _log_samples(t, step, rollouts.batch)
+    staleness = check_staleness(rollouts.batch, t.version, cfg.rollout.max_staleness)
     t1 = time.time()
     ahead = None
     if cfg.rollout.max_staleness and step < cfg.run.steps:
         ahead, snapshot = start_ahead(t, sampler, step + 1)
-    staleness = check_staleness(rollouts.batch, t.version, cfg.rollout.max_staleness)
     stats = rl_step(t, rollouts.batch)
     t2 = time.time()
     if ahead is not None:

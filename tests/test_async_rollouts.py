@@ -102,8 +102,9 @@ def test_a_resume_with_a_lower_bound_drops_the_rollouts_generated_ahead(runs, tm
 
 def test_an_engine_that_dies_while_generating_ahead_is_restarted_and_its_batch_generated_again(runs, tmp_path):
     """Generate calls: the two held-out evaluations before RL, step 1's batch, step 2's (during step 1), then step
-    3's, generated during step 2: the engine dies there. Step 2 still trains and syncs (the sync restarts the engine), step 3's batch is generated again after it
-    from the same prompts (synchronously: staleness 0), and the run goes on ahead from step 4."""
+    3's, generated during step 2: the engine dies there. Step 2 still trains and syncs (the sync restarts the
+    engine), step 3's batch is generated again after it from the same prompts (synchronously: staleness 0), and the
+    run goes on ahead from step 4."""
     records = _train_records(run_tiny_train(tmp_path / "dies", ASYNC, dies_at=5))
     assert [r["staleness"] for r in records] == [0, 1, 0, 1]
     assert [r["engine_restarts"] for r in records] == [0, 1, 1, 1]

@@ -163,7 +163,7 @@ def policy_step(
     step. The stats are the last stage's, on every rank."""
     dp_group = groups.dp_group if groups.dp_size > 1 else None
     skipped = skipped or []
-    assert not skipped or not _microbatch_scope(modulation), "per-micro-batch statistics need every sample"
+    assert not skipped or not work_skipping.microbatch_scope(modulation), "per-micro-batch statistics need every sample"
     # Before any modulation collective, on every path: DP ranks may take different paths below (their
     # micro-batch counts can differ) and must still issue their DP all-reduces in one order.
     num_tokens = global_token_count([mb.mask for mb in micro_batches + skipped], dp_group)  # each stage's DP group
@@ -204,10 +204,6 @@ def _skipped_entropy_range(model, skipped, groups, temperature, modulation) -> l
     if current is None:
         return []
     return [modulation_stats(ent, torch.zeros_like(ent), mb.mask) for ent, mb in zip(current[1], skipped, strict=True)]
-
-
-def _microbatch_scope(modulation) -> bool:
-    return modulation is not None and modulation.enabled and modulation.scope == "microbatch"
 
 
 def _prepare_modulation(model, micro_batches, groups, temperature, old, modulation, modulate):
@@ -298,7 +294,7 @@ def _micro_batch_loss(logp, mb: MicroBatch, olp, ent, adv, algo, num_tokens: flo
         dual_clip_c=algo.dual_clip_c,
         num_global_tokens=max(num_tokens, 1.0),
         entropy=ent,
-        token_weight=weight if _correction_on(mismatch) else None,
+        token_weight=weight if mismatch is not None and mismatch.corrects() else None,
     )
     m.update(corr_metrics)
     m["mismatch_abs_sum"] = ((olp - mb.rollout_logp).abs() * mb.mask).sum()
@@ -314,10 +310,6 @@ def _correction_args(mismatch) -> dict:
         "geometric_tau": mismatch.geometric_tau if mismatch.mask_geometric else None,
         "token_ratio_max": mismatch.token_ratio_max if mismatch.mask_token else None,
     }
-
-
-def _correction_on(mismatch) -> bool:
-    return mismatch is not None and (mismatch.token_is or mismatch.mask_geometric or mismatch.mask_token)
 
 
 def _policy_stats(

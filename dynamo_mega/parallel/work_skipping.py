@@ -31,11 +31,15 @@ import torch
 MISMATCH_METRICS = ("logprob_mismatch", "mismatch_kl", "tis_capped", "seq_masked")
 
 
+def microbatch_scope(modulation) -> bool:
+    """DynaMO on with statistics per micro-batch: which samples share one decides every factor."""
+    return modulation is not None and modulation.enabled and modulation.scope == "microbatch"
+
+
 def skip_zero_advantage(optim, modulation) -> bool:
-    """optim.skip_zero_advantage, unless DynaMO runs in the `microbatch` scope (statistics per micro-batch: which
-    samples share one decides every factor, so leaving some out would change the others' factors)."""
-    per_micro_batch = modulation is not None and modulation.enabled and modulation.scope == "microbatch"
-    return optim.skip_zero_advantage and not per_micro_batch
+    """optim.skip_zero_advantage, unless DynaMO runs in the `microbatch` scope (leaving samples out would change
+    the others' factors)."""
+    return optim.skip_zero_advantage and not microbatch_scope(modulation)
 
 
 def needs_entropy_range(modulation) -> bool:
@@ -67,8 +71,7 @@ def engine_behaviour_logprobs(cfg, batch_versions: list[int], trainer_version: i
     choice = str(cfg.optim.behaviour_logprobs)
     if choice != "auto":
         return choice == "engine"
-    r, m = cfg.rollout, cfg.mismatch
+    r = cfg.rollout
     same_numerics = str(r.vllm_dtype) == "float32" and str(cfg.model.params_dtype) == "float32"
-    on_policy = getattr(r, "max_staleness", 0) == 0 and all(v == trainer_version for v in batch_versions)
-    corrected = m.token_is or m.mask_geometric or m.mask_token
-    return same_numerics and r.top_p == 1.0 and on_policy and not corrected
+    on_policy = r.max_staleness == 0 and all(v == trainer_version for v in batch_versions)
+    return same_numerics and r.top_p == 1.0 and on_policy and not cfg.mismatch.corrects()
