@@ -7,8 +7,9 @@ seed, arm), identical except for the arm:
   held-out accuracy against rollouts consumed and against RL wall time; the allocator's estimate error.
 - heavy: a generation-heavy config (a 25M-parameter Qwen2-shaped policy, random weights, 64 new tokens per
   response, no warm-up): step time, the time the loop waited for rollouts, and how much generation the training
-  hid. A random policy never answers right, so the reward there is a bench-only term (bench/_digit_reward.py)
-  that varies between samples: the policy step has work (math-verify's reward is 0 for every sample).
+  hid. A random policy never answers right, so the reward there adds a bench-only term that varies between
+  samples (the share of digits, bench/trl_peer.py's digit_share_reward): the policy step has work (math-verify's
+  reward is 0 for every sample).
 
 Arms: sync (max_staleness=0), ahead (max_staleness=1), ahead_tis (max_staleness=1 + token TIS, the correction
 the off-policy samples call for; docs/async.md). Every wall time counts this machine's 2 cores, which generation
@@ -55,7 +56,7 @@ HEAVY = [
     "warmup.enabled=false",
     "run.eval_every=0",
     "run.eval_prompts=16",
-    "algo.reward=[{fn: math_verify}, {fn: bench/_digit_reward.py:digit_share, weight: 1.0}]",
+    "algo.reward=[{fn: math_verify}, {fn: bench/trl_peer.py:digit_share_reward, weight: 1.0}]",
 ]
 
 

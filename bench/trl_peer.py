@@ -59,6 +59,15 @@ GEN_MODEL = [
     "model.max_position_embeddings=128",
 ]
 GEN_REWARD = "algo.reward=[{fn: math_verify}, {fn: bench/trl_peer.py:digit_share_reward, weight: 0.5}]"
+# The generation-heavy config's task: long running-total answers, 64 new tokens, no warm-up.
+GEN_TASK = [
+    *GEN_MODEL,
+    "data.num_operands=16",
+    "data.show_work=running_totals",
+    "rollout.max_new_tokens=64",
+    "warmup.enabled=false",
+    GEN_REWARD,
+]
 CONFIGS = {
     # steps, eval_every (RL steps), held-out prompts, config overrides (on top of configs/tiny_cpu.yaml)
     "tiny": dict(
@@ -70,29 +79,9 @@ CONFIGS = {
             steps=3,
             eval_every=0,
             eval_prompts=64,
-            overrides=[
-                *GEN_MODEL,
-                "data.num_operands=16",
-                "data.show_work=running_totals",
-                "rollout.max_new_tokens=64",
-                "warmup.enabled=false",
-                GEN_REWARD,
-            ],
+            overrides=GEN_TASK,
         ),
-        quick=dict(
-            steps=1,
-            eval_every=0,
-            eval_prompts=16,
-            overrides=[
-                *GEN_MODEL,
-                "data.num_operands=16",
-                "data.show_work=running_totals",
-                "rollout.max_new_tokens=64",
-                "warmup.enabled=false",
-                GEN_REWARD,
-                "rollout.prompts_per_step=8",
-            ],
-        ),
+        quick=dict(steps=1, eval_every=0, eval_prompts=16, overrides=[*GEN_TASK, "rollout.prompts_per_step=8"]),
     ),
 }
 ARMS = {
