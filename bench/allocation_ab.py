@@ -14,6 +14,8 @@ looking at the other arms: --threshold-frac (0.9) of uniform GRPO's mean final h
     python bench/allocation_ab.py                    # 3 seeds x 6 arms; writes bench/results/allocation_ab.{json,md}
     python bench/allocation_ab.py --quick            # 1 seed, 2 arms, a few steps: a smoke test of the script
     python bench/allocation_ab.py --collect DIR      # tabulate finished runs found as DIR/<arm>_<seed>/
+    python bench/allocation_ab.py --task quickstart --arms uniform_nomod uniform optimal_nomod optimal --steps 175
+                                                     # the quick start's own task and schedule (allocation_ab_quickstart.*)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ ARMS = {
     "optimal": ["allocation.mode=optimal"],
     "probing": ["allocation.mode=probing"],
     "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
+    "optimal_nomod": ["allocation.mode=optimal", "modulation.enabled=false"],
 }
 # The task: configs/tiny_cpu.yaml with three difficulty levels in equal shares (NxM = chains of N operands in [0, M]):
 # 2x9 (200 problems: what the policy masters), 3x9 (the quick start's chains: learnable) and 3x99 (beyond this policy),
@@ -51,6 +54,9 @@ TASK = [
     "allocation.n_high=16",
 ]
 WARMUP = ["data.num_train=2400", "warmup.stop_accuracy=0.42", "warmup.max_steps=1000"]
+# --task quickstart: configs/tiny_cpu.yaml as it is (3x9 chains, 3,500 train / 500 held-out prompts, its own warm-up
+# to 0.13 held-out), so an arm's run is the quick start's job with the arm's overrides.
+TASKS = {"mixed": (TASK, WARMUP), "quickstart": ([], [])}
 
 
 def _train(out: Path, seed: int, args, extra: list[str]) -> None:
@@ -66,7 +72,7 @@ def _train(out: Path, seed: int, args, extra: list[str]) -> None:
         "run.max_minutes=0",
         "run.progress=false",
         "checkpoint.resume=none",
-        *TASK,
+        *TASKS[args.task][0],
         *extra,
         *args.override,
     ]
@@ -79,7 +85,8 @@ def warm_start(seed: int, args) -> Path:
     """The seed's supervised warm-up, run once and saved as an HF folder that every arm of the seed starts from."""
     folder = Path(args.work) / f"warm_{seed}_hf"
     if not (folder / "model.safetensors").is_file():
-        _train(Path(args.work) / f"warm_{seed}", seed, args, [*WARMUP, "run.steps=0", f"warmup.save_hf_dir={folder}"])
+        warmup = TASKS[args.task][1]
+        _train(Path(args.work) / f"warm_{seed}", seed, args, [*warmup, "run.steps=0", f"warmup.save_hf_dir={folder}"])
     return folder
 
 
@@ -158,12 +165,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--config", default="configs/tiny_cpu.yaml")
+    ap.add_argument("--task", choices=list(TASKS), default="mixed", help="mixed: the three levels of TASK (default)")
     ap.add_argument("--override", nargs="*", default=[], help="extra dotted config overrides, after the task's")
     ap.add_argument("--threshold-frac", type=float, default=0.9)
-    ap.add_argument("--work", default="runs/bench_allocation_ab", help="run folders (kept, for --collect)")
+    ap.add_argument("--work", default=None, help="run folders, kept for --collect (default runs/bench_allocation_ab[_TASK])")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--collect", default=None, help="only tabulate finished runs found as DIR/<arm>_<seed>/")
     args = ap.parse_args()
+    args.work = args.work or "runs/bench_allocation_ab" + ("" if args.task == "mixed" else f"_{args.task}")
     if args.quick:
         args.seeds, args.arms, args.steps, args.eval_every = [1], ["uniform", "probing"], 2, 1
     runs = []
@@ -229,7 +238,7 @@ def report(args, runs: list[dict]) -> None:
         s["rollouts_to_threshold_vs_uniform"] = mine / uni if mine is not None and uni else None
     out = {
         "args": vars(args),
-        "task_overrides": TASK,
+        "task_overrides": TASKS[args.task][0],
         "commit": commit,
         "dirty_tree": dirty,
         "threshold": threshold,
@@ -238,7 +247,7 @@ def report(args, runs: list[dict]) -> None:
         "loadavg_1min_at_end": os.getloadavg()[0],
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("" if args.task == "mixed" else f"_{args.task}") + ("_quick" if args.quick else "")
     (RESULTS / f"allocation_ab{suffix}.json").write_text(json.dumps(out, indent=1))
     (RESULTS / f"allocation_ab{suffix}.md").write_text(markdown(args, out, by_arm) + "\n")
     print(markdown(args, out, by_arm))
@@ -250,8 +259,9 @@ def markdown(args, out: dict, by_arm: dict) -> str:
         f"# Allocation A/B: {len(args.seeds)} seeds x {len(by_arm)} arms (commit {out['commit']}"
         f"{', uncommitted changes' if out['dirty_tree'] else ''})",
         "",
-        f"Task: {args.config} with {' '.join(TASK + list(args.override))}; {args.steps} RL steps, 64 prompts x 8 rollouts "
-        "budget per step; held-out greedy accuracy on 240 prompts (80 per level) every "
+        f"Task: {args.config} with {' '.join(out['task_overrides'] + list(args.override)) or 'no overrides'}; "
+        f"{args.steps} RL steps, 64 prompts x 8 rollouts budget per step; held-out greedy accuracy "
+        f"({'240 prompts, 80 per level' if args.task == 'mixed' else 'the config held-out set'}) every "
         f"{args.eval_every} steps. Rollouts count every generated sample (probes, DAPO's dropped groups). Loss: global "
         "token mean (a prompt's weight grows with its n_i; ALGORITHM.md section 4).",
         "",
