@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -92,21 +93,26 @@ def _plan(args) -> int:
 
 def _eval(args) -> int:
     from dynamo_mega.config import ConfigError, load_config
-    from dynamo_mega.eval.runner import run_eval
 
     try:
         cfg = load_config(args.config, args.overrides, training=False)
     except ConfigError as exc:
         return _fail(str(exc))
     out = Path(args.output or Path("runs/eval") / Path(args.model_dir).resolve().name)
-    try:
-        metrics = run_eval(args.model_dir, cfg, out)
-    except ValueError as exc:  # not a Qwen checkpoint, missing benchmark files, ...
-        return _fail(str(exc))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank evaluates; rank 0 wrote the results
-        print((out / "step_000000.md").read_text())
-        print(json.dumps(metrics))
-    return 0
+
+    def evaluate() -> int:
+        from dynamo_mega.eval.runner import run_eval
+
+        try:
+            metrics = run_eval(args.model_dir, cfg, out)
+        except ValueError as exc:  # not a Qwen checkpoint, missing benchmark files, ...
+            return _fail(str(exc))
+        if _is_driver():  # under torchrun every rank evaluates; rank 0 wrote the results
+            print((out / "step_000000.md").read_text())
+            print(json.dumps(metrics))
+        return 0
+
+    return _routed(cfg.run.verbose, out, evaluate)
 
 
 def _fail(message: str) -> int:
@@ -137,38 +143,52 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from dynamo_mega import console
     from dynamo_mega.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         return _fail(str(exc))
-    driver = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this; rank 0 speaks for the run
+
+    def run() -> int:
+        from dynamo_mega.train import train
+
+        try:
+            summary = train(cfg)
+        except (ConfigError, ValueError) as exc:  # user input found wrong after start-up (data, world size)
+            return _fail(str(exc))
+        if _is_driver():
+            print(summary_line(summary, cfg.run))
+        return 0
+
+    return _routed(cfg.run.verbose, Path(cfg.run.output_dir), run)
+
+
+def _is_driver() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs the command; rank 0 speaks for it
+
+
+def _routed(verbose: bool, run_dir: Path, body: Callable[[], int]) -> int:
+    """`body()` with the libraries' output routed to RUN_DIR/logs (console.py) unless `verbose`. A crash prints its
+    traceback, then where the libraries' side of the story is, and exits 1; Ctrl-C and the like keep their status."""
+    from dynamo_mega import console
+
     routed = None
     try:
-        with console.third_party_to_log(not cfg.run.verbose) as routed:
-            if routed is not None and driver:
-                log = Path(cfg.run.output_dir) / console.LOG_DIR / console.log_name(0)
+        with console.third_party_to_log(not verbose) as routed:
+            if routed is not None and _is_driver():
+                log = run_dir / console.LOG_DIR / console.log_name(0)
                 print(f"dynamo-mega: library output (vLLM, megatron, warnings) goes to {log}; run.verbose=true shows it here")
-            from dynamo_mega.train import train
-
-            try:
-                summary = train(cfg)
-            except (ConfigError, ValueError) as exc:  # user input found wrong after start-up (data, world size)
-                return _fail(str(exc))
-    except BaseException as exc:  # a crash: the traceback, then where the libraries' side of the story is
+            return body()
+    except BaseException as exc:
         if isinstance(exc, Exception):
             traceback.print_exc()
         if routed is not None:  # "failed" only for a crash: SIGTERM during start-up and Ctrl-C are not failures
             why = "failed; " if isinstance(exc, Exception) else ""
             print(f"dynamo-mega: {why}the libraries' output of this run is in {routed.path}", file=sys.stderr)
         if not isinstance(exc, Exception):
-            raise  # Ctrl-C and the like keep their exit status
+            raise
         return 1
-    if driver:
-        print(summary_line(summary, cfg.run))
-    return 0
 
 
 def summary_line(summary: dict, run) -> str:

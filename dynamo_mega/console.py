@@ -118,14 +118,14 @@ class ThirdPartyLog:
 
         self._undo.append(restore)
 
-    def move_to(self, log_dir: Path, rank: int) -> Path:
+    def move_to(self, log_dir: Path, rank: int, command: str) -> Path:
         """Continue in LOG_DIR/third_party[.rankN].log (appended: a resumed run keeps its history), with what
         was buffered so far copied first. Processes spawned from now on write there too."""
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / log_name(rank)
         _flush_all()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(fd, f"===== dynamo-mega train, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        os.write(fd, f"===== dynamo-mega {command}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         with open(self.path, "rb") as buffered:
             while chunk := buffered.read(1 << 20):
                 os.write(fd, chunk)
@@ -175,11 +175,11 @@ def third_party_to_log(enabled: bool) -> Iterator[ThirdPartyLog | None]:
         routing.stop(keep_buffer=failed)
 
 
-def move_to_run_dir(run_dir: Path, rank: int) -> None:
-    """Called once RUN_DIR exists for this rank (train.setup): the routed output continues in RUN_DIR/logs.
-    Does nothing when output is not routed (run.verbose, or the trainer called from Python)."""
+def move_to_run_dir(run_dir: Path, rank: int, command: str = "train") -> None:
+    """Called once RUN_DIR may be written for this rank (train.setup, eval.runner.run_eval): the routed output
+    continues in RUN_DIR/logs. Does nothing when output is not routed (run.verbose, or called from Python)."""
     if _active is not None and not _active.moved:
-        _active.move_to(Path(run_dir) / LOG_DIR, rank)
+        _active.move_to(Path(run_dir) / LOG_DIR, rank, command)
 
 
 def _terminal_stream(fd: int, like):

@@ -61,10 +61,18 @@ def test_eval_cli_on_a_tiny_model_with_two_replicas(tmp_path):
     assert samples[0]["id"] == "aime24/60" and samples[0]["answer"] == "204"
     printed = proc.stdout
     assert "| aime24 | 2 |" in printed and printed.count("| **mean** |") == 1  # rank 0 reports, once
+    # vLLM's own output goes to each rank's log in the results folder, as `train` does (docs/terminal.md).
+    logs = {rank: (out / "logs" / name).read_text() for rank, name in ((0, "third_party.log"), (1, "third_party.rank1.log"))}
+    assert all("===== dynamo-mega eval, pid" in text and "vllm" in text.lower() for text in logs.values())
+    assert f"library output (vLLM, megatron, warnings) goes to {out / 'logs' / 'third_party.log'}" in printed
+    assert "vllm" not in (printed + proc.stderr).lower().replace("(vllm, megatron, warnings)", "")
 
 
-def test_eval_cli_rejects_bad_settings(tmp_path, capsys):
+def test_eval_cli_rejects_bad_settings(tmp_path, capfd):
+    # capfd: while the libraries' output is routed, the CLI's own lines go to a duplicate of the terminal's descriptor
     assert main(["eval", str(tmp_path), "eval.samples=1", "eval.k=[4]"]) == 2
-    assert "eval.k=[4]" in capsys.readouterr().err
-    assert main(["eval", str(tmp_path)]) == 2  # no config.json in the folder
-    assert "config.json" in capsys.readouterr().err
+    assert "eval.k=[4]" in capfd.readouterr().err
+    out = tmp_path / "results"
+    assert main(["eval", str(tmp_path), "--output", str(out)]) == 2  # no config.json in the folder
+    assert "config.json" in capfd.readouterr().err
+    assert not out.exists(), "nothing is written before the inputs pass their checks"

@@ -175,6 +175,7 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from dynamo_mega import console
     from dynamo_mega.models.qwen import arch_from_hf_config
     from dynamo_mega.rl.rollout_service import start_vllm_replicas
 
@@ -183,6 +184,8 @@ def run_eval(model_dir: str | Path, cfg: Config, output_dir: str | Path) -> dict
     tokenizer = AutoTokenizer.from_pretrained(cfg.eval.tokenizer or str(model_dir))
     # Room for the longest prompt of the run (OlympiadBench reaches ~1,300 tokens with Qwen's template) + the answer.
     max_len = min(arch.max_position_embeddings, longest_prompt(tokenizer, cfg.eval) + cfg.eval.max_new_tokens)
+    # The inputs passed their checks (checkpoint, tokenizer, every benchmark file): the output folder may be written.
+    console.move_to_run_dir(output_dir, int(os.environ.get("RANK", "0")), command="eval")
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")  # the replicas' small collectives (plans, samples)
