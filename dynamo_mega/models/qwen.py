@@ -174,12 +174,17 @@ def transformer_config(
 
 
 def layer_spec(arch: QwenArch, use_te: bool = False):
-    """Local (pure megatron-core) layer spec on CPU; Transformer Engine's on GPU when installed."""
+    """Local (pure megatron-core) layer spec, its core attention computed by torch's fused SDPA
+    (models/sdpa_attention.py); Transformer Engine's spec when use_te."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    from dynamo_mega.models.sdpa_attention import SdpaDotProductAttention
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
+    return spec
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 1) -> int:
