@@ -4,9 +4,10 @@ baddbmm + masked softmax + bmm.
 
 Same inputs, outputs, parameters (none) and checkpoint layout as the module it replaces in the local layer spec
 (`models.qwen.layer_spec`); the same math to fp32 round-off (tests/test_sdpa_attention.py). Why: the unfused path
-materialises [b, heads, s, s] scores, probabilities and their gradients, plus the GQA key/value repeat. On the 2-core
-CPU a policy step's attention forward+backward takes about half the time (bench/train_step.py), and on a GPU without
-Transformer Engine it is what ran out of memory at 8 x 1024 tokens (docs/gpu.md).
+materialises [b, heads, s, s] scores, probabilities and their gradients, plus the GQA key/value repeat: on the
+2-core CPU the fused kernel's attention forward+backward takes about half as long (bench/attention.py measures the
+whole policy step both ways), and on a GPU without Transformer Engine the unfused path is what ran out of memory at
+8 x 1024 tokens (docs/gpu.md).
 """
 
 from __future__ import annotations
