@@ -39,6 +39,9 @@ ARMS = {
     "probing": ["allocation.mode=probing"],
     "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
     "optimal_nomod": ["allocation.mode=optimal", "modulation.enabled=false"],
+    # every prompt group weighs alike in the loss whatever its n_i (ALGORITHM.md section 4)
+    "optimal_equal": ["allocation.mode=optimal", "allocation.prompt_weight=equal"],
+    "probing_equal": ["allocation.mode=probing", "allocation.prompt_weight=equal"],
 }
 # The task: configs/tiny_cpu.yaml with three difficulty levels in equal shares (NxM = chains of N operands in [0, M]):
 # 2x9 (200 problems: what the policy masters), 3x9 (the quick start's chains: learnable) and 3x99 (beyond this policy),

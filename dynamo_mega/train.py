@@ -38,7 +38,7 @@ from dynamo_mega.parallel import packing, train_step, work_skipping
 from dynamo_mega.parallel.groups import ParallelGroups, destroy_parallel, init_parallel
 from dynamo_mega.parallel.policy import build_policy, export_hf_state
 from dynamo_mega.rl import step_rollouts
-from dynamo_mega.rl.advantage import group_advantages
+from dynamo_mega.rl.advantage import equal_prompt_weights, group_advantages
 from dynamo_mega.rl.allocation import allocation_metrics
 from dynamo_mega.rl.prompt_stats import PromptStats
 from dynamo_mega.rl.rollout import RolloutBatch, generate_rollouts, to_token_batch
@@ -309,6 +309,8 @@ def rl_step(t: Trainer, batch: RolloutBatch) -> dict[str, float]:
     """Advantages -> this DP rank's share of samples -> one policy step per PPO mini-batch."""
     rewards = torch.tensor(batch.rewards, dtype=torch.float32)
     adv_N = group_advantages(rewards, batch.group_sizes)
+    if t.cfg.allocation.prompt_weight == "equal":
+        adv_N = adv_N * equal_prompt_weights(batch.group_sizes)
     tokens = to_token_batch(batch.prompt_tokens, batch.response_tokens, batch.rollout_logprobs, t.tokenizer.pad_token_id)
     mini_batches = mini_batch_indices(batch.group_sizes, t.cfg.optim.mini_batches)
     # Samples with a zero advantage at every token carry no gradient: out of the forward/backward, still counted in

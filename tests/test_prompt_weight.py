@@ -1,0 +1,46 @@
+"""allocation.prompt_weight=equal: every prompt group weighs alike in the global token-mean loss whatever its n_i.
+
+Scaling a group's advantages by c > 0 must be exactly weighting its token losses by c (the clipped loss is
+positively homogeneous in the advantage, dual clip included), so the gradient is the equal-weight one; and with
+equal group sizes (uniform GRPO, DAPO) nothing changes."""
+
+from __future__ import annotations
+
+import torch
+
+from dynamo_mega.rl.advantage import equal_prompt_weights, group_advantages
+from dynamo_mega.rl.loss import policy_loss
+
+CLIP = dict(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+
+
+def test_weights_make_each_group_weigh_as_a_mean_sized_one():
+    sizes = [4, 16, 4, 8]
+    w = equal_prompt_weights(sizes)
+    assert w.shape == (32,) and torch.isclose(w.sum(), torch.tensor(32.0))
+    per_group = [chunk.sum().item() for chunk in w.split(sizes)]
+    assert per_group == [8.0, 8.0, 8.0, 8.0]
+    assert torch.equal(equal_prompt_weights([8, 8, 8]), torch.ones(24))
+
+
+def test_scaled_advantages_are_weighted_token_losses_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    sizes = [2, 6, 4]
+    rewards = torch.tensor([1.0, 0.0, 1, 0, 0, 0, 0, 1, 1, 1, 0, 1])
+    adv_N = group_advantages(rewards, sizes)
+    w_N = equal_prompt_weights(sizes)
+    old = -torch.rand(12, 5, generator=g) - 0.1
+    # ratios both inside and far outside the clip range, both signs of the advantage: every branch of the loss
+    logp_base = old + torch.randn(12, 5, generator=g) * 0.6
+    mask = torch.rand(12, 5, generator=g) > 0.2
+    logp_a = logp_base.clone().requires_grad_(True)
+    scaled, _ = policy_loss(logp_a, old, (adv_N * w_N)[:, None].expand(12, 5), mask, num_global_tokens=50.0, **CLIP)
+    scaled.backward()
+    logp_b = logp_base.clone().requires_grad_(True)
+    weighted, _ = policy_loss(
+        logp_b, old, adv_N[:, None].expand(12, 5), mask, num_global_tokens=50.0, token_weight=w_N[:, None].expand(12, 5), **CLIP
+    )
+    weighted.backward()
+    torch.testing.assert_close(scaled, weighted)
+    torch.testing.assert_close(logp_a.grad, logp_b.grad)
+    assert not torch.allclose(w_N, torch.ones(12)) and logp_a.grad.abs().sum() > 0
