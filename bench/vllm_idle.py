@@ -77,7 +77,7 @@ def main() -> None:
     def train() -> float:
         t0 = time.perf_counter()
         policy_step(
-            model, opt, None, [micro], groups, algo=AlgoConfig(), temperature=0.7, grad_clip=1.0, modulation=ModulationConfig()
+            model, opt, None, micro, groups, algo=AlgoConfig(), temperature=0.7, grad_clip=1.0, modulation=ModulationConfig()
         )
         return time.perf_counter() - t0
 
