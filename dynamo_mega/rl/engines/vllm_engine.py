@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import save_file
 
 from dynamo_mega.lifeline import arm_spawned_children
-from dynamo_mega.rl.engines.vllm_idle import BUSY_LOOP_ENV
 
 
 @dataclass
@@ -118,8 +117,6 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             # ...and idle OpenMP threads must sleep, not spin, or the engine steals the trainer's cores.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            # ...and so must vLLM's own queue readers, soon after the last message (vllm_idle.py; "1" is vLLM's own).
-            os.environ.setdefault(BUSY_LOOP_ENV, "0.005")
         # The trainer process may already run gloo/NCCL threads: never fork it.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         self.model_dir = str(model_dir)
