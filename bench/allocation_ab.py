@@ -39,9 +39,13 @@ ARMS = {
     "probing": ["allocation.mode=probing"],
     "uniform_nomod": ["allocation.mode=uniform", "modulation.enabled=false"],
     "optimal_nomod": ["allocation.mode=optimal", "modulation.enabled=false"],
-    # every prompt group weighs alike in the loss whatever its n_i (ALGORITHM.md section 4)
+    # How much a prompt group weighs in the loss, named explicitly (ALGORITHM.md section 4): equal whatever its n_i,
+    # or in proportion to n_i (tokens). The arms above take the default: tokens up to commit 9ae3e86, equal after
+    # (results files name their commit).
     "optimal_equal": ["allocation.mode=optimal", "allocation.prompt_weight=equal"],
     "probing_equal": ["allocation.mode=probing", "allocation.prompt_weight=equal"],
+    "optimal_tokens": ["allocation.mode=optimal", "allocation.prompt_weight=tokens"],
+    "probing_tokens": ["allocation.mode=probing", "allocation.prompt_weight=tokens"],
 }
 # The task: configs/tiny_cpu.yaml with three difficulty levels in equal shares (NxM = chains of N operands in [0, M]):
 # 2x9 (200 problems: what the policy masters), 3x9 (the quick start's chains: learnable) and 3x99 (beyond this policy),
@@ -266,7 +270,8 @@ def markdown(args, out: dict, by_arm: dict) -> str:
         f"{args.steps} RL steps, 64 prompts x 8 rollouts budget per step; held-out greedy accuracy "
         f"({'240 prompts, 80 per level' if args.task == 'mixed' else 'the config held-out set'}) every "
         f"{args.eval_every} steps. Rollouts count every generated sample (probes, DAPO's dropped groups). Loss: global "
-        "token mean (a prompt's weight grows with its n_i; ALGORITHM.md section 4).",
+        "token mean, a prompt group weighted by allocation.prompt_weight (each arm's setting, else the default of the "
+        "commit: tokens, in proportion to n_i, up to 9ae3e86; equal after; ALGORITHM.md section 4).",
         "",
         f"Threshold: {args.threshold_frac} x uniform's mean final accuracy = {thr:.3f}.",
         "",
