@@ -4,10 +4,10 @@ baddbmm + masked softmax + bmm.
 
 Same inputs, outputs, parameters (none) and checkpoint layout as the module it replaces in the local layer spec
 (`models.qwen.layer_spec`); the same math to fp32 round-off (tests/test_sdpa_attention.py). Why: the unfused path
-materialises [b, heads, s, s] scores, probabilities and their gradients, plus the GQA key/value repeat: on the
-2-core CPU the fused kernel's attention forward+backward takes about half as long (bench/attention.py measures the
-whole policy step both ways), and on a GPU without Transformer Engine the unfused path is what ran out of memory at
-8 x 1024 tokens (docs/gpu.md).
+materialises [b, heads, s, s] scores, probabilities and their gradients, plus the GQA key/value repeat. On the
+2-core CPU the whole policy step takes 0.94x as long at 96 tokens per sequence (bench/results/attention.md; no
+change at 12), and on a GPU without Transformer Engine the unfused path is what ran out of memory at 8 x 1024 tokens
+(docs/gpu.md).
 """
 
 from __future__ import annotations
