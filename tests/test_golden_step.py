@@ -16,11 +16,11 @@ CPUs). Pinned: each step's loss, grad norm and mean reward, and the held-out acc
 
 Policy-step values recorded at commit d710caa (unchanged by bb3d5c0, which put PP=1 through Megatron's schedule,
 and within tolerance after the fused SDPA attention of models/sdpa_attention.py). RL-loop values re-recorded with
-that attention (the commit that added it; first recorded at bb3d5c0): step 1's loss moved by 4e-6 relative, its
-grad norm by 1.6% (the second PPO mini-batch sees Adam's first update, lr * sign(g), whose signs round-off flips
-where g is near 0), rewards and held-out accuracies not at all. Tolerance rel 1e-5: fp32 reduction order differs between x86 CPUs (and between the
-pipeline layouts) at about 1e-6; a change of the numerics moves them far more. The RL loop samples tokens, so a
-different draw (a probability moved across a uniform draw by round-off: rare) changes its whole trajectory and
+that attention (c27a408; first recorded at bb3d5c0): step 1's loss moved by 4e-6 relative, its grad norm by 1.6%
+(the second PPO mini-batch sees Adam's first update, lr * sign(g), whose signs round-off flips where g is near 0),
+rewards and held-out accuracies not at all. Tolerance rel 1e-5: fp32 reduction order differs between x86 CPUs (and
+between the pipeline layouts) at about 1e-6; a change of the numerics moves them far more. The RL loop samples
+tokens, so a different draw (a probability moved across a uniform draw by round-off: rare) changes its whole trajectory and
 fails loudly rather than slightly. When the values move on purpose, re-record them here AND re-measure the
 README/docs numbers that depend on them (docs/results.md: the quick start).
 """
@@ -184,7 +184,7 @@ def _rl_golden(run_dir: Path) -> dict:
     return {"steps": steps, "accuracy": {k: v for k, v in summary.items() if k.startswith("accuracy")}}
 
 
-# Recorded with models/sdpa_attention.py (see the module docstring).
+# Recorded at c27a408, with models/sdpa_attention.py (see the module docstring).
 GOLDEN_RL_STEPS = [
     {"loss": -0.02633347176015377, "grad_norm": 5.060224574214054, "reward_mean": 0.6875, "samples": 32.0},
     {"loss": -0.04487024433910847, "grad_norm": 2.6460676002031454, "reward_mean": 0.375, "samples": 32.0},
