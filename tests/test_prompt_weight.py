@@ -44,3 +44,26 @@ def test_scaled_advantages_are_weighted_token_losses_values_and_gradients():
     torch.testing.assert_close(scaled, weighted)
     torch.testing.assert_close(logp_a.grad, logp_b.grad)
     assert not torch.allclose(w_N, torch.ones(12)) and logp_a.grad.abs().sum() > 0
+
+
+def test_the_loop_weights_prompts_as_configured(tmp_path):
+    """train.train with the policy-sampling engine double: prompts come back with history from step 3 on, and once
+    the allocator gives them unequal n_i the two weightings must differ; before, they must agree exactly."""
+    from _policy_sampler import run_tiny_train
+    from test_golden_step import RL_OVERRIDES
+
+    # 8 prompts per step: an epoch every 2 steps. Three operands: groups with mixed rewards among the unequal ones (with
+    # two, every group the allocator resized was all-correct here, and the weightings rightly agreed).
+    overrides = [*RL_OVERRIDES, "run.steps=6", "data.num_train=16", "data.num_operands=3"]
+    steps = {}
+    for weight in ("tokens", "equal"):
+        records = run_tiny_train(tmp_path / weight, [*overrides, f"allocation.prompt_weight={weight}"])
+        steps[weight] = [r for r in records if r["phase"] == "train"]
+    tokens, equal = steps["tokens"], steps["equal"]
+    first = next((i for i, r in enumerate(tokens) if r["n_std"] > 0 and r["loss"] != 0), None)
+    assert first is not None, "no step with unequal group sizes and a nonzero loss: the test would not see a difference"
+    for before in range(first):  # every group the same size so far: identical runs
+        assert tokens[before]["loss"] == equal[before]["loss"], before
+    t, e = tokens[first], equal[first]
+    assert (t["n_std"], t["reward_mean"]) == (e["n_std"], e["reward_mean"])  # the same allocation and samples...
+    assert t["loss"] != e["loss"]  # ...weighted differently
