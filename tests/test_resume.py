@@ -23,8 +23,8 @@ import pytest
 pytestmark = pytest.mark.reliability  # the failure probes of docs/operations.md: pytest -m reliability
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
-KILL_BY = 3  # the SIGKILL lands after a step <= 3 and the SIGTERM one step after the resume: STEPS - 4 steps of margin
+STEPS = 10
+KILL_BY = 3  # the SIGKILL lands after a step <= 3, the SIGTERM one step after the resume: STEPS - 4 steps of margin
 COMPARED = ("loss", "reward_mean", "grad_norm", "approx_kl", "policy_version", "n_std", "n_max")
 
 
