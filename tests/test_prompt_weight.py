@@ -6,6 +6,7 @@ equal group sizes (uniform GRPO, DAPO) nothing changes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynamo_mega.rl.advantage import equal_prompt_weights, group_advantages
@@ -67,3 +68,14 @@ def test_the_loop_weights_prompts_as_configured(tmp_path):
     t, e = tokens[first], equal[first]
     assert (t["n_std"], t["reward_mean"]) == (e["n_std"], e["reward_mean"])  # the same allocation and samples...
     assert t["loss"] != e["loss"]  # ...weighted differently
+    # Golden values (house rule 8, as tests/test_golden_step.py: rel 1e-5, per machine kind): a change to either
+    # weighting, which the equal-sized groups of that file's RL run cannot see, fails here. Recorded with the code of
+    # db13672.
+    assert (first + 1, t["loss"], e["loss"]) == (
+        4,
+        pytest.approx(LOOP_GOLDEN["tokens"], rel=1e-5),
+        pytest.approx(LOOP_GOLDEN["equal"], rel=1e-5),
+    )
+
+
+LOOP_GOLDEN = {"tokens": -0.022298539057374, "equal": -0.021778407972306013}  # step 4's loss
